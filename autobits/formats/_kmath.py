@@ -1,0 +1,435 @@
+"""Vectorised ports of ggml's k-quant helper routines (bit-exact with the C code).
+
+Every routine here is a NumPy port of a ``static`` helper in llama.cpp's
+``ggml/src/ggml-quants.c`` (the version vendored by llama-cpp-python 0.3.x, ggml-base
+compiled for baseline x86-64, so no FMA contraction), vectorised over many independent
+rows ("sub-blocks"):
+
+* :func:`nearest_int`       <- ``nearest_int`` (the ``12582912.f`` magic-number rounding:
+  round half to even for ``|x| < 2**22``; reproduced bit for bit for every finite input)
+* :func:`make_qx_quants`    <- ``make_qx_quants`` (symmetric, RMSE search over 18 scales)
+* :func:`make_qkx2_quants`  <- ``make_qkx2_quants`` (scale + min, weighted search)
+* :func:`make_qkx3_quants`  <- ``make_qkx3_quants`` (as qkx2, default weights ``x*x``)
+* :func:`make_qp_quants`    <- ``make_qp_quants`` (positive values, imatrix-weighted,
+  used to quantize the 6-bit sub-block scales)
+* :func:`get_scale_min_k4` / :func:`pack_scale_min_k4` <- ``get_scale_min_k4`` and the
+  inline packing of the 12-byte ``scales`` field of ``block_q4_K`` / ``block_q5_K``.
+
+Bit-exactness rules followed throughout: all arithmetic is float32 (constants are wrapped
+in ``np.float32`` so nothing is promoted to float64), each C expression is evaluated in
+the same association order (``w*x[i]*l`` is ``(w*x)*l``), and every running sum is
+accumulated sequentially in C order (see :func:`seqsum`), never pairwise.
+
+Two calling conventions are offered:
+
+* the public functions take ``x`` as ``(n, k)``: ``n`` independent rows of ``k`` values,
+  exactly as the C routines see one sub-block, and return ``(n,)`` scales and ``(n, k)``
+  integer levels;
+* the ``*_t`` variants take the transposed ``(k, n)`` layout (position-major, each row of
+  the array holds one position of every sub-block).  This is the layout the code works in
+  internally (sequential sums become ``k`` contiguous vector adds), so callers that
+  already hold transposed data should use them to skip two copies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "GROUP_MAX_EPS",
+    "nearest_int",
+    "seqsum",
+    "fp16_round",
+    "make_qx_quants",
+    "make_qx_quants_t",
+    "make_qkx2_quants",
+    "make_qkx2_quants_t",
+    "make_qkx3_quants",
+    "make_qkx3_quants_t",
+    "make_qp_quants",
+    "make_qp_quants_t",
+    "get_scale_min_k4",
+    "pack_scale_min_k4",
+]
+
+F32 = np.float32
+#: ``GROUP_MAX_EPS`` of ggml-quants.c: groups whose max |x| is below it are all-zero.
+GROUP_MAX_EPS = F32(1e-15)
+_MAGIC = F32(12582912.0)  # 1.5 * 2**23
+
+
+# ---------------------------------------------------------------------------- primitives
+def nearest_int(x: np.ndarray) -> np.ndarray:
+    """ggml's ``nearest_int``: ``float32`` -> ``int32``, reproduced bit for bit.
+
+    Adds ``1.5 * 2**23`` in float32 and reads the low mantissa bits, which rounds half to
+    even for ``|x| < 2**22``.  Outside that range (an ``assert`` in ggml, compiled out in
+    release builds) the C function returns garbage; this port returns the same garbage.
+    """
+    v = np.add(np.asarray(x, dtype=F32), _MAGIC, dtype=F32)
+    bits = np.asarray(v).view(np.int32)
+    return (bits & np.int32(0x007FFFFF)) - np.int32(0x00400000)
+
+
+def _check_sequential_reduce() -> bool:
+    """True if ``np.add.reduce(a, axis=0)`` adds the rows of a C-contiguous 2-D float32
+    array strictly in order (NumPy only sums pairwise along the contiguous axis)."""
+    rng = np.random.default_rng(1234)
+    a = (rng.standard_normal((33, 4099)) * rng.random((33, 4099)) ** 12).astype(F32)
+    a[0] = F32(1e8)
+    acc = a[0] + F32(0)
+    for j in range(1, a.shape[0]):
+        acc += a[j]
+    return bool(np.array_equal(np.add.reduce(a, axis=0), acc))
+
+
+_REDUCE_IS_SEQUENTIAL = _check_sequential_reduce()
+
+
+def seqsum(a: np.ndarray, from_zero: bool = True) -> np.ndarray:
+    """Sum a ``(k, n)`` float32 array over axis 0 sequentially: ``((0 + a0) + a1) + ...``.
+
+    This is the C loop ``float s = 0; for (i...) s += a[i];`` applied to every column.
+    With ``from_zero=False`` the sum starts at ``a[0]`` (C: ``float s = a[0];``); the two
+    differ only in the sign of an all-zero sum (``0 + -0 == +0``), hence the ``+ 0``.
+    """
+    # C order: a Fortran-ordered input would make axis 0 the fast (pairwise-summed) axis
+    a = np.ascontiguousarray(a, dtype=F32)
+    if _REDUCE_IS_SEQUENTIAL:
+        acc = np.add.reduce(a, axis=0)
+    else:  # pragma: no cover - only on a NumPy that reorders outer-axis reductions
+        acc = a[0].copy()
+        for j in range(1, a.shape[0]):
+            acc += a[j]
+    if from_zero:
+        acc += F32(0)
+    return acc
+
+
+def fp16_round(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``GGML_FP32_TO_FP16`` then ``GGML_FP16_TO_FP32``: returns (fp16 array, float32 array).
+
+    NumPy's float32 -> float16 cast rounds to nearest even with correct subnormals and
+    overflow to inf, the same as ggml's software and F16C conversions.
+    """
+    h = np.asarray(x, dtype=F32).astype(np.float16)
+    return h, h.astype(F32)
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a).astype(F32)
+
+
+# ------------------------------------------------------------------------ make_qx_quants
+def make_qx_quants_t(
+    xt: np.ndarray, nmax: int, rmse_type: int, qwt: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`make_qx_quants` on transposed ``(k, n)`` input; returns ``(scale (n,), L (k, n))``."""
+    xt = np.asarray(xt, dtype=F32)
+    k, n = xt.shape
+    cols = np.arange(n)
+    with np.errstate(all="ignore"):
+        ax = np.abs(xt)
+        imax = np.argmax(ax, axis=0)  # first index of the largest |x|, as `ax > amax`
+        amax = ax[imax, cols]
+        xmax = xt[imax, cols]
+        zero = amax < GROUP_MAX_EPS
+        iscale = F32(-nmax) / xmax
+        lo, hi = -nmax, nmax - 1
+
+        def levels(isc: np.ndarray) -> np.ndarray:
+            return np.clip(nearest_int(isc * xt), lo, hi)
+
+        if rmse_type == 0:
+            L = levels(iscale) + nmax
+            scale = F32(1) / iscale
+            L[:, zero] = 0
+            return np.where(zero, F32(0), scale).astype(F32), L
+        return_early = rmse_type < 0
+        rtype = -rmse_type if return_early else rmse_type
+        if qwt is not None:
+            w = np.asarray(qwt, dtype=F32)
+        elif rtype == 1:
+            w = xt * xt
+        elif rtype == 2:
+            w = np.ones_like(xt)
+        elif rtype == 3:
+            w = ax
+        else:
+            w = np.sqrt(ax)
+        wx = w * xt
+
+        l = levels(iscale)
+        L = l + nmax
+        lf = _f32(l)
+        sumlx = seqsum(wx * lf)
+        suml2 = seqsum((w * lf) * lf)
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0)).astype(F32)
+        if return_early:
+            inv = F32(1) / iscale
+            scale = np.where(suml2 > 0, F32(0.5) * (scale + inv), inv).astype(F32)
+        else:
+            best = scale * sumlx
+            for step in range(-9, 10):
+                if step == 0:
+                    continue
+                isc = -(F32(nmax) + F32(0.1) * F32(step)) / xmax
+                l = levels(isc)
+                lf = _f32(l)
+                slx = seqsum(wx * lf)
+                sl2 = seqsum((w * lf) * lf)
+                better = (sl2 > 0) & (slx * slx > best * sl2)
+                if better.any():
+                    L = np.where(better, l + nmax, L)
+                    scale = np.where(better, slx / sl2, scale).astype(F32)
+                    best = np.where(better, scale * slx, best).astype(F32)
+        L[:, zero] = 0
+        return np.where(zero, F32(0), scale).astype(F32), L
+
+
+def make_qx_quants(
+    x: np.ndarray, nmax: int, rmse_type: int, qw: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """ggml ``make_qx_quants`` for each row of ``x (n, k)``.
+
+    Symmetric quantization to ``[-nmax, nmax-1]``; returns ``(scale float32 (n,),
+    L int32 (n, k))`` with ``L`` already offset by ``+nmax`` (``0 .. 2*nmax-1``).
+    ``rmse_type`` selects the error weights when ``qw`` is None (1: ``x*x``, 2: 1,
+    3: ``|x|``, 4: ``sqrt|x|``; negative: return early; 0: plain rounding).
+    """
+    qwt = None if qw is None else np.ascontiguousarray(np.asarray(qw, dtype=F32).T)
+    scale, L = make_qx_quants_t(np.ascontiguousarray(np.asarray(x, dtype=F32).T), nmax, rmse_type, qwt)
+    return scale, np.ascontiguousarray(L.T)
+
+
+# -------------------------------------------------------------- make_qkx2 / qkx3_quants
+def _qkx_t(
+    xt: np.ndarray,
+    wt: np.ndarray,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shared body of make_qkx2_quants / make_qkx3_quants (identical in the ggml version
+    we match once the weights are fixed)."""
+    xmin = xt.min(axis=0)
+    xmax = xt.max(axis=0)
+    wx = wt * xt
+    sum_w = seqsum(wt, from_zero=False)
+    sum_x = seqsum(wx, from_zero=False)
+    xmin = np.minimum(xmin, F32(0))
+    flat = xmax <= xmin  # xmax >= xmin always, so this is C's `max == min`
+    fnmax = F32(nmax)
+
+    def levels(isc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+        return np.clip(nearest_int(isc * (xt - mn)), 0, nmax)
+
+    def error(scale: np.ndarray, lf: np.ndarray, mn: np.ndarray) -> np.ndarray:
+        diff = (scale * lf + mn) - xt
+        diff = np.abs(diff) if use_mad else diff * diff
+        return seqsum(wt * diff)
+
+    iscale = fnmax / (xmax - xmin)
+    scale = F32(1) / iscale
+    L = levels(iscale, xmin)
+    best = error(scale, _f32(L), xmin)
+    if nstep >= 1:
+        f_rmin, f_rdelta = F32(rmin), F32(rdelta)
+        for step in range(nstep + 1):
+            isc = (f_rmin + f_rdelta * F32(step) + fnmax) / (xmax - xmin)
+            l = levels(isc, xmin)
+            lf = _f32(l)
+            wl = wt * lf
+            sum_l = seqsum(wl)
+            sum_l2 = seqsum(wl * lf)
+            sum_xl = seqsum(wl * xt)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0
+            this_min = np.where(pos, F32(0), this_min).astype(F32)
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale).astype(F32)
+            cur = error(this_scale, lf, this_min)
+            better = (D > 0) & (cur < best) & ~flat
+            if better.any():
+                L = np.where(better, l, L)
+                best = np.where(better, cur, best)
+                scale = np.where(better, this_scale, scale).astype(F32)
+                xmin = np.where(better, this_min, xmin).astype(F32)
+    L[:, flat] = 0
+    scale = np.where(flat, F32(0), scale).astype(F32)
+    return scale, (-xmin).astype(F32), L
+
+
+def make_qkx2_quants_t(
+    xt: np.ndarray,
+    wt: np.ndarray,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`make_qkx2_quants` on transposed ``(k, n)`` input; ``L`` is ``(k, n)``."""
+    with np.errstate(all="ignore"):
+        return _qkx_t(np.asarray(xt, dtype=F32), np.asarray(wt, dtype=F32), nmax, rmin, rdelta, nstep, use_mad)
+
+
+def make_qkx3_quants_t(
+    xt: np.ndarray,
+    wt: np.ndarray | None,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`make_qkx3_quants` on transposed ``(k, n)`` input; ``L`` is ``(k, n)``."""
+    xt = np.asarray(xt, dtype=F32)
+    w = xt * xt if wt is None else np.asarray(wt, dtype=F32)
+    with np.errstate(all="ignore"):
+        return _qkx_t(xt, w, nmax, rmin, rdelta, nstep, use_mad)
+
+
+def make_qkx2_quants(
+    x: np.ndarray,
+    weights: np.ndarray,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml ``make_qkx2_quants`` for each row of ``x (n, k)`` with ``weights (n, k)``.
+
+    Asymmetric quantization ``x ~ scale * L - the_min`` with ``L`` in ``0 .. nmax``;
+    returns ``(scale float32 (n,), the_min float32 (n,), L int32 (n, k))`` where
+    ``the_min`` is the positive value ggml stores through ``*the_min = -min``.
+    """
+    xt = np.ascontiguousarray(np.asarray(x, dtype=F32).T)
+    wt = np.ascontiguousarray(np.asarray(weights, dtype=F32).T)
+    scale, the_min, L = make_qkx2_quants_t(xt, wt, nmax, rmin, rdelta, nstep, use_mad)
+    return scale, the_min, np.ascontiguousarray(L.T)
+
+
+def make_qkx3_quants(
+    x: np.ndarray,
+    weights: np.ndarray | None,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml ``make_qkx3_quants``: as :func:`make_qkx2_quants`, weights default to ``x*x``."""
+    xt = np.ascontiguousarray(np.asarray(x, dtype=F32).T)
+    wt = None if weights is None else np.ascontiguousarray(np.asarray(weights, dtype=F32).T)
+    scale, the_min, L = make_qkx3_quants_t(xt, wt, nmax, rmin, rdelta, nstep, use_mad)
+    return scale, the_min, np.ascontiguousarray(L.T)
+
+
+# ------------------------------------------------------------------------ make_qp_quants
+def make_qp_quants_t(
+    xt: np.ndarray, nmax: int, qwt: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`make_qp_quants` on transposed ``(k, n)`` input; returns ``(scale, L (k, n) uint8)``."""
+    xt = np.asarray(xt, dtype=F32)
+    w = np.asarray(qwt, dtype=F32)
+    k, _ = xt.shape
+    fnmax = F32(nmax)
+    with np.errstate(all="ignore"):
+        xmax = np.maximum(xt.max(axis=0), F32(0))
+        zero = xmax < GROUP_MAX_EPS
+        iscale = fnmax / xmax
+        # L is uint8 in C: the first rounding is stored without clamping
+        Lf = _f32(nearest_int(iscale * xt) & 0xFF)
+        scale = F32(1) / iscale
+        diff = xt - scale * Lf
+        best = seqsum((w * diff) * diff)
+        for step in range(-4, 5):
+            if step == 0:
+                continue
+            isc = (F32(0.1) * F32(step) + fnmax) / xmax
+            sc = F32(1) / isc
+            lf = _f32(np.minimum(nearest_int(isc * xt), nmax))
+            diff = xt - sc * lf
+            mse = seqsum((w * diff) * diff)
+            better = mse < best
+            best = np.where(better, mse, best)
+            iscale = np.where(better, isc, iscale).astype(F32)
+        l = np.minimum(nearest_int(iscale * xt), nmax)
+        L = (l & 0xFF).astype(np.int32)  # uint8 storage, as int32 for arithmetic
+        lf = _f32(l)
+        wx = w * xt
+        sumlx = seqsum(wx * lf)
+        suml2 = seqsum((w * lf) * lf)
+        for _ in range(5):
+            changed = False
+            for i in range(k):
+                wi, xi, wxi = w[i], xt[i], wx[i]
+                Li = _f32(L[i])
+                slx = sumlx - wxi * Li
+                sl2 = suml2 - (wi * Li) * Li
+                new_l = np.minimum(nearest_int((xi * sl2) / slx), nmax)
+                new_lf = _f32(new_l)
+                slx_n = slx + wxi * new_lf
+                sl2_n = sl2 + (wi * new_lf) * new_lf
+                accept = (
+                    (slx > 0) & (sl2 > 0) & (new_l != L[i])
+                    & ((slx_n * slx_n) * suml2 > (sumlx * sumlx) * sl2_n)
+                )
+                if accept.any():
+                    changed = True
+                    L[i] = np.where(accept, new_l & 0xFF, L[i])
+                    sumlx = np.where(accept, slx_n, sumlx)
+                    suml2 = np.where(accept, sl2_n, suml2)
+            if not changed:  # a pass without changes is a fixed point for every row
+                break
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    L[:, zero] = 0
+    scale = np.where(zero, F32(0), scale).astype(F32)
+    return scale, L.astype(np.uint8)
+
+
+def make_qp_quants(
+    x: np.ndarray, nmax: int, quant_weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """ggml ``make_qp_quants`` for each row of ``x (n, k)`` (values expected >= 0).
+
+    Quantizes to ``0 .. nmax`` with the imatrix-weighted search and 5 rounds of
+    coordinate descent; returns ``(scale float32 (n,), L uint8 (n, k))``.
+    """
+    xt = np.ascontiguousarray(np.asarray(x, dtype=F32).T)
+    wt = np.ascontiguousarray(np.asarray(quant_weights, dtype=F32).T)
+    scale, L = make_qp_quants_t(xt, nmax, wt)
+    return scale, np.ascontiguousarray(L.T)
+
+
+# --------------------------------------------------------------- 6-bit K scale packing
+def pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Pack 8 scales and 8 mins (6-bit, ``(n, 8)``) into the 12-byte ``scales`` field of
+    ``block_q4_K`` / ``block_q5_K``; inverse of :func:`get_scale_min_k4`.
+
+    Reproduces the C byte arithmetic exactly, also for values above 63.
+    """
+    ls = np.asarray(ls).astype(np.int32)
+    lm = np.asarray(lm).astype(np.int32)
+    out = np.empty((ls.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = (ls[:, 0:4] | (((ls[:, 4:8] >> 4) << 6) & 0xFF)) & 0xFF
+    out[:, 4:8] = (lm[:, 0:4] | (((lm[:, 4:8] >> 4) << 6) & 0xFF)) & 0xFF
+    out[:, 8:12] = ((ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)) & 0xFF
+    return out
+
+
+def get_scale_min_k4(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unpack the 12-byte K ``scales`` field ``(n, 12)`` into (scales, mins), each ``(n, 8)`` uint8."""
+    q = np.asarray(q, dtype=np.uint8)
+    sc = np.empty((q.shape[0], 8), dtype=np.uint8)
+    mn = np.empty((q.shape[0], 8), dtype=np.uint8)
+    sc[:, 0:4] = q[:, 0:4] & 63
+    mn[:, 0:4] = q[:, 4:8] & 63
+    sc[:, 4:8] = (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)
+    mn[:, 4:8] = (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)
+    return sc, mn
