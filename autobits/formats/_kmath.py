@@ -120,36 +120,95 @@ def _f32(a: np.ndarray) -> np.ndarray:
     return np.asarray(a).astype(F32)
 
 
+# ------------------------------------------------------------------- chunked execution
+#: Columns are processed in chunks of about this many float32 values per (k, chunk)
+#: array, so the ~8 scratch arrays of the search loops stay in L2 cache and are reused
+#: in place instead of being re-allocated on every step.
+_CHUNK_VALUES = 65536
+
+
+def _chunks(k: int, n: int):
+    step = max(64, _CHUNK_VALUES // max(k, 1))
+    for a in range(0, n, step):
+        yield slice(a, min(n, a + step))
+
+
+def _sum0(a: np.ndarray) -> np.ndarray:
+    """``seqsum`` for C-contiguous scratch arrays, starting from ``+0``."""
+    acc = np.add.reduce(a, axis=0) if _REDUCE_IS_SEQUENTIAL else seqsum(a, from_zero=False)
+    acc += F32(0)
+    return acc
+
+
+#: |v| below this keeps ``v + 1.5*2**23`` inside [2**23, 2**24), where the magic-number
+#: rounding equals ``rint`` and the float-only fast path below is exact.
+_SAFE_ABS = F32(4194000.0)
+
+
+class _Levels:
+    """Scratch buffers for ``lf = clip(nearest_int(v), lo, hi)`` computed in place."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.fb = np.empty(shape, dtype=F32)  # v goes here
+        self.lf = np.empty(shape, dtype=F32)  # the levels, as float32
+        self.tmp = np.empty(shape, dtype=F32)
+
+    def round_clip(self, lo: int, hi: int, safe: bool) -> None:
+        """Round ``self.fb`` like ``nearest_int``, clip to ``[lo, hi]``, store in ``self.lf``.
+
+        ``safe`` says every ``|v|`` is below :data:`_SAFE_ABS` (and finite): then
+        ``fl(v + M) - M`` is the exact rounding and everything stays in float32.
+        Otherwise the integer bit trick reproduces ggml's out-of-range garbage.
+        """
+        fb = self.fb
+        fb += _MAGIC
+        if safe:
+            np.clip(fb, _MAGIC + F32(lo), _MAGIC + F32(hi), out=fb)
+            np.subtract(fb, _MAGIC, out=self.lf)
+        else:
+            b = fb.view(np.int32)
+            b &= np.int32(0x007FFFFF)
+            b -= np.int32(0x00400000)
+            np.clip(b, lo, hi, out=b)
+            self.lf[...] = b
+
+
+def _all_safe(lo_end: np.ndarray, hi_end: np.ndarray, ignore: np.ndarray) -> bool:
+    """True if the extreme values of ``v`` of every column that matters are in range."""
+    ok = (np.abs(lo_end) < _SAFE_ABS) & (np.abs(hi_end) < _SAFE_ABS)
+    return bool((ok | ignore).all())
+
+
 # ------------------------------------------------------------------------ make_qx_quants
-def make_qx_quants_t(
-    xt: np.ndarray, nmax: int, rmse_type: int, qwt: np.ndarray | None
+def _qx_chunk(
+    xt: np.ndarray, nmax: int, rmse_type: int, w: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`make_qx_quants` on transposed ``(k, n)`` input; returns ``(scale (n,), L (k, n))``."""
-    xt = np.asarray(xt, dtype=F32)
     k, n = xt.shape
     cols = np.arange(n)
-    with np.errstate(all="ignore"):
-        ax = np.abs(xt)
-        imax = np.argmax(ax, axis=0)  # first index of the largest |x|, as `ax > amax`
-        amax = ax[imax, cols]
-        xmax = xt[imax, cols]
-        zero = amax < GROUP_MAX_EPS
-        iscale = F32(-nmax) / xmax
-        lo, hi = -nmax, nmax - 1
+    ax = np.abs(xt)
+    imax = np.argmax(ax, axis=0)  # first index of the largest |x|, as `ax > amax`
+    amax = ax[imax, cols]
+    xmax = xt[imax, cols]
+    zero = amax < GROUP_MAX_EPS
+    xhi, xlo = xt.max(axis=0), xt.min(axis=0)
+    iscale = F32(-nmax) / xmax
+    lo, hi = -nmax, nmax - 1
+    buf = _Levels((k, n))
 
-        def levels(isc: np.ndarray) -> np.ndarray:
-            return np.clip(nearest_int(isc * xt), lo, hi)
+    def levels(isc: np.ndarray) -> np.ndarray:
+        # v = iscale*x[i] is monotonic in x, so its extremes sit at the column's min / max
+        np.multiply(xt, isc, out=buf.fb)
+        buf.round_clip(lo, hi, _all_safe(isc * xlo, isc * xhi, zero))
+        return buf.lf
 
-        if rmse_type == 0:
-            L = levels(iscale) + nmax
-            scale = F32(1) / iscale
-            L[:, zero] = 0
-            return np.where(zero, F32(0), scale).astype(F32), L
-        return_early = rmse_type < 0
-        rtype = -rmse_type if return_early else rmse_type
-        if qwt is not None:
-            w = np.asarray(qwt, dtype=F32)
-        elif rtype == 1:
+    if rmse_type == 0:
+        L = levels(iscale).astype(np.int32) + nmax
+        L[:, zero] = 0
+        return np.where(zero, F32(0), F32(1) / iscale).astype(F32), L
+    return_early = rmse_type < 0
+    rtype = -rmse_type if return_early else rmse_type
+    if w is None:
+        if rtype == 1:
             w = xt * xt
         elif rtype == 2:
             w = np.ones_like(xt)
@@ -157,34 +216,56 @@ def make_qx_quants_t(
             w = ax
         else:
             w = np.sqrt(ax)
-        wx = w * xt
+    wx = w * xt
 
-        l = levels(iscale)
-        L = l + nmax
-        lf = _f32(l)
-        sumlx = seqsum(wx * lf)
-        suml2 = seqsum((w * lf) * lf)
-        scale = np.where(suml2 != 0, sumlx / suml2, F32(0)).astype(F32)
-        if return_early:
-            inv = F32(1) / iscale
-            scale = np.where(suml2 > 0, F32(0.5) * (scale + inv), inv).astype(F32)
-        else:
-            best = scale * sumlx
-            for step in range(-9, 10):
-                if step == 0:
-                    continue
-                isc = -(F32(nmax) + F32(0.1) * F32(step)) / xmax
-                l = levels(isc)
-                lf = _f32(l)
-                slx = seqsum(wx * lf)
-                sl2 = seqsum((w * lf) * lf)
-                better = (sl2 > 0) & (slx * slx > best * sl2)
-                if better.any():
-                    L = np.where(better, l + nmax, L)
-                    scale = np.where(better, slx / sl2, scale).astype(F32)
-                    best = np.where(better, scale * slx, best).astype(F32)
-        L[:, zero] = 0
-        return np.where(zero, F32(0), scale).astype(F32), L
+    def sums() -> tuple[np.ndarray, np.ndarray]:
+        tmp = buf.tmp
+        np.multiply(wx, buf.lf, out=tmp)  # (w*x)*l
+        slx = _sum0(tmp)
+        np.multiply(w, buf.lf, out=tmp)  # (w*l)*l
+        tmp *= buf.lf
+        return slx, _sum0(tmp)
+
+    levels(iscale)
+    best_isc = iscale  # L is recomputed from the winning iscale at the end
+    sumlx, suml2 = sums()
+    scale = np.where(suml2 != 0, sumlx / suml2, F32(0)).astype(F32)
+    if return_early:
+        inv = F32(1) / iscale
+        scale = np.where(suml2 > 0, F32(0.5) * (scale + inv), inv).astype(F32)
+    else:
+        best = scale * sumlx
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            isc = -(F32(nmax) + F32(0.1) * F32(step)) / xmax
+            levels(isc)
+            slx, sl2 = sums()
+            better = (sl2 > 0) & (slx * slx > best * sl2)
+            if better.any():
+                best_isc = np.where(better, isc, best_isc).astype(F32)
+                scale = np.where(better, slx / sl2, scale).astype(F32)
+                best = np.where(better, scale * slx, best).astype(F32)
+        levels(best_isc)
+    L = buf.lf.astype(np.int32)
+    L += nmax
+    L[:, zero] = 0
+    return np.where(zero, F32(0), scale).astype(F32), L
+
+
+def make_qx_quants_t(
+    xt: np.ndarray, nmax: int, rmse_type: int, qwt: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`make_qx_quants` on transposed ``(k, n)`` input; returns ``(scale (n,), L (k, n))``."""
+    xt = np.asarray(xt, dtype=F32)
+    k, n = xt.shape
+    scale = np.empty(n, dtype=F32)
+    L = np.empty((k, n), dtype=np.int32)
+    with np.errstate(all="ignore"):
+        for c in _chunks(k, n):
+            w = None if qwt is None else np.ascontiguousarray(qwt[:, c], dtype=F32)
+            scale[c], L[:, c] = _qx_chunk(np.ascontiguousarray(xt[:, c]), nmax, rmse_type, w)
+    return scale, L
 
 
 def make_qx_quants(
@@ -203,7 +284,7 @@ def make_qx_quants(
 
 
 # -------------------------------------------------------------- make_qkx2 / qkx3_quants
-def _qkx_t(
+def _qkx_chunk(
     xt: np.ndarray,
     wt: np.ndarray,
     nmax: int,
@@ -213,54 +294,103 @@ def _qkx_t(
     use_mad: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Shared body of make_qkx2_quants / make_qkx3_quants (identical in the ggml version
-    we match once the weights are fixed)."""
-    xmin = xt.min(axis=0)
-    xmax = xt.max(axis=0)
+    we match once the weights are fixed) on one C-contiguous ``(k, n)`` chunk."""
+    k, n = xt.shape
+    xlo = xt.min(axis=0)
+    xhi = xt.max(axis=0)
     wx = wt * xt
-    sum_w = seqsum(wt, from_zero=False)
-    sum_x = seqsum(wx, from_zero=False)
-    xmin = np.minimum(xmin, F32(0))
-    flat = xmax <= xmin  # xmax >= xmin always, so this is C's `max == min`
+    sum_w = np.add.reduce(wt, axis=0) if _REDUCE_IS_SEQUENTIAL else seqsum(wt, False)
+    sum_x = np.add.reduce(wx, axis=0) if _REDUCE_IS_SEQUENTIAL else seqsum(wx, False)
+    xmin = np.minimum(xlo, F32(0))
+    flat = xhi <= xmin  # xmax >= xmin always, so this is C's `max == min`
     fnmax = F32(nmax)
+    buf = _Levels((k, n))
+    lf = buf.lf
+    xm = xt - xmin  # x[i] - min for the current min (recomputed when min moves)
 
-    def levels(isc: np.ndarray, mn: np.ndarray) -> np.ndarray:
-        return np.clip(nearest_int(isc * (xt - mn)), 0, nmax)
+    def levels(isc: np.ndarray) -> None:
+        # v = iscale*(x[i] - min) is monotonic in x: extremes at the column's min / max
+        np.multiply(xm, isc, out=buf.fb)
+        buf.round_clip(0, nmax, _all_safe(isc * (xlo - xmin), isc * (xhi - xmin), flat))
 
-    def error(scale: np.ndarray, lf: np.ndarray, mn: np.ndarray) -> np.ndarray:
-        diff = (scale * lf + mn) - xt
-        diff = np.abs(diff) if use_mad else diff * diff
-        return seqsum(wt * diff)
+    def error(scale: np.ndarray, mn: np.ndarray) -> np.ndarray:
+        tmp = buf.tmp
+        np.multiply(lf, scale, out=tmp)  # (scale*l + min) - x
+        tmp += mn
+        tmp -= xt
+        if use_mad:
+            np.abs(tmp, out=tmp)
+        else:
+            tmp *= tmp
+        tmp *= wt
+        return _sum0(tmp)
 
-    iscale = fnmax / (xmax - xmin)
+    iscale = fnmax / (xhi - xmin)
     scale = F32(1) / iscale
-    L = levels(iscale, xmin)
-    best = error(scale, _f32(L), xmin)
+    levels(iscale)
+    best = error(scale, xmin)
+    # L is recomputed at the end from the winning (iscale, min used by that step)
+    best_isc, best_xmin = iscale, xmin
     if nstep >= 1:
         f_rmin, f_rdelta = F32(rmin), F32(rdelta)
+        wl = np.empty_like(xt)
+        tmp = buf.tmp
         for step in range(nstep + 1):
-            isc = (f_rmin + f_rdelta * F32(step) + fnmax) / (xmax - xmin)
-            l = levels(isc, xmin)
-            lf = _f32(l)
-            wl = wt * lf
-            sum_l = seqsum(wl)
-            sum_l2 = seqsum(wl * lf)
-            sum_xl = seqsum(wl * xt)
+            isc = (f_rmin + f_rdelta * F32(step) + fnmax) / (xhi - xmin)
+            levels(isc)
+            np.multiply(wt, lf, out=wl)  # w*l
+            sum_l = _sum0(wl)
+            np.multiply(wl, lf, out=tmp)
+            sum_l2 = _sum0(tmp)
+            np.multiply(wl, xt, out=tmp)
+            sum_xl = _sum0(tmp)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             pos = this_min > 0
             this_min = np.where(pos, F32(0), this_min).astype(F32)
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale).astype(F32)
-            cur = error(this_scale, lf, this_min)
+            cur = error(this_scale, this_min)
             better = (D > 0) & (cur < best) & ~flat
             if better.any():
-                L = np.where(better, l, L)
+                best_isc = np.where(better, isc, best_isc).astype(F32)
+                best_xmin = np.where(better, xmin, best_xmin).astype(F32)
                 best = np.where(better, cur, best)
                 scale = np.where(better, this_scale, scale).astype(F32)
-                xmin = np.where(better, this_min, xmin).astype(F32)
+                new_min = np.where(better, this_min, xmin).astype(F32)
+                if step < nstep:
+                    np.subtract(xt, new_min, out=xm)
+                xmin = new_min
+        np.subtract(xt, best_xmin, out=xm)
+        np.multiply(xm, best_isc, out=buf.fb)
+        ok = _all_safe(best_isc * (xlo - best_xmin), best_isc * (xhi - best_xmin), flat)
+        buf.round_clip(0, nmax, ok)
+    L = lf.astype(np.int32)
     L[:, flat] = 0
     scale = np.where(flat, F32(0), scale).astype(F32)
     return scale, (-xmin).astype(F32), L
+
+
+def _qkx_t(
+    xt: np.ndarray,
+    wt: np.ndarray | None,
+    nmax: int,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    xt = np.asarray(xt, dtype=F32)
+    k, n = xt.shape
+    scale = np.empty(n, dtype=F32)
+    the_min = np.empty(n, dtype=F32)
+    L = np.empty((k, n), dtype=np.int32)
+    with np.errstate(all="ignore"):
+        for c in _chunks(k, n):
+            x = np.ascontiguousarray(xt[:, c])
+            w = x * x if wt is None else np.ascontiguousarray(wt[:, c], dtype=F32)
+            scale[c], the_min[c], L[:, c] = _qkx_chunk(x, w, nmax, rmin, rdelta, nstep, use_mad)
+    return scale, the_min, L
 
 
 def make_qkx2_quants_t(
@@ -273,8 +403,7 @@ def make_qkx2_quants_t(
     use_mad: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`make_qkx2_quants` on transposed ``(k, n)`` input; ``L`` is ``(k, n)``."""
-    with np.errstate(all="ignore"):
-        return _qkx_t(np.asarray(xt, dtype=F32), np.asarray(wt, dtype=F32), nmax, rmin, rdelta, nstep, use_mad)
+    return _qkx_t(xt, np.asarray(wt, dtype=F32), nmax, rmin, rdelta, nstep, use_mad)
 
 
 def make_qkx3_quants_t(
@@ -286,11 +415,8 @@ def make_qkx3_quants_t(
     nstep: int,
     use_mad: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`make_qkx3_quants` on transposed ``(k, n)`` input; ``L`` is ``(k, n)``."""
-    xt = np.asarray(xt, dtype=F32)
-    w = xt * xt if wt is None else np.asarray(wt, dtype=F32)
-    with np.errstate(all="ignore"):
-        return _qkx_t(xt, w, nmax, rmin, rdelta, nstep, use_mad)
+    """:func:`make_qkx3_quants` on transposed ``(k, n)`` input (``wt=None``: ``x*x``)."""
+    return _qkx_t(xt, wt, nmax, rmin, rdelta, nstep, use_mad)
 
 
 def make_qkx2_quants(
