@@ -148,12 +148,21 @@ def _kmath():
     return _kmath
 
 
-def _qkx3_min(x: np.ndarray, the_min: np.ndarray) -> np.ndarray:
-    """Stored minimum ``-the_min``; for a flat block (all values equal and <= 0, where ggml
-    returns early) exactly ``x[0]`` as ggml keeps it, including the sign of a zero."""
+def _qkx3_min(x: np.ndarray, d: np.ndarray, the_min: np.ndarray, nmax: int) -> np.ndarray:
+    """The stored minimum ``-the_min`` with ggml's sign of zero.
+
+    ggml starts ``make_qkx3_quants`` from ``min = x[0]`` and keeps the first value of the
+    minimum (so a block whose minimum is zero keeps the sign of its first zero) unless the
+    search replaces it.  When the minimum is zero and the returned scale is still the initial
+    ``1 / (nmax / (max - min))``, the search kept it: store that zero with its sign.
+    """
     m = -np.asarray(the_min, dtype=F32)
-    flat = (x.max(axis=1) == x.min(axis=1)) & (x[:, 0] <= 0)
-    return np.where(flat, x[:, 0], m).astype(F32)
+    min_c, max_c = first_min_max(x)
+    min_c = np.where(min_c > 0, F32(0), min_c).astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        init_scale = F32(1) / (F32(nmax) / (max_c - min_c))
+    kept = (min_c == 0) & (m == 0) & (np.asarray(d, dtype=F32) == init_scale)
+    return np.where(kept, min_c, m).astype(F32)
 
 
 class _RowAware(Format):
@@ -217,7 +226,7 @@ class Q4_1(_RowAware):
             w = imatrix_weights(x, importance)
             d, the_min, q = _kmath().make_qkx3_quants(x, w, 15, -0.9, 0.05, 36, False)
             d = np.asarray(d, dtype=F32)
-            m = _qkx3_min(x, the_min)
+            m = _qkx3_min(x, d, the_min, 15)
         return np.concatenate([fp16_bytes(d), fp16_bytes(m), pack_nibbles(q)], axis=1)
 
     def _dequantize_blocks(self, data):
@@ -270,7 +279,7 @@ class Q5_1(_RowAware):
             w = imatrix_weights(x, importance)
             d, the_min, q = _kmath().make_qkx3_quants(x, w, 31, -0.9, 0.05, 36, False)
             d = np.asarray(d, dtype=F32)
-            m = _qkx3_min(x, the_min)
+            m = _qkx3_min(x, d, the_min, 31)
         return np.concatenate(
             [fp16_bytes(d), fp16_bytes(m), pack_high_bits(q), pack_nibbles(q)], axis=1
         )
