@@ -33,6 +33,11 @@ Two calling conventions are offered:
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
 import numpy as np
 
 __all__ = [
@@ -124,13 +129,54 @@ def _f32(a: np.ndarray) -> np.ndarray:
 #: Columns are processed in chunks of about this many float32 values per (k, chunk)
 #: array, so the ~8 scratch arrays of the search loops stay in L2 cache and are reused
 #: in place instead of being re-allocated on every step.
-_CHUNK_VALUES = 65536
+_CHUNK_VALUES = 131072
 
 
-def _chunks(k: int, n: int):
+def _chunks(k: int, n: int) -> list[slice]:
     step = max(64, _CHUNK_VALUES // max(k, 1))
-    for a in range(0, n, step):
-        yield slice(a, min(n, a + step))
+    return [slice(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def _thread_count() -> int:
+    """Worker threads for chunked searches: ``AUTOBITS_QUANT_THREADS`` or up to 2 cores.
+
+    NumPy releases the GIL inside its loops, so chunks run in parallel; results do not
+    depend on the thread count (chunks are independent and written to disjoint slices).
+    """
+    env = os.environ.get("AUTOBITS_QUANT_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_key: tuple[int, int] = (0, 0)  # (pid, size): a forked child must not reuse the pool
+
+
+def _run_chunks(fn: Callable[[slice], None], chunks: list[slice]) -> None:
+    """Run ``fn(chunk)`` for every chunk, in a small thread pool when it pays off."""
+    global _pool, _pool_key
+    nthreads = min(_thread_count(), len(chunks))
+
+    def work(c: slice) -> None:
+        with np.errstate(all="ignore"):  # errstate is per thread
+            fn(c)
+
+    if nthreads <= 1 or threading.current_thread().name.startswith("autobits-kmath"):
+        for c in chunks:
+            work(c)
+        return
+    key = (os.getpid(), nthreads)
+    with _pool_lock:
+        if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key[0] == key[0]:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(nthreads, thread_name_prefix="autobits-kmath")
+            _pool_key = key
+        pool = _pool
+    for f in [pool.submit(work, c) for c in chunks]:
+        f.result()
 
 
 def _sum0(a: np.ndarray) -> np.ndarray:
@@ -141,8 +187,11 @@ def _sum0(a: np.ndarray) -> np.ndarray:
 
 
 #: |v| below this keeps ``v + 1.5*2**23`` inside [2**23, 2**24), where the magic-number
-#: rounding equals ``rint`` and the float-only fast path below is exact.
+#: rounding equals ``np.rint`` and the float-only fast path below is exact.
 _SAFE_ABS = F32(4194000.0)
+#: Use the float-only rounding when it is provably exact (tests switch it off to check
+#: that both paths give the same bytes).
+_FAST_ROUNDING = True
 
 
 class _Levels:
@@ -157,15 +206,15 @@ class _Levels:
         """Round ``self.fb`` like ``nearest_int``, clip to ``[lo, hi]``, store in ``self.lf``.
 
         ``safe`` says every ``|v|`` is below :data:`_SAFE_ABS` (and finite): then
-        ``fl(v + M) - M`` is the exact rounding and everything stays in float32.
+        ``nearest_int`` is exactly ``rint`` and everything stays in float32.
         Otherwise the integer bit trick reproduces ggml's out-of-range garbage.
         """
         fb = self.fb
-        fb += _MAGIC
-        if safe:
-            np.clip(fb, _MAGIC + F32(lo), _MAGIC + F32(hi), out=fb)
-            np.subtract(fb, _MAGIC, out=self.lf)
+        if safe:  # in range the magic-number trick is exactly rint (half to even)
+            np.rint(fb, out=self.lf)
+            np.clip(self.lf, F32(lo), F32(hi), out=self.lf)
         else:
+            fb += _MAGIC
             b = fb.view(np.int32)
             b &= np.int32(0x007FFFFF)
             b -= np.int32(0x00400000)
@@ -190,15 +239,15 @@ def _qx_chunk(
     amax = ax[imax, cols]
     xmax = xt[imax, cols]
     zero = amax < GROUP_MAX_EPS
-    xhi, xlo = xt.max(axis=0), xt.min(axis=0)
     iscale = F32(-nmax) / xmax
     lo, hi = -nmax, nmax - 1
     buf = _Levels((k, n))
 
     def levels(isc: np.ndarray) -> np.ndarray:
-        # v = iscale*x[i] is monotonic in x, so its extremes sit at the column's min / max
+        # iscale = -(nmax + 0.1*is)/max with |max| the largest |x|, so |iscale*x[i]| <= 33
+        # for every column that is not all-zero (those are discarded): always in range
         np.multiply(xt, isc, out=buf.fb)
-        buf.round_clip(lo, hi, _all_safe(isc * xlo, isc * xhi, zero))
+        buf.round_clip(lo, hi, _FAST_ROUNDING)
         return buf.lf
 
     if rmse_type == 0:
@@ -261,10 +310,12 @@ def make_qx_quants_t(
     k, n = xt.shape
     scale = np.empty(n, dtype=F32)
     L = np.empty((k, n), dtype=np.int32)
-    with np.errstate(all="ignore"):
-        for c in _chunks(k, n):
-            w = None if qwt is None else np.ascontiguousarray(qwt[:, c], dtype=F32)
-            scale[c], L[:, c] = _qx_chunk(np.ascontiguousarray(xt[:, c]), nmax, rmse_type, w)
+
+    def one(c: slice) -> None:
+        w = None if qwt is None else np.ascontiguousarray(qwt[:, c], dtype=F32)
+        scale[c], L[:, c] = _qx_chunk(np.ascontiguousarray(xt[:, c]), nmax, rmse_type, w)
+
+    _run_chunks(one, _chunks(k, n))
     return scale, L
 
 
@@ -303,15 +354,25 @@ def _qkx_chunk(
     sum_x = np.add.reduce(wx, axis=0) if _REDUCE_IS_SEQUENTIAL else seqsum(wx, False)
     xmin = np.minimum(xlo, F32(0))
     flat = xhi <= xmin  # xmax >= xmin always, so this is C's `max == min`
+    live = ~flat
     fnmax = F32(nmax)
     buf = _Levels((k, n))
     lf = buf.lf
-    xm = xt - xmin  # x[i] - min for the current min (recomputed when min moves)
+    xm = np.empty_like(xt)  # x[i] - min for the current min
 
-    def levels(isc: np.ndarray) -> None:
-        # v = iscale*(x[i] - min) is monotonic in x: extremes at the column's min / max
-        np.multiply(xm, isc, out=buf.fb)
-        buf.round_clip(0, nmax, _all_safe(isc * (xlo - xmin), isc * (xhi - xmin), flat))
+    def track_min() -> tuple[np.ndarray, float]:
+        """Refresh x - min, max - min, and the bound on |iscale*(x - min)| / |c|."""
+        np.subtract(xt, xmin, out=xm)
+        rng = xhi - xmin
+        # |fl(c/rng * (x - min))| <= |c| * max|x - min| / |rng| (1 + 3 ulp); the margin in
+        # _SAFE_ABS covers the rounding.  NaN/inf (rng == 0) make the check fail.
+        ratio = np.maximum(np.abs(xlo - xmin), np.abs(xhi - xmin)) / np.abs(rng)
+        rmax = float(ratio[live].max()) if live.any() else 0.0
+        return rng, rmax
+
+    def levels(isc: np.ndarray, c: float, rmax: float) -> None:
+        np.multiply(xm, isc, out=buf.fb)  # iscale*(x[i] - min)
+        buf.round_clip(0, nmax, _FAST_ROUNDING and abs(c) * rmax < _SAFE_ABS)
 
     def error(scale: np.ndarray, mn: np.ndarray) -> np.ndarray:
         tmp = buf.tmp
@@ -325,50 +386,60 @@ def _qkx_chunk(
         tmp *= wt
         return _sum0(tmp)
 
-    iscale = fnmax / (xhi - xmin)
+    rng, rmax = track_min()
+    iscale = fnmax / rng
     scale = F32(1) / iscale
-    levels(iscale)
+    levels(iscale, float(fnmax), rmax)
     best = error(scale, xmin)
-    # L is recomputed at the end from the winning (iscale, min used by that step)
-    best_isc, best_xmin = iscale, xmin
     if nstep >= 1:
+        # L is recomputed at the end from the winning (iscale, min used by that step)
+        best_isc, best_xmin = iscale, xmin
         f_rmin, f_rdelta = F32(rmin), F32(rdelta)
         wl = np.empty_like(xt)
         tmp = buf.tmp
         for step in range(nstep + 1):
-            isc = (f_rmin + f_rdelta * F32(step) + fnmax) / (xhi - xmin)
-            levels(isc)
+            c = f_rmin + f_rdelta * F32(step) + fnmax
+            isc = c / rng
+            levels(isc, float(c), rmax)
             np.multiply(wt, lf, out=wl)  # w*l
             sum_l = _sum0(wl)
             np.multiply(wl, lf, out=tmp)
             sum_l2 = _sum0(tmp)
             np.multiply(wl, xt, out=tmp)
             sum_xl = _sum0(tmp)
-            D = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            D = sum_w * sum_l2
+            D -= sum_l * sum_l
+            this_scale = sum_w * sum_xl
+            this_scale -= sum_x * sum_l
+            this_scale /= D
+            this_min = sum_l2 * sum_x
+            this_min -= sum_l * sum_xl
+            this_min /= D
             pos = this_min > 0
-            this_min = np.where(pos, F32(0), this_min).astype(F32)
-            this_scale = np.where(pos, sum_xl / sum_l2, this_scale).astype(F32)
+            if pos.any():
+                this_min[pos] = 0
+                this_scale[pos] = (sum_xl / sum_l2)[pos]
             cur = error(this_scale, this_min)
-            better = (D > 0) & (cur < best) & ~flat
+            better = cur < best
+            better &= D > 0
+            better &= live
             if better.any():
-                best_isc = np.where(better, isc, best_isc).astype(F32)
-                best_xmin = np.where(better, xmin, best_xmin).astype(F32)
+                best_isc = np.where(better, isc, best_isc)
+                best_xmin = np.where(better, xmin, best_xmin)
                 best = np.where(better, cur, best)
-                scale = np.where(better, this_scale, scale).astype(F32)
-                new_min = np.where(better, this_min, xmin).astype(F32)
+                scale = np.where(better, this_scale, scale)
+                xmin = np.where(better, this_min, xmin)
                 if step < nstep:
-                    np.subtract(xt, new_min, out=xm)
-                xmin = new_min
-        np.subtract(xt, best_xmin, out=xm)
-        np.multiply(xm, best_isc, out=buf.fb)
-        ok = _all_safe(best_isc * (xlo - best_xmin), best_isc * (xhi - best_xmin), flat)
-        buf.round_clip(0, nmax, ok)
+                    rng, rmax = track_min()
+        xmin_used, isc_used = best_xmin, best_isc
+        np.subtract(xt, xmin_used, out=xm)
+        np.multiply(xm, isc_used, out=buf.fb)
+        ok = _all_safe(isc_used * (xlo - xmin_used), isc_used * (xhi - xmin_used), flat)
+        buf.round_clip(0, nmax, _FAST_ROUNDING and ok)
     L = lf.astype(np.int32)
     L[:, flat] = 0
-    scale = np.where(flat, F32(0), scale).astype(F32)
-    return scale, (-xmin).astype(F32), L
+    scale = np.where(flat, F32(0), scale)
+    return scale, -xmin, L
 
 
 def _qkx_t(
@@ -385,11 +456,13 @@ def _qkx_t(
     scale = np.empty(n, dtype=F32)
     the_min = np.empty(n, dtype=F32)
     L = np.empty((k, n), dtype=np.int32)
-    with np.errstate(all="ignore"):
-        for c in _chunks(k, n):
-            x = np.ascontiguousarray(xt[:, c])
-            w = x * x if wt is None else np.ascontiguousarray(wt[:, c], dtype=F32)
-            scale[c], the_min[c], L[:, c] = _qkx_chunk(x, w, nmax, rmin, rdelta, nstep, use_mad)
+
+    def one(c: slice) -> None:
+        x = np.ascontiguousarray(xt[:, c])
+        w = x * x if wt is None else np.ascontiguousarray(wt[:, c], dtype=F32)
+        scale[c], the_min[c], L[:, c] = _qkx_chunk(x, w, nmax, rmin, rdelta, nstep, use_mad)
+
+    _run_chunks(one, _chunks(k, n))
     return scale, the_min, L
 
 
