@@ -21,11 +21,18 @@ __all__ = ["F32", "F16", "BF16", "fp32_to_bf16_bits", "bf16_bits_to_fp32"]
 
 def fp32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 array -> uint16 bf16 bit patterns, as ggml's ``GGML_FP32_TO_BF16``."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
-    is_nan = (u & 0x7FFFFFFF) > 0x7F800000
-    nan_bits = (u >> 16) | 64
-    return np.where(is_nan, nan_bits, rounded).astype(np.uint16)
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    # no uint32 overflow for non-NaN inputs (largest is -inf, 0xFF800000); NaNs are redone below
+    r = u >> 16
+    r &= 1
+    r += u
+    r += 0x7FFF
+    r >>= 16
+    out = r.astype(np.uint16)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    if nan.any():
+        out[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)
+    return out
 
 
 def bf16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:

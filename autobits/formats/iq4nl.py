@@ -39,6 +39,7 @@ __all__ = ["IQ4_NL", "KVALUES_IQ4NL", "best_index_iq4nl"]
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
 NTRY = 7
+CHUNK = 4096  # blocks quantized together
 
 #: ggml's ``kvalues_iq4nl``.
 KVALUES_IQ4NL = np.array(
@@ -132,8 +133,14 @@ class IQ4_NL(Format):
     uses_importance = True
 
     def _quantize_blocks(self, blocks, importance):
-        d, codes = quantize_iq4_nl_blocks(blocks, importance)
-        return np.concatenate([fp16_bytes(d), pack_nibbles(codes)], axis=1)
+        out = np.empty((blocks.shape[0], self.type_size), dtype=np.uint8)
+        # chunks keep the (32, chunk) temporaries cache-sized and the memory bounded
+        for s in range(0, blocks.shape[0], CHUNK):
+            imp = None if importance is None else importance[s : s + CHUNK]
+            d, codes = quantize_iq4_nl_blocks(blocks[s : s + CHUNK], imp)
+            out[s : s + CHUNK, 0:2] = fp16_bytes(d)
+            out[s : s + CHUNK, 2:] = pack_nibbles(codes)
+        return out
 
     def _dequantize_blocks(self, data):
         d = fp16_from_bytes(data[:, 0:2])

@@ -84,9 +84,16 @@ def first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def first_min_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row ``(min, max)`` taken at their first occurrence (keeps ggml's sign of zero)."""
-    rows = np.arange(x.shape[0])
-    return x[rows, np.argmin(x, axis=1)], x[rows, np.argmax(x, axis=1)]
+    """Per row ``(min, max)`` as ggml's scans find them: the value of the first occurrence,
+    which only matters for the sign of a zero."""
+    mn = x.min(axis=1)
+    mx = x.max(axis=1)
+    for v, arg in ((mn, np.argmin), (mx, np.argmax)):
+        z = np.flatnonzero(v == 0)
+        if z.size:
+            sub = x[z]
+            v[z] = sub[np.arange(z.size), arg(sub, axis=1)]
+    return mn, mx
 
 
 def safe_inverse(d: np.ndarray) -> np.ndarray:
@@ -178,8 +185,9 @@ class _RowAware(Format):
 
 
 def _trunc_u8(v: np.ndarray) -> np.ndarray:
-    """C's float -> (u)int8 conversion (truncation toward zero) for in-range values."""
-    return np.trunc(v).astype(np.int64).astype(np.uint8)
+    """C's float -> uint8 conversion (truncation toward zero); ``v`` is non-negative here
+    (every caller adds at least 0.5 to a value >= -0.5 ulp), where numpy's cast is the same."""
+    return v.astype(np.uint8)
 
 
 # ------------------------------------------------------------------ formats
@@ -292,10 +300,17 @@ class Q5_1(_RowAware):
 
 
 def _roundf(v: np.ndarray) -> np.ndarray:
-    """C ``roundf``: nearest integer, halves away from zero (exact, no ``+0.5`` rounding)."""
-    t = np.trunc(v)
-    frac = np.abs(v - t)  # exact in float
-    return t + np.where(frac >= F32(0.5), np.sign(v), F32(0)).astype(F32)
+    """C ``roundf``: nearest integer, halves away from zero (exact, no ``+0.5`` rounding).
+
+    ``np.rint`` agrees except on exact halves, which it rounds to even; those are redone.
+    """
+    r = np.rint(v)
+    d = r - v  # exact: |v| < 2**23 here
+    ties = np.flatnonzero(np.abs(d) == F32(0.5))
+    if ties.size:
+        rf, vf = r.reshape(-1), v.reshape(-1)
+        rf[ties] = vf[ties] + np.copysign(F32(0.5), vf[ties])
+    return r
 
 
 class Q8_0(Format):
