@@ -20,8 +20,8 @@ Decoding (float32)::
 
 Encoding without importance: ``lo = min(group)``, ``hi = max(group)``;
 ``zero = fp16(lo)``, ``scale = fp16((hi - lo) / (2**B - 1))``, then
-``q_i = clip(rint((x_i - zero) / scale), 0, 2**B - 1)`` computed with the *stored* (fp16-rounded)
-scale and zero (round half to even; ``q = 0`` when the stored scale is 0).
+``q_i = clip(rint((x_i - zero) * (1 / scale)), 0, 2**B - 1)`` in float32 with the *stored*
+(fp16-rounded) scale and zero (round half to even; ``q = 0`` when the stored scale is 0).
 
 Encoding with an importance vector: the same, but the range ``[lo, hi]`` is chosen among a few
 clipped candidates ``[lo + a*(hi - lo), hi - b*(hi - lo)]`` for ``a, b`` in
@@ -140,9 +140,13 @@ class PackedIntFormat(Format):
 
     @staticmethod
     def _weighted_error(x, w, q, scale, zero) -> np.ndarray:
-        deq = q.astype(F32) * scale[:, None] + zero[:, None]
-        r = x - deq
-        return np.einsum("ij,ij->i", w, r * r, dtype=np.float64)
+        r = q.astype(F32)
+        r *= scale[:, None]
+        r += zero[:, None]
+        r -= x
+        r *= r
+        r *= w
+        return r.sum(axis=1)
 
     def _dequantize_blocks(self, data):
         d = np.ascontiguousarray(data, dtype=np.uint8)
