@@ -29,6 +29,13 @@ Two calling conventions are offered:
   the array holds one position of every sub-block).  This is the layout the code works in
   internally (sequential sums become ``k`` contiguous vector adds), so callers that
   already hold transposed data should use them to skip two copies.
+
+The search loops of make_qx/qkx2/qkx3 run chunk by chunk of columns with in-place scratch
+buffers; chunks are independent, so ``AUTOBITS_QUANT_THREADS=N`` spreads them over a
+small thread pool (NumPy releases the GIL in its loops; default 1); the bytes never
+depend on it.  Where ``nearest_int``'s argument is provably inside ``|v| < 2**22``
+the float-only ``np.rint`` is used (it is the same rounding); otherwise the integer bit
+trick runs, so out-of-range garbage is reproduced too.
 """
 
 from __future__ import annotations
@@ -127,8 +134,8 @@ def _f32(a: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------- chunked execution
 #: Columns are processed in chunks of about this many float32 values per (k, chunk)
-#: array, so the ~8 scratch arrays of the search loops stay in L2 cache and are reused
-#: in place instead of being re-allocated on every step.
+#: array: the scratch arrays of the search loops stay cache-resident and are reused in
+#: place, while each NumPy call still has enough work to hide its call overhead.
 _CHUNK_VALUES = 131072
 
 
@@ -138,15 +145,15 @@ def _chunks(k: int, n: int) -> list[slice]:
 
 
 def _thread_count() -> int:
-    """Worker threads for chunked searches: ``AUTOBITS_QUANT_THREADS`` or up to 2 cores.
+    """Worker threads for chunked searches: ``AUTOBITS_QUANT_THREADS`` (default 1).
 
-    NumPy releases the GIL inside its loops, so chunks run in parallel; results do not
-    depend on the thread count (chunks are independent and written to disjoint slices).
+    NumPy releases the GIL inside its loops, so chunks can run in parallel; results do
+    not depend on the thread count (chunks are independent and written to disjoint
+    slices).  The default is one thread: on a shared 2-core machine a second thread was
+    measured slower, and callers usually parallelise over tensors or processes anyway.
     """
     env = os.environ.get("AUTOBITS_QUANT_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, min(2, os.cpu_count() or 1))
+    return int(env) if env.isdigit() and int(env) > 0 else 1
 
 
 _pool_lock = threading.Lock()

@@ -37,8 +37,41 @@ def _transpose_sub(a: np.ndarray, size: int) -> np.ndarray:
 
 
 def _untranspose(lt: np.ndarray, n: int) -> np.ndarray:
-    """Inverse of :func:`_transpose_sub` for level arrays -> ``(n, 256)`` int32."""
+    """Inverse of :func:`_transpose_sub` for uint8 level arrays -> ``(n, 256)`` uint8."""
     return np.ascontiguousarray(lt.T).reshape(n, QK_K)
+
+
+def _requantize(
+    xt: np.ndarray,
+    offset: np.ndarray | None,
+    d: np.ndarray,
+    lo: int,
+    hi: int,
+    shift: int,
+    levels: np.ndarray,
+) -> np.ndarray:
+    """The final pass of every K quantizer: ``L = clip(nearest_int((x + offset)/d), lo, hi)
+    + shift`` for each sub-block (column) with ``d != 0``; columns with ``d == 0`` keep the
+    ``levels`` of the search (C: ``if (!d) continue;``).  Returns uint8 ``(k, R)``."""
+    v = xt + offset if offset is not None else xt.copy()
+    v /= d
+    valid = d != 0
+    # v is monotonic in x within a column, so its extremes sit at the column's min / max;
+    # when they are in range nearest_int is exactly rint
+    ends_lo = (xt.min(axis=0) + offset if offset is not None else xt.min(axis=0)) / d
+    ends_hi = (xt.max(axis=0) + offset if offset is not None else xt.max(axis=0)) / d
+    safe = km._FAST_ROUNDING and km._all_safe(ends_lo, ends_hi, ~valid)
+    if safe:
+        np.rint(v, out=v)
+        np.clip(v, F32(lo), F32(hi), out=v)
+        r = v
+    else:
+        r = np.clip(km.nearest_int(v), lo, hi)
+    if shift:
+        r += shift
+    out = levels.astype(np.uint8)
+    np.copyto(out, r, where=valid, casting="unsafe")
+    return out
 
 
 def _f16_bytes(h: np.ndarray) -> np.ndarray:
@@ -51,7 +84,7 @@ def _scale_min_quantize(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Shared scale/min search of Q4_K (``nmax=15``) and Q5_K (``nmax=31``).
 
-    Returns ``(d f16 (n,), dmin f16 (n,), scales uint8 (n, 12), L int32 (n, 256))``.
+    Returns ``(d f16 (n,), dmin f16 (n,), scales uint8 (n, 12), L uint8 (n, 256))``.
     ``ref`` holds the ``(rmin, rdelta, nstep)`` of the reference (no importance) search.
     """
     n = blocks.shape[0]
@@ -99,8 +132,7 @@ def _scale_min_quantize(
         # requantize every sub-block with its final (fp16 x 6-bit) scale and min
         d = (d16.astype(F32)[:, None] * sc.astype(F32)).reshape(-1)
         dm = (dmin16.astype(F32)[:, None] * m.astype(F32)).reshape(-1)
-        requant = np.clip(km.nearest_int((xt + dm) / d), 0, nmax)
-        lt = np.where(d != 0, requant, lt)
+        lt = _requantize(xt, dm, d, 0, nmax, 0, lt)
     return d16, dmin16, packed, _untranspose(lt, n)
 
 
@@ -122,7 +154,7 @@ class Q4_K(Format):
     def _quantize_blocks(self, blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         n = blocks.shape[0]
         d16, dmin16, scales, L = _scale_min_quantize(blocks, importance, 15, (-1.0, 0.1, 20))
-        L = L.astype(np.uint8).reshape(n, 4, 2, 32)
+        L = L.reshape(n, 4, 2, 32)
         out = np.empty((n, self.type_size), dtype=np.uint8)
         out[:, 0:2] = _f16_bytes(d16)
         out[:, 2:4] = _f16_bytes(dmin16)
@@ -148,7 +180,7 @@ class Q5_K(Format):
     def _quantize_blocks(self, blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         n = blocks.shape[0]
         d16, dmin16, scales, L = _scale_min_quantize(blocks, importance, 31, (-0.5, 0.1, 15))
-        L = L.astype(np.uint8).reshape(n, 8, 32)  # sub-block 2c+h is chunk c, half h
+        L = L.reshape(n, 8, 32)  # sub-block 2c+h is chunk c, half h
         low = (L & 0x0F).reshape(n, 4, 2, 32)
         high = L >> 4  # 0 or 1
         out = np.empty((n, self.type_size), dtype=np.uint8)
@@ -195,9 +227,8 @@ class Q6_K(Format):
             q = np.minimum(km.nearest_int(iscale[:, None] * S), 127)
             q8 = (((q + 128) & 0xFF) - 128).astype(np.int8)  # int8 storage
             d = (d32[:, None] * q8.astype(F32)).reshape(-1)
-            requant = np.clip(km.nearest_int(xt / d), -32, 31) + 32
-            lt = np.where(d != 0, requant, lt)
-        L = _untranspose(lt, n).astype(np.uint8).reshape(n, 2, 4, 32)
+            lt = _requantize(xt, None, d, -32, 31, 32, lt)
+        L = _untranspose(lt, n).reshape(n, 2, 4, 32)
         lo = L & 0x0F
         hi = L >> 4
         out = np.empty((n, self.type_size), dtype=np.uint8)

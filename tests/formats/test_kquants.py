@@ -158,6 +158,16 @@ def test_fast_rounding_path_equals_bit_trick(name, with_importance, data, import
     np.testing.assert_array_equal(f.quantize(data, imp), fast)
 
 
+@pytest.mark.parametrize("name", FORMATS)
+def test_threads_do_not_change_bytes(name, data, importance, monkeypatch):
+    f = get_format(name)
+    single = [f.quantize(data), f.quantize(data, importance)]
+    monkeypatch.setenv("AUTOBITS_QUANT_THREADS", "3")
+    monkeypatch.setattr(km, "_CHUNK_VALUES", 2048)  # many chunks
+    np.testing.assert_array_equal(f.quantize(data), single[0])
+    np.testing.assert_array_equal(f.quantize(data, importance), single[1])
+
+
 # ------------------------------------------------------------------------ _kmath bits
 def test_nearest_int_is_ggml_rounding():
     v = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999997, 3.7, -3.7, 4194303.0], np.float32)
