@@ -57,7 +57,10 @@ _SHIFT2 = np.array([0, 2, 4, 6], dtype=np.uint8)
 #: columns (sub-blocks) per chunk of make_q3_quants, sized to keep its rows in cache
 _Q3_CHUNK = 1 << 17
 #: columns per chunk of the first (full) coordinate-descent sweep
-_SWEEP_CHUNK = 16384
+_SWEEP_CHUNK = 1 << 17
+#: super-blocks per chunk of the final requantization (temporaries stay in cache)
+_REQ_CHUNK = 512
+_SAFE_ABS = np.float32(4194000.0)  # below 2**22 with margin: rint == nearest_int
 
 
 # --------------------------------------------------------------------------- helpers
@@ -70,11 +73,6 @@ _SWEEP_CHUNK = 16384
 def _to_columns(a: np.ndarray) -> np.ndarray:
     """``(nb, 256)`` super-blocks -> ``(16, 16 * nb)`` sub-block columns (contiguous copy)."""
     return np.ascontiguousarray(np.asarray(a, dtype=np.float32).reshape(-1, _SUB).T)
-
-
-def _from_columns(lt: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_to_columns` for codes: ``(16, S)`` -> ``(S // 16, 256)``."""
-    return np.ascontiguousarray(lt.T).reshape(-1, QK_K)
 
 
 def _seq_sum(a: np.ndarray) -> np.ndarray:
@@ -179,24 +177,43 @@ def _pack_q3_codes(L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return hmask, _pack_2bit(L)
 
 
-def _requantize(xt, d, m, lo, hi, offset, search_codes) -> np.ndarray:
-    """Final codes of every sub-block column: ``clamp(nearest_int((x + m) / d)) + offset``.
+def _requantize(blocks, xt, d, m, lo, hi, offset, search_codes) -> np.ndarray:
+    """Final codes ``clamp(nearest_int((x + m) / d), lo, hi) + offset`` of every value.
 
-    ``d``, ``m`` ``(S,)`` are the effective (fp16-rounded) scale and min of each sub-block
-    (``m`` None: no min).  Columns with ``d == 0`` keep ``search_codes`` (C's
-    ``if (!d) continue;``).  Returns uint8 ``(16, S)``.
+    ``blocks (nb, 256)`` values (``xt`` the same as columns), ``d``, ``m`` ``(nb, 16)`` the
+    effective (fp16-rounded) scale and min of each sub-block (``m`` None: no min).
+    Sub-blocks with ``d == 0`` keep ``search_codes`` (columns ``(16, S)``; C's
+    ``if (!d) continue;``).  When ``|(x + m) / d|`` is provably below ``2**22`` everywhere
+    (the usual case) ``rint`` gives exactly ggml's rounding; otherwise the bit-exact
+    ``nearest_int`` is used.  Returns uint8 ``(nb, 256)``.
     """
-    out = np.empty(xt.shape, dtype=np.uint8)
-    with np.errstate(all="ignore"):
-        for i in range(_SUB):
-            v = xt[i] if m is None else xt[i] + m
-            li = _clamp(nearest_int(v / d), np.int32(lo), np.int32(hi))
+    nb = blocks.shape[0]
+    out = np.empty((nb, QK_K), dtype=np.uint8)
+    live = d != _F0
+    amax = np.maximum(xt.max(axis=0), -xt.min(axis=0)).reshape(nb, _NSUB)
+    # |fl(fl(x + m) / d)| <= bound * (1 + 4 ulp) < 2**22 when bound < _SAFE_ABS
+    bound = (amax if m is None else amax + np.abs(m)) / np.abs(d)
+    fast = bool(np.all(bound[live] < _SAFE_ABS))  # NaN fails
+    flo, fhi = np.float32(lo), np.float32(hi)
+    for a in range(0, nb, _REQ_CHUNK):
+        b = min(nb, a + _REQ_CHUNK)
+        v = blocks[a:b].reshape(-1, _NSUB, _SUB)
+        if m is not None:
+            v = v + m[a:b, :, None]
+        v = v / d[a:b, :, None]
+        if fast:
+            np.rint(v, out=v)
+            _clamp(v, flo, fhi)
             if offset:
-                li += offset
-            out[i] = li
-    skip = np.flatnonzero(d == _F0)
-    if skip.size:
-        out[:, skip] = search_codes[:, skip]
+                v += np.float32(offset)
+            out[a:b] = v.reshape(-1, QK_K)
+        else:
+            li = _clamp(nearest_int(v), np.int32(lo), np.int32(hi))
+            li += offset
+            out[a:b] = li.reshape(-1, QK_K)
+    if not live.all():
+        bi, sj = np.nonzero(~live)
+        out.reshape(nb, _NSUB, _SUB)[bi, sj, :] = search_codes[:, bi * _NSUB + sj].T
     return out
 
 
@@ -244,22 +261,29 @@ def make_q3_quants_t(
 def _q3_chunk(x: np.ndarray, nmax: int, do_rmse: bool) -> tuple[np.ndarray, np.ndarray]:
     k, m = x.shape
     amax, mx = _signed_absmax(x)
-    zero = ~(amax >= _GROUP_MAX_EPS)
+    live = amax >= _GROUP_MAX_EPS
+    scale = np.zeros(m, dtype=np.float32)
+    L = np.zeros((k, m), dtype=np.int8)  # ggml's all-zero columns: scale 0, L 0
+    if not live.all():
+        cols = np.flatnonzero(live)
+        if cols.size:
+            scale[cols], L[:, cols] = _q3_chunk(x[:, cols], nmax, do_rmse)
+        return scale, L
     lf = np.empty((k, m), dtype=np.float32)
-    lo, hi = np.int32(-nmax), np.int32(nmax - 1)
+    top = np.float32(nmax - 1)
     with np.errstate(all="ignore"):
         iscale = np.float32(-nmax) / mx
+        # |iscale * x| <= nmax (1 + 2 ulp): rint is nearest_int there and never below -nmax
         for i in range(k):
-            lf[i] = _clamp(nearest_int(iscale * x[i]), lo, hi)
+            np.multiply(iscale, x[i], out=lf[i])
+            np.rint(lf[i], out=lf[i])
+            np.minimum(lf[i], top, out=lf[i])
         if do_rmse:
             scale = _q3_descent(x, lf, nmax)
         else:
             scale = np.float32(1) / iscale
-    L = lf.astype(np.int8)
-    L += np.int8(nmax)
-    if zero.any():  # ggml returns early for these: scale 0, L 0
-        scale[zero] = 0
-        L[:, zero] = 0
+    np.add(lf, np.float32(nmax), out=lf)
+    L[:] = lf
     return scale, L
 
 
@@ -311,40 +335,35 @@ def _q3_sweep(x, la, slx, sl2, changed, nmax) -> None:
     """
     m = slx.shape[0]
     lo, hi = np.int32(-nmax), np.int32(nmax - 1)
-    buf = np.empty((6, m), dtype=np.float32)  # x, l, w, w*x, slx0, sl20 of the current row
-    xb, lb, wi, wxi, slx0, sl20 = buf
-    v = np.empty(m, dtype=np.float32)
-    same = np.empty(m, dtype=bool)
+    buf = np.empty((5, m), dtype=np.float32)  # w, w*x, slx0, sl20, v of the current row
+    wi, wxi, slx0, sl20, v = buf
+    r = np.empty(m, dtype=np.float32)
+    cand = np.empty(m, dtype=bool)
     for i in range(x.shape[0]):
-        li = la[i]
-        xb[:] = x[i]
-        lb[:] = li
-        np.multiply(xb, xb, out=wi)  # C: w = x[i]*x[i]
-        np.multiply(wi, xb, out=wxi)
-        np.multiply(wxi, lb, out=v)
+        xi, li = x[i], la[i]
+        np.multiply(xi, xi, out=wi)  # C: w = x[i]*x[i]
+        np.multiply(wi, xi, out=wxi)
+        np.multiply(wxi, li, out=v)
         np.subtract(slx, v, out=slx0)  # slx = sumlx - w*x[i]*L[i]
-        np.multiply(wi, lb, out=v)
-        v *= lb
+        np.multiply(wi, li, out=v)
+        v *= li
         np.subtract(sl2, v, out=sl20)  # sl2 = suml2 - w*L[i]*L[i]
-        np.multiply(xb, sl20, out=v)
+        np.multiply(xi, sl20, out=v)
         v /= slx0  # x[i] * sl2 / slx
-        # |v - l| < 0.5 (in float32) implies nearest_int(v) == l: no change.  Only the
-        # other few columns (NaN and inf included) go through the exact test.
-        v -= lb
-        np.abs(v, out=v)
-        np.less(v, _HALF, out=same)
-        idx = np.flatnonzero(np.logical_not(same, out=same))
+        # rint(v) == L[i] implies nearest_int(v) == L[i] (no change); the other columns
+        # (a few percent; NaN, inf and out-of-range v included) get the exact test
+        np.rint(v, out=r)
+        idx = np.flatnonzero(np.not_equal(r, li, out=cand))
         if idx.size == 0:
             continue
-        xs, ls, ws, wxs, s0, s2 = buf[:, idx]
-        nl = _clamp(nearest_int((xs * s2) / s0), lo, hi).astype(np.float32)
+        ws, wxs, s0, s2, vs = buf[:, idx]
+        nl = _clamp(nearest_int(vs), lo, hi).astype(np.float32)
         slx1 = s0 + wxs * nl
         sl21 = s2 + (ws * nl) * nl
         sx = slx[idx]
         ok = (slx1 * slx1) * sl2[idx] > (sx * sx) * sl21
-        ok &= s0 > _F0
-        ok &= nl != ls
-        ok &= sl21 > _F0
+        ok &= np.minimum(s0, sl21) > _F0  # C: slx > 0 before, sl2 > 0 after
+        ok &= nl != li[idx]
         sel = np.flatnonzero(ok)
         if sel.size:
             idx = idx[sel]
@@ -362,18 +381,18 @@ def make_q3_quants(x: np.ndarray, nmax: int, do_rmse: bool = True) -> tuple[np.n
 
 
 # ----------------------------------------------------------------------------- Q2_K
-def _finish_q2(xt, scale_bytes, dm, mm, search_codes) -> np.ndarray:
+def _finish_q2(blocks, xt, scale_bytes, dm, mm, search_codes) -> np.ndarray:
     """Q2_K bytes from the 4-bit scale/min bytes ``(nb, 16)``, the super-block multipliers
     ``dm``, ``mm`` (before fp16 rounding) and the search's codes ``(16, S)``."""
     nb = scale_bytes.shape[0]
     dbits, d16 = _to_fp16(dm)
     mbits, m16 = _to_fp16(mm)
-    d = (d16[:, None] * (scale_bytes & np.uint8(0xF)).astype(np.float32)).reshape(-1)
-    m = (m16[:, None] * (scale_bytes >> np.uint8(4)).astype(np.float32)).reshape(-1)
-    codes = _requantize(xt, d, m, 0, 3, 0, search_codes)
+    d = d16[:, None] * (scale_bytes & np.uint8(0xF)).astype(np.float32)
+    m = m16[:, None] * (scale_bytes >> np.uint8(4)).astype(np.float32)
+    codes = _requantize(blocks, xt, d, m, 0, 3, 0, search_codes)
     out = np.empty((nb, 84), dtype=np.uint8)
     out[:, :16] = scale_bytes
-    out[:, 16:80] = _pack_2bit(_from_columns(codes))
+    out[:, 16:80] = _pack_2bit(codes)
     out[:, 80:82] = _fp16_bytes(dbits)
     out[:, 82:84] = _fp16_bytes(mbits)
     return out
@@ -401,7 +420,7 @@ def _quantize_q2_ref(blocks: np.ndarray) -> np.ndarray:
     scale_bytes = ((ls | (lm << 4)) & 0xFF).astype(np.uint8)
     dm = np.where(has_s, max_scale / q4, _F0)
     mm = np.where(has_m, max_min / q4, _F0)
-    return _finish_q2(xt, scale_bytes, dm, mm, L)
+    return _finish_q2(blocks, xt, scale_bytes, dm, mm, L)
 
 
 def _quantize_q2_imatrix(blocks: np.ndarray, importance: np.ndarray) -> np.ndarray:
@@ -419,19 +438,19 @@ def _quantize_q2_imatrix(blocks: np.ndarray, importance: np.ndarray) -> np.ndarr
     Ls = np.asarray(Ls).astype(np.int32) & 0xFF
     Lm = np.asarray(Lm).astype(np.int32) & 0xFF
     scale_bytes = ((Ls | (Lm << 4)) & 0xFF).astype(np.uint8)
-    return _finish_q2(xt, scale_bytes, dm, mm, L)
+    return _finish_q2(blocks, xt, scale_bytes, dm, mm, L)
 
 
 # ----------------------------------------------------------------------------- Q3_K
-def _finish_q3(xt, ls, d_value, search_codes) -> np.ndarray:
+def _finish_q3(blocks, xt, ls, d_value, search_codes) -> np.ndarray:
     """Q3_K bytes from 6-bit scale codes ``ls (nb, 16)`` (offset by 32; all 0 when the block
     scale is 0), the super-block scale before fp16 rounding and the search's codes
     ``(16, S)`` (offset by +4)."""
     nb = ls.shape[0]
     dbits, d16 = _to_fp16(d_value)
-    d = (d16[:, None] * (ls.astype(np.float32) - np.float32(32))).reshape(-1)  # fp16 d * sc
-    codes = _requantize(xt, d, None, -4, 3, 4, search_codes)
-    hmask, qs = _pack_q3_codes(_from_columns(codes))
+    d = d16[:, None] * (ls.astype(np.float32) - np.float32(32))  # fp16 d * (int8) sc
+    codes = _requantize(blocks, xt, d, None, -4, 3, 4, search_codes)
+    hmask, qs = _pack_q3_codes(codes)
     out = np.empty((nb, 110), dtype=np.uint8)
     out[:, :32] = hmask
     out[:, 32:96] = qs
@@ -456,7 +475,7 @@ def _quantize_q3_ref(blocks: np.ndarray) -> np.ndarray:
     np.clip(ls, -32, 31, out=ls)
     ls += 32
     ls[~has] = 0  # C leaves the scale bytes zeroed
-    return _finish_q3(xt, ls, d_value, L)
+    return _finish_q3(blocks, xt, ls, d_value, L)
 
 
 def _quantize_q3_imatrix(blocks: np.ndarray, importance: np.ndarray) -> np.ndarray:
@@ -468,7 +487,7 @@ def _quantize_q3_imatrix(blocks: np.ndarray, importance: np.ndarray) -> np.ndarr
     scales = np.asarray(scales, dtype=np.float32).reshape(nb, _NSUB)
     d_block, Ls = make_qx_quants(scales, 32, 1, sw.reshape(nb, _NSUB))
     # C keeps Ls (0..63, offset by 32) as int8 and packs (l & 0xF) and (l >> 4)
-    return _finish_q3(xt, np.asarray(Ls).astype(np.int32), np.asarray(d_block, np.float32), L)
+    return _finish_q3(blocks, xt, np.asarray(Ls).astype(np.int32), np.asarray(d_block, np.float32), L)
 
 
 # -------------------------------------------------------------------------- formats
