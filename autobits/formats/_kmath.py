@@ -240,11 +240,15 @@ def _qx_chunk(
     xt: np.ndarray, nmax: int, rmse_type: int, w: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     k, n = xt.shape
-    cols = np.arange(n)
-    ax = np.abs(xt)
-    imax = np.argmax(ax, axis=0)  # first index of the largest |x|, as `ax > amax`
-    amax = ax[imax, cols]
-    xmax = xt[imax, cols]
+    # C keeps the first x[i] of largest |x[i]| (`if (ax > amax)`); (arg)max along axis 0 is
+    # slow in NumPy, so take the column max/min and resolve +a/-a ties explicitly
+    hi, lo_x = xt.max(axis=0), xt.min(axis=0)
+    amax = np.maximum(hi, -lo_x)
+    xmax = np.where(hi >= -lo_x, hi, lo_x)
+    tie = np.nonzero((hi == -lo_x) & (hi > 0))[0]
+    if tie.size:
+        first = np.argmax(np.abs(xt[:, tie]) == amax[tie], axis=0)
+        xmax[tie] = xt[first, tie]
     zero = amax < GROUP_MAX_EPS
     iscale = F32(-nmax) / xmax
     lo, hi = -nmax, nmax - 1
@@ -269,9 +273,9 @@ def _qx_chunk(
         elif rtype == 2:
             w = np.ones_like(xt)
         elif rtype == 3:
-            w = ax
+            w = np.abs(xt)
         else:
-            w = np.sqrt(ax)
+            w = np.sqrt(np.abs(xt))
     wx = w * xt
 
     def sums() -> tuple[np.ndarray, np.ndarray]:

@@ -40,6 +40,8 @@ def _awkward(rows: int, row_len: int, seed: int) -> np.ndarray:
     x[4 * q + 1] = np.float32(2.5)
     x[4 * q + 2] *= np.float32(1e-30)  # below fp16 range entirely
     x[5 * q : 6 * q, ::7] *= 50  # sparse outliers
+    x[6 * q] = rng.integers(-3, 4, row_len) * np.float32(0.25)  # exact +a/-a ties
+    x[6 * q + 1] = -x[6 * q]
     return x
 
 
