@@ -341,7 +341,8 @@ def make_qx_quants(
     3: ``|x|``, 4: ``sqrt|x|``; negative: return early; 0: plain rounding).
     """
     qwt = None if qw is None else np.ascontiguousarray(np.asarray(qw, dtype=F32).T)
-    scale, L = make_qx_quants_t(np.ascontiguousarray(np.asarray(x, dtype=F32).T), nmax, rmse_type, qwt)
+    xt = np.ascontiguousarray(np.asarray(x, dtype=F32).T)
+    scale, L = make_qx_quants_t(xt, nmax, rmse_type, qwt)
     return scale, np.ascontiguousarray(L.T)
 
 
@@ -349,11 +350,7 @@ def make_qx_quants(
 def _qkx_chunk(
     xt: np.ndarray,
     wt: np.ndarray,
-    nmax: int,
-    rmin: float,
-    rdelta: float,
-    nstep: int,
-    use_mad: bool,
+    nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Shared body of make_qkx2_quants / make_qkx3_quants (identical in the ggml version
     we match once the weights are fixed) on one C-contiguous ``(k, n)`` chunk."""
@@ -456,11 +453,7 @@ def _qkx_chunk(
 def _qkx_t(
     xt: np.ndarray,
     wt: np.ndarray | None,
-    nmax: int,
-    rmin: float,
-    rdelta: float,
-    nstep: int,
-    use_mad: bool,
+    nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     xt = np.asarray(xt, dtype=F32)
     k, n = xt.shape
@@ -480,11 +473,7 @@ def _qkx_t(
 def make_qkx2_quants_t(
     xt: np.ndarray,
     wt: np.ndarray,
-    nmax: int,
-    rmin: float,
-    rdelta: float,
-    nstep: int,
-    use_mad: bool,
+    nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`make_qkx2_quants` on transposed ``(k, n)`` input; ``L`` is ``(k, n)``."""
     return _qkx_t(xt, np.asarray(wt, dtype=F32), nmax, rmin, rdelta, nstep, use_mad)
@@ -493,11 +482,7 @@ def make_qkx2_quants_t(
 def make_qkx3_quants_t(
     xt: np.ndarray,
     wt: np.ndarray | None,
-    nmax: int,
-    rmin: float,
-    rdelta: float,
-    nstep: int,
-    use_mad: bool,
+    nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`make_qkx3_quants` on transposed ``(k, n)`` input (``wt=None``: ``x*x``)."""
     return _qkx_t(xt, wt, nmax, rmin, rdelta, nstep, use_mad)
@@ -506,11 +491,7 @@ def make_qkx3_quants_t(
 def make_qkx2_quants(
     x: np.ndarray,
     weights: np.ndarray,
-    nmax: int,
-    rmin: float,
-    rdelta: float,
-    nstep: int,
-    use_mad: bool,
+    nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ggml ``make_qkx2_quants`` for each row of ``x (n, k)`` with ``weights (n, k)``.
 
@@ -527,11 +508,7 @@ def make_qkx2_quants(
 def make_qkx3_quants(
     x: np.ndarray,
     weights: np.ndarray | None,
-    nmax: int,
-    rmin: float,
-    rdelta: float,
-    nstep: int,
-    use_mad: bool,
+    nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ggml ``make_qkx3_quants``: as :func:`make_qkx2_quants`, weights default to ``x*x``."""
     xt = np.ascontiguousarray(np.asarray(x, dtype=F32).T)
@@ -544,7 +521,7 @@ def make_qkx3_quants(
 def make_qp_quants_t(
     xt: np.ndarray, nmax: int, qwt: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`make_qp_quants` on transposed ``(k, n)`` input; returns ``(scale, L (k, n) uint8)``."""
+    """:func:`make_qp_quants` on transposed ``(k, n)`` input: ``(scale, L uint8 (k, n))``."""
     xt = np.asarray(xt, dtype=F32)
     w = np.asarray(qwt, dtype=F32)
     k, _ = xt.shape
@@ -634,7 +611,7 @@ def pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
 
 
 def get_scale_min_k4(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unpack the 12-byte K ``scales`` field ``(n, 12)`` into (scales, mins), each ``(n, 8)`` uint8."""
+    """Unpack the 12-byte K ``scales`` field ``(n, 12)`` into (scales, mins), ``(n, 8)`` uint8."""
     q = np.asarray(q, dtype=np.uint8)
     sc = np.empty((q.shape[0], 8), dtype=np.uint8)
     mn = np.empty((q.shape[0], 8), dtype=np.uint8)

@@ -117,8 +117,10 @@ def _scale_min_quantize(
             sw = km.seqsum(wt)
             scales, mins, lt = km.make_qkx3_quants_t(xt, wt, nmax, -0.9, 0.05, 36, False)
             swt = np.ascontiguousarray(sw.reshape(n, 8).T)
-            d_block, ls_t = km.make_qp_quants_t(np.ascontiguousarray(scales.reshape(n, 8).T), 63, swt)
-            m_block, lm_t = km.make_qp_quants_t(np.ascontiguousarray(mins.reshape(n, 8).T), 63, swt)
+            st = np.ascontiguousarray(scales.reshape(n, 8).T)
+            mt = np.ascontiguousarray(mins.reshape(n, 8).T)
+            d_block, ls_t = km.make_qp_quants_t(st, 63, swt)
+            m_block, lm_t = km.make_qp_quants_t(mt, 63, swt)
             ls = ls_t.T.astype(np.int32)
             lm = lm_t.T.astype(np.int32)
             if nmax == 31:  # quantize_row_q5_K_impl clamps, q4_K_impl does not

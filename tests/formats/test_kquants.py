@@ -269,7 +269,9 @@ _GGUF_SCALAR = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "
                 10: "<u8", 11: "<i8", 12: "<f8"}
 
 
-def _read_gguf_tensors(path: str, names: set[str]) -> dict[str, tuple[int, tuple[int, ...], np.ndarray]]:
+def _read_gguf_tensors(
+    path: str, names: set[str]
+) -> dict[str, tuple[int, tuple[int, ...], np.ndarray]]:
     """Minimal GGUF v2/v3 reader: ``{name: (ggml type, dims, raw bytes)}`` for ``names``.
 
     ``gguf.GGUFReader`` builds Python objects for every tokenizer entry (~13 s for
