@@ -54,10 +54,8 @@ _GROUP_MAX_EPS = np.float32(1e-15)
 _F0 = np.float32(0.0)
 _HALF = np.float32(0.5)
 _SHIFT2 = np.array([0, 2, 4, 6], dtype=np.uint8)
-#: columns (sub-blocks) per chunk of make_q3_quants, sized to keep its rows in cache
-_Q3_CHUNK = 1 << 17
-#: columns per chunk of the first (full) coordinate-descent sweep
-_SWEEP_CHUNK = 1 << 17
+#: super-blocks quantized at a time (bounds the memory of big tensors)
+_BLOCK_CHUNK = 8192
 #: super-blocks per chunk of the final requantization (temporaries stay in cache)
 _REQ_CHUNK = 512
 _SAFE_ABS = np.float32(4194000.0)  # below 2**22 with margin: rint == nearest_int
@@ -182,8 +180,8 @@ def _requantize(blocks, xt, d, m, lo, hi, offset, search_codes) -> np.ndarray:
 
     ``blocks (nb, 256)`` values (``xt`` the same as columns), ``d``, ``m`` ``(nb, 16)`` the
     effective (fp16-rounded) scale and min of each sub-block (``m`` None: no min).
-    Sub-blocks with ``d == 0`` keep ``search_codes`` (columns ``(16, S)``; C's
-    ``if (!d) continue;``).  When ``|(x + m) / d|`` is provably below ``2**22`` everywhere
+    Sub-blocks with ``d == 0`` keep the search's codes, ``search_codes(columns) -> (16, n)``
+    (C's ``if (!d) continue;``).  When ``|(x + m) / d|`` is provably below ``2**22`` everywhere
     (the usual case) ``rint`` gives exactly ggml's rounding; otherwise the bit-exact
     ``nearest_int`` is used.  Returns uint8 ``(nb, 256)``.
     """
@@ -203,7 +201,7 @@ def _requantize(blocks, xt, d, m, lo, hi, offset, search_codes) -> np.ndarray:
         v = v / d[a:b, :, None]
         if fast:
             np.rint(v, out=v)
-            _clamp(v, flo, fhi)
+            np.clip(v, flo, fhi, out=v)  # (np.maximum with a scalar is not vectorised)
             if offset:
                 v += np.float32(offset)
             out[a:b] = v.reshape(-1, QK_K)
@@ -213,7 +211,7 @@ def _requantize(blocks, xt, d, m, lo, hi, offset, search_codes) -> np.ndarray:
             out[a:b] = li.reshape(-1, QK_K)
     if not live.all():
         bi, sj = np.nonzero(~live)
-        out.reshape(nb, _NSUB, _SUB)[bi, sj, :] = search_codes[:, bi * _NSUB + sj].T
+        out.reshape(nb, _NSUB, _SUB)[bi, sj, :] = search_codes(bi * _NSUB + sj).T
     return out
 
 
@@ -249,95 +247,126 @@ def make_q3_quants_t(
     error in the same element order (see :func:`_q3_descent`).
     """
     xt = np.ascontiguousarray(xt, dtype=np.float32)
+    scale, levels = _q3_search(xt, nmax, do_rmse)
+    return scale, levels.codes(np.arange(xt.shape[1]))
+
+
+class _Q3Levels:
+    """The levels found by :func:`_q3_search`, resolved on demand.
+
+    The quantizer needs them only for sub-blocks whose final scale is zero, so instead of
+    writing every later sweep's levels back into the full array, each sweep's working set
+    is kept (``history``: column indices, sorted, and their levels) and looked up here.
+    """
+
+    def __init__(self, n: int, nmax: int, live: np.ndarray, lf: np.ndarray, history: list):
+        self.n, self.nmax, self.live, self.lf, self.history = n, nmax, live, lf, history
+
+    def codes(self, cols: np.ndarray) -> np.ndarray:
+        """Levels (offset by ``+nmax``) of columns ``cols``: int8 ``(k, len(cols))``."""
+        cols = np.asarray(cols, dtype=np.intp)
+        out = np.zeros((self.lf.shape[0], cols.size), dtype=np.int8)
+        where = np.full(self.n, -1, dtype=np.intp)
+        where[self.live] = np.arange(self.live.size)
+        pos = where[cols]
+        ok = pos >= 0  # all-zero columns keep L = 0
+        p = pos[ok]
+        vals = np.take(self.lf, p, axis=1)
+        for act, la in self.history:  # nested working sets: the last hit wins
+            j = np.minimum(np.searchsorted(act, p), act.size - 1)
+            hit = act[j] == p
+            if hit.any():
+                vals[:, hit] = np.take(la, j[hit], axis=1)
+        out[:, ok] = vals + np.float32(self.nmax)
+        return out
+
+
+def _q3_search(xt: np.ndarray, nmax: int, do_rmse: bool) -> tuple[np.ndarray, _Q3Levels]:
+    """``make_q3_quants`` over the columns of ``xt (k, n)``: ``(scale (n,), levels)``."""
     k, n = xt.shape
-    scale = np.zeros(n, dtype=np.float32)
-    L = np.zeros((k, n), dtype=np.int8)
-    for a in range(0, n, _Q3_CHUNK):
-        b = min(n, a + _Q3_CHUNK)
-        scale[a:b], L[:, a:b] = _q3_chunk(xt[:, a:b], nmax, do_rmse)
-    return scale, L
-
-
-def _q3_chunk(x: np.ndarray, nmax: int, do_rmse: bool) -> tuple[np.ndarray, np.ndarray]:
-    k, m = x.shape
-    amax, mx = _signed_absmax(x)
-    live = amax >= _GROUP_MAX_EPS
-    scale = np.zeros(m, dtype=np.float32)
-    L = np.zeros((k, m), dtype=np.int8)  # ggml's all-zero columns: scale 0, L 0
-    if not live.all():
-        cols = np.flatnonzero(live)
-        if cols.size:
-            scale[cols], L[:, cols] = _q3_chunk(x[:, cols], nmax, do_rmse)
-        return scale, L
-    lf = np.empty((k, m), dtype=np.float32)
-    top = np.float32(nmax - 1)
+    amax, mx = _signed_absmax(xt)
+    live = np.flatnonzero(amax >= _GROUP_MAX_EPS)  # ggml: all-zero -> scale 0, L 0
+    x = xt if live.size == n else np.take(xt, live, axis=1)
+    mx = mx if live.size == n else mx[live]
+    lf = np.empty(x.shape, dtype=np.float32)
+    history: list = []
     with np.errstate(all="ignore"):
         iscale = np.float32(-nmax) / mx
-        # |iscale * x| <= nmax (1 + 2 ulp): rint is nearest_int there and never below -nmax
-        for i in range(k):
-            np.multiply(iscale, x[i], out=lf[i])
-            np.rint(lf[i], out=lf[i])
-            np.minimum(lf[i], top, out=lf[i])
+        # |iscale * x| <= nmax (1 + 2 ulp) < 2**22: there rint is exactly nearest_int
+        np.multiply(iscale, x, out=lf)
+        np.rint(lf, out=lf)
+        np.clip(lf, np.float32(-nmax), np.float32(nmax - 1), out=lf)
         if do_rmse:
-            scale = _q3_descent(x, lf, nmax)
+            sc = _q3_descent(x, lf, nmax, history)
         else:
-            scale = np.float32(1) / iscale
-    np.add(lf, np.float32(nmax), out=lf)
-    L[:] = lf
-    return scale, L
+            sc = np.float32(1) / iscale
+    scale = np.zeros(n, dtype=np.float32)
+    scale[live] = sc
+    return scale, _Q3Levels(n, nmax, live, lf, history)
 
 
-def _q3_descent(x: np.ndarray, lf: np.ndarray, nmax: int) -> np.ndarray:
+def _q3_descent(x: np.ndarray, lf: np.ndarray, nmax: int, history: list) -> np.ndarray:
     """The ``do_rmse`` part of ``make_q3_quants``: up to 5 sweeps of coordinate descent.
 
     ``x (k, m)`` values, ``lf (k, m)`` initial levels (float32, no offset), refined in
-    place.  Returns the scales ``(m,)``.  A column whose sweep changes nothing is final (the
-    next sweep would repeat it exactly), so after each sweep the working set shrinks to the
-    columns that changed.  The first sweep (all columns) runs in cache-sized chunks.
+    place by the first sweep.  A column whose sweep changes nothing is final (the next
+    sweep would repeat it exactly), so each later sweep runs on the columns that changed
+    in the previous one; their levels go to ``history`` (see :class:`_Q3Levels`).
+    Returns the scales ``(m,)``.
     """
     k, m = x.shape
-    sumlx = np.zeros(m, dtype=np.float32)
-    suml2 = np.zeros(m, dtype=np.float32)
-    for i in range(k):  # C: sumlx += w*x[i]*l; suml2 += w*l*l
-        w = x[i] * x[i]
-        sumlx += (w * x[i]) * lf[i]
-        suml2 += (w * lf[i]) * lf[i]
+    sums = np.zeros((2, m), dtype=np.float32)  # C's sumlx, suml2
+    w = np.empty(m, dtype=np.float32)
+    t = np.empty(m, dtype=np.float32)
+    for i in range(k):  # C: w = x[i]*x[i]; sumlx += w*x[i]*l; suml2 += w*l*l
+        xi, li = x[i], lf[i]
+        np.multiply(xi, xi, out=w)
+        np.multiply(w, xi, out=t)
+        t *= li
+        sums[0] += t
+        np.multiply(w, li, out=t)
+        t *= li
+        sums[1] += t
     changed = np.zeros(m, dtype=bool)
-    for a in range(0, m, _SWEEP_CHUNK):
-        b = min(m, a + _SWEEP_CHUNK)
-        _q3_sweep(x[:, a:b], lf[:, a:b], sumlx[a:b], suml2[a:b], changed[a:b], nmax)
+    _q3_sweep(x, lf, sums, changed, nmax)
     act = np.flatnonzero(changed)
-    for _ in range(4):
-        if act.size == 0:
-            break
-        la, slx, sl2 = lf[:, act], sumlx[act], suml2[act]
-        changed = np.zeros(act.size, dtype=bool)
-        _q3_sweep(x[:, act], la, slx, sl2, changed, nmax)
-        lf[:, act], sumlx[act], suml2[act] = la, slx, sl2
-        act = act[changed]
+    if act.size:
+        xa, la, sa = np.take(x, act, axis=1), np.take(lf, act, axis=1), np.take(sums, act, axis=1)
+        for sweep in range(4):
+            changed = np.zeros(act.size, dtype=bool)
+            _q3_sweep(xa, la, sa, changed, nmax)
+            sums[0, act], sums[1, act] = sa
+            history.append((act, la))
+            keep = np.flatnonzero(changed)
+            if keep.size == 0 or sweep == 3:
+                break
+            act = act[keep]
+            xa, la, sa = (np.take(a, keep, axis=1) for a in (xa, la, sa))
+    sumlx, suml2 = sums
     scale = sumlx / suml2
     scale[~(suml2 > _F0)] = 0
     return scale
 
 
 def _clamp(a: np.ndarray, lo, hi) -> np.ndarray:
-    """In-place ``MAX(lo, MIN(hi, a))`` (np.clip's Python wrapper costs more than the work)."""
+    """In-place ``MAX(lo, MIN(hi, a))`` for small arrays (np.clip's wrapper costs more)."""
     np.maximum(a, lo, out=a)
     return np.minimum(a, hi, out=a)
 
 
-def _q3_sweep(x, la, slx, sl2, changed, nmax) -> None:
+def _q3_sweep(x, la, sums, changed, nmax) -> None:
     """One sweep of ``make_q3_quants``'s coordinate descent over the columns given, in place.
 
     For each position ``i`` in order: drop ``L[i]`` from the sums, re-round
-    ``x[i] * sl2 / slx`` and keep the new level if it raises ``slx**2 / sl2``.  Rows of
-    ``la``, ``slx``, ``sl2`` and ``changed`` are updated in place (they may be views).
+    ``x[i] * sl2 / slx`` and keep the new level if it raises ``slx**2 / sl2``.  ``la``
+    (levels), ``sums`` (rows ``sumlx``, ``suml2``) and ``changed`` are updated in place.
     """
-    m = slx.shape[0]
-    lo, hi = np.int32(-nmax), np.int32(nmax - 1)
-    buf = np.empty((5, m), dtype=np.float32)  # w, w*x, slx0, sl20, v of the current row
-    wi, wxi, slx0, sl20, v = buf
-    r = np.empty(m, dtype=np.float32)
+    m = sums.shape[1]
+    slx, sl2 = sums
+    lo, hi = np.float32(-nmax), np.float32(nmax - 1)
+    # per row: w, w*x, sl20, slx0 (C's sl2 and slx without L[i]), v = x*sl2/slx, rint(v)
+    buf = np.empty((6, m), dtype=np.float32)
+    wi, wxi, sl20, slx0, v, r = buf
     cand = np.empty(m, dtype=bool)
     for i in range(x.shape[0]):
         xi, li = x[i], la[i]
@@ -356,14 +385,20 @@ def _q3_sweep(x, la, slx, sl2, changed, nmax) -> None:
         idx = np.flatnonzero(np.not_equal(r, li, out=cand))
         if idx.size == 0:
             continue
-        ws, wxs, s0, s2, vs = buf[:, idx]
-        nl = _clamp(nearest_int(vs), lo, hi).astype(np.float32)
-        slx1 = s0 + wxs * nl
-        sl21 = s2 + (ws * nl) * nl
-        sx = slx[idx]
-        ok = (slx1 * slx1) * sl2[idx] > (sx * sx) * sl21
+        g = np.take(buf, idx, axis=1)  # (faster than buf[:, idx])
+        if np.abs(g[4]).max() < _SAFE_ABS:  # rint is nearest_int here (NaN fails)
+            nl = _clamp(g[5], lo, hi)
+        else:
+            nl = _clamp(nearest_int(g[4]), np.int32(lo), np.int32(hi)).astype(np.float32)
+        s0 = g[3]
+        g[0] *= nl  # w*l
+        g[:2] *= nl  # [w*l*l, w*x*l]
+        g[:2] += g[2:4]  # [sl2 + w*l*l, slx + w*x*l] = [sl21, slx1]
+        sl21, slx1 = g[0], g[1]
+        so = np.take(sums, idx, axis=1)
+        ok = (slx1 * slx1) * so[1] > (so[0] * so[0]) * sl21
         ok &= np.minimum(s0, sl21) > _F0  # C: slx > 0 before, sl2 > 0 after
-        ok &= nl != li[idx]
+        ok &= nl != li.take(idx)
         sel = np.flatnonzero(ok)
         if sel.size:
             idx = idx[sel]
@@ -420,7 +455,7 @@ def _quantize_q2_ref(blocks: np.ndarray) -> np.ndarray:
     scale_bytes = ((ls | (lm << 4)) & 0xFF).astype(np.uint8)
     dm = np.where(has_s, max_scale / q4, _F0)
     mm = np.where(has_m, max_min / q4, _F0)
-    return _finish_q2(blocks, xt, scale_bytes, dm, mm, L)
+    return _finish_q2(blocks, xt, scale_bytes, dm, mm, lambda c: L[:, c])
 
 
 def _quantize_q2_imatrix(blocks: np.ndarray, importance: np.ndarray) -> np.ndarray:
@@ -438,7 +473,7 @@ def _quantize_q2_imatrix(blocks: np.ndarray, importance: np.ndarray) -> np.ndarr
     Ls = np.asarray(Ls).astype(np.int32) & 0xFF
     Lm = np.asarray(Lm).astype(np.int32) & 0xFF
     scale_bytes = ((Ls | (Lm << 4)) & 0xFF).astype(np.uint8)
-    return _finish_q2(blocks, xt, scale_bytes, dm, mm, L)
+    return _finish_q2(blocks, xt, scale_bytes, dm, mm, lambda c: L[:, c])
 
 
 # ----------------------------------------------------------------------------- Q3_K
@@ -463,7 +498,7 @@ def _quantize_q3_ref(blocks: np.ndarray) -> np.ndarray:
     """``quantize_row_q3_K_ref`` over ``(nb, 256)`` blocks."""
     nb = blocks.shape[0]
     xt = _to_columns(blocks)
-    scales, L = make_q3_quants_t(xt, 4, True)
+    scales, levels = _q3_search(xt, 4, True)
     scales = scales.reshape(nb, _NSUB)
     # first sub-block scale of largest magnitude (C: `if (fabsf(s) > amax)`), signed
     max_scale = _signed_absmax(np.ascontiguousarray(scales.T))[1]
@@ -475,7 +510,7 @@ def _quantize_q3_ref(blocks: np.ndarray) -> np.ndarray:
     np.clip(ls, -32, 31, out=ls)
     ls += 32
     ls[~has] = 0  # C leaves the scale bytes zeroed
-    return _finish_q3(blocks, xt, ls, d_value, L)
+    return _finish_q3(blocks, xt, ls, d_value, levels.codes)
 
 
 def _quantize_q3_imatrix(blocks: np.ndarray, importance: np.ndarray) -> np.ndarray:
@@ -487,7 +522,8 @@ def _quantize_q3_imatrix(blocks: np.ndarray, importance: np.ndarray) -> np.ndarr
     scales = np.asarray(scales, dtype=np.float32).reshape(nb, _NSUB)
     d_block, Ls = make_qx_quants(scales, 32, 1, sw.reshape(nb, _NSUB))
     # C keeps Ls (0..63, offset by 32) as int8 and packs (l & 0xF) and (l >> 4)
-    return _finish_q3(blocks, xt, np.asarray(Ls).astype(np.int32), np.asarray(d_block, np.float32), L)
+    d_block = np.asarray(d_block, np.float32)
+    return _finish_q3(blocks, xt, np.asarray(Ls).astype(np.int32), d_block, lambda c: L[:, c])
 
 
 # -------------------------------------------------------------------------- formats
@@ -514,6 +550,23 @@ def _check_data(fmt: Format, data: np.ndarray) -> np.ndarray:
     return data
 
 
+def _quantize_chunked(fmt: Format, blocks, importance, ref, imatrix) -> np.ndarray:
+    """Run ``ref(x)`` or ``imatrix(x, importance)`` over chunks of super-blocks.
+
+    Chunks bound the working memory of big tensors (every chunk is independent, as C
+    quantizes super-block by super-block); a (576, 1536) tensor is a single chunk.
+    """
+    _check_blocks(fmt, blocks, importance)
+    x = np.ascontiguousarray(blocks, dtype=np.float32)
+    imp = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    out = np.empty((x.shape[0], fmt.type_size), dtype=np.uint8)
+    with np.errstate(all="ignore"):  # inf/NaN intermediates are masked exactly as in C
+        for a in range(0, x.shape[0], _BLOCK_CHUNK):
+            b = min(x.shape[0], a + _BLOCK_CHUNK)
+            out[a:b] = ref(x[a:b]) if imp is None else imatrix(x[a:b], imp[a:b])
+    return out
+
+
 class Q2_K(Format):
     """2-bit k-quant: 16 sub-blocks of 16 with 4-bit scale and min, 2.625 bits per weight."""
 
@@ -521,14 +574,7 @@ class Q2_K(Format):
     uses_importance = True
 
     def _quantize_blocks(self, blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        _check_blocks(self, blocks, importance)
-        x = np.ascontiguousarray(blocks, dtype=np.float32)
-        if x.shape[0] == 0:
-            return np.zeros((0, self.type_size), dtype=np.uint8)
-        with np.errstate(all="ignore"):  # inf/NaN intermediates are masked exactly as in C
-            if importance is None:
-                return _quantize_q2_ref(x)
-            return _quantize_q2_imatrix(x, np.ascontiguousarray(importance, dtype=np.float32))
+        return _quantize_chunked(self, blocks, importance, _quantize_q2_ref, _quantize_q2_imatrix)
 
     def _dequantize_blocks(self, data: np.ndarray) -> np.ndarray:
         data = _check_data(self, data)
@@ -549,14 +595,7 @@ class Q3_K(Format):
     uses_importance = True
 
     def _quantize_blocks(self, blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        _check_blocks(self, blocks, importance)
-        x = np.ascontiguousarray(blocks, dtype=np.float32)
-        if x.shape[0] == 0:
-            return np.zeros((0, self.type_size), dtype=np.uint8)
-        with np.errstate(all="ignore"):  # inf/NaN intermediates are masked exactly as in C
-            if importance is None:
-                return _quantize_q3_ref(x)
-            return _quantize_q3_imatrix(x, np.ascontiguousarray(importance, dtype=np.float32))
+        return _quantize_chunked(self, blocks, importance, _quantize_q3_ref, _quantize_q3_imatrix)
 
     def _dequantize_blocks(self, data: np.ndarray) -> np.ndarray:
         data = _check_data(self, data)

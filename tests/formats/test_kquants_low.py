@@ -143,6 +143,79 @@ def test_sizes():
     assert get_format("Q2_K").nbytes((576, 1536)) == 576 * 6 * 84
 
 
+# ------------------------------------------------- make_q3_quants vs a scalar C port
+def _nearest_int(v) -> int:
+    """ggml's nearest_int (magic-number rounding), on one float32."""
+    bits = (np.array([v], np.float32) + np.float32(12582912.0)).view(np.int32)[0]
+    return int(bits & 0x007FFFFF) - 0x00400000
+
+
+def _scalar_make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.float32, list[int]]:
+    """Line-by-line float32 port of ggml's make_q3_quants(n, nmax, x, L, do_rmse=true)."""
+    f = np.float32
+    amax, mx = f(0), f(0)
+    for v in x:
+        if abs(v) > amax:
+            amax, mx = abs(v), v
+    if amax < f(1e-15):
+        return f(0), [0] * len(x)
+    iscale = f(-nmax) / mx
+    L, sumlx, suml2 = [], f(0), f(0)
+    for v in x:
+        lv = max(-nmax, min(nmax - 1, _nearest_int(iscale * v)))
+        L.append(lv)
+        w = v * v
+        sumlx = sumlx + w * v * f(lv)
+        suml2 = suml2 + w * f(lv) * f(lv)
+    for _ in range(5):
+        n_changed = 0
+        for i, v in enumerate(x):
+            w = v * v
+            slx = sumlx - w * v * f(L[i])
+            if slx > 0:
+                sl2 = suml2 - w * f(L[i]) * f(L[i])
+                new = max(-nmax, min(nmax - 1, _nearest_int(v * sl2 / slx)))
+                if new != L[i]:
+                    slx = slx + w * v * f(new)
+                    sl2 = sl2 + w * f(new) * f(new)
+                    if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i], sumlx, suml2 = new, slx, sl2
+                        n_changed += 1
+        if not n_changed:
+            break
+    return (sumlx / suml2 if suml2 > 0 else f(0)), [lv + nmax for lv in L]
+
+
+def test_make_q3_quants_matches_scalar_port():
+    from autobits.formats.kquants_low import make_q3_quants
+
+    x = _rows(8, nrows=14, row=64).reshape(-1, 16)
+    with np.errstate(all="ignore"):
+        scale, L = make_q3_quants(x, 4)
+        for r in range(x.shape[0]):
+            s_ref, L_ref = _scalar_make_q3_quants(x[r], 4)
+            assert scale[r].tobytes() == np.float32(s_ref).tobytes(), r
+            assert L[r].tolist() == L_ref, r
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_fast_paths_and_chunking_do_not_change_bytes(name, monkeypatch):
+    from autobits.formats import kquants_low
+
+    fmt = get_format(name)
+    x = _rows(9, nrows=24, row=512)
+    imp = _importance(10, 512)
+    want = [fmt.quantize(x), fmt.quantize(x, imp)]
+    monkeypatch.setattr(kquants_low, "_SAFE_ABS", np.float32(0))  # always the exact rounding
+    monkeypatch.setattr(kquants_low, "_BLOCK_CHUNK", 5)
+    monkeypatch.setattr(kquants_low, "_REQ_CHUNK", 3)
+    got = [fmt.quantize(x), fmt.quantize(x, imp)]
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)
+    # rows are independent and N-D tensors quantize row by row
+    np.testing.assert_array_equal(fmt.quantize(x.reshape(4, 6, 512))[1, 2], want[0][8])
+
+
 # -------------------------------------------------------------------- C oracle (judge)
 def _private_ctypes_quantize():
     """Minimal fallback oracle used only when autobits.formats.oracle is absent."""
