@@ -31,10 +31,12 @@ __all__ = [
 ALLOCATION_VERSION = 1
 #: Storage of tensors the search does not allocate (norms, biases), as llama.cpp keeps them.
 FLOAT_KEPT = "F32"
-#: What llama.cpp's quantizer (llama-quant.cpp) uses when a K-quant does not fit a row.
+#: What llama.cpp's quantizer (llama-quant.cpp ``tensor_type_fallback``, in the llama.cpp
+#: that judges our files) uses when a K-quant does not fit a row; F16 when that misfits too.
+#: (Newer llama.cpp falls back from Q2_K/Q3_K to IQ4_NL.)
 LLAMA_FALLBACK: dict[str, str] = {
-    "Q2_K": "IQ4_NL",
-    "Q3_K": "IQ4_NL",
+    "Q2_K": "Q4_0",
+    "Q3_K": "Q4_0",
     "Q4_K": "Q5_0",
     "Q5_K": "Q5_1",
     "Q6_K": "Q8_0",

@@ -47,6 +47,20 @@ def _fmt_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _add_budget(p: argparse.ArgumentParser, required: bool = False) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--target-bpw", type=float, help="target file-level bits per weight")
+    g.add_argument("--max-bytes", type=int, help="maximum tensor bytes of the file")
+
+
+def _budget(args: argparse.Namespace):
+    from autobits.allocation import Budget
+
+    if getattr(args, "target_bpw", None) is None and getattr(args, "max_bytes", None) is None:
+        return None
+    return Budget(target_bpw=args.target_bpw, max_bytes=args.max_bytes)
+
+
 # ------------------------------------------------------------------ inspect
 def cmd_inspect(args: argparse.Namespace) -> int:
     from autobits.allocation import feasible_range
@@ -60,6 +74,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(_fmt_table(rows, ["tensor", "shape", "role", "type", "valid formats"]))
     lo, hi = feasible_range(lm.specs)
     n = lm.n_params
+    budget = _budget(args)
+    if budget is not None:
+        limit = budget.check_feasible(lm.specs)
+        print(f"budget {budget.describe()} = {limit:,} bytes: feasible")
     print(
         f"\n{lm.name}: {lm.architecture}, {len(lm.specs)} tensors "
         f"({len(lm.quantizable)} quantizable), {n:,} parameters; "
@@ -103,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ev = Evaluator(lm, split.eval)
     ref_s = time.perf_counter() - t0
     m = ev.evaluate(alloc)
-    label = alloc.meta.get("rule") or Path(args.allocation).name
+    label = Path(args.allocation).name if args.allocation else alloc.meta["rule"]
     print(_fmt_table(
         [[label, f"{m.kld:.6f}", f"{m.ppl:.4f}", f"{m.ref_ppl:.4f}", f"{m.top1:.4f}",
           f"{m.bytes:,}", f"{m.bpw:.4f}", f"{m.seconds:.1f}"]],
@@ -135,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="list tensors, shapes, roles, types and valid formats")
     _add_model(p)
+    _add_budget(p)
     p.add_argument("--json", help="write the tensor list as JSON here")
 
     p = sub.add_parser("eval", help="measure an allocation against the reference model")

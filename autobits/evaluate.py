@@ -10,9 +10,10 @@ Built to sit inside a search loop:
 * everything runs under ``torch.inference_mode`` with torch's thread count set from the
   machine.
 
-Scoring follows llama.cpp's ``llama-perplexity``: each window starts with BOS (when the
-tokenizer has one) and only the tokens of its second half are scored, so every scored token
-has at least ``ctx/2`` tokens of context.
+Scoring follows llama.cpp's ``llama-perplexity``: windows come from
+:func:`autobits.text.make_windows` (BOS first exactly when llama.cpp would put it there) and
+only the tokens of a window's second half are scored, so every scored token has at least
+``ctx/2`` tokens of context.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class Evaluator:
         self.score_from = self.ctx // 2 if score_from is None else int(score_from)
         if not 0 <= self.score_from < self.ctx - 1:
             raise ValueError(f"score_from must be in [0, ctx-1), got {self.score_from=}, {self.ctx=}")
-        self.tokens = torch.as_tensor(windows, dtype=torch.long)
+        self.tokens = torch.tensor(np.array(windows, dtype=np.int64))
         self.cache = cache or WeightCache(lm)
         self.batch_size = max(1, int(batch_size))
         self._reference()

@@ -7,10 +7,13 @@ by a :class:`~autobits.specs.TensorSpec` under its GGUF name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ import numpy as np
 
 from autobits.errors import ModelLoadError
 from autobits.names import SUPPORTED_ARCHITECTURES, hf_to_gguf_name
-from autobits.registry import resolve_model_path
+from autobits.registry import cache_dir, resolve_model_path
 from autobits.specs import QUANTIZABLE_ROLES, TensorSpec, block_of, role_of
 
 __all__ = ["LoadedModel", "load_model", "read_gguf_header", "GGUFInfo"]
@@ -230,22 +233,14 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
             )
         kwargs: dict[str, Any] = {"local_files_only": True}
         info = None
-        gguf_file = None
         src_dir = path
     else:
         info = read_gguf_header(path)
         arch = info.architecture
-        gguf_file = path.name
-        src_dir = path.parent
-        kwargs = {"gguf_file": gguf_file, "local_files_only": True}
+        src_dir = _converted_folder(path)
+        kwargs = {"local_files_only": True}
     log.info("loading %s (%s) from %s", name_or_path, arch, path)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(src_dir, **kwargs)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            src_dir, torch_dtype=torch.float32, **kwargs
-        )
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelLoadError(f"transformers could not load {str(path)!r}: {e}") from None
+    tokenizer, model = _from_pretrained(src_dir, path, kwargs)
     model.eval()
     model.requires_grad_(False)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -259,6 +254,64 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
         name=name, path=path, architecture=arch, model=model, tokenizer=tokenizer,
         specs=_order(specs), gguf=info,
     )
+
+
+def _from_pretrained(src_dir: Path, path: Path, kwargs: dict):
+    import torch
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(src_dir, **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            src_dir, dtype=torch.float32, **kwargs
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"transformers could not load {str(path)!r}: {e}") from None
+    return tokenizer, model
+
+
+def _file_key(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:24]
+
+
+def _converted_folder(path: Path) -> Path:
+    """A Hugging Face folder holding the GGUF's dequantized weights and its tokenizer.
+
+    transformers' GGUF path dequantizes in Python and rebuilds the tokenizer from the
+    vocabulary every time (tens of seconds); the result is kept once per file content
+    (sha256) under the autobits cache, written to a temporary folder and renamed.
+    """
+    folder = cache_dir() / "converted" / f"{path.stem}-{_file_key(path)}"
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+
+    log.info("converting %s to a float32 folder in %s (once per file)", path.name, folder)
+    tokenizer, model = _from_pretrained(
+        path.parent, path, {"gguf_file": path.name, "local_files_only": True}
+    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        # the weights are plain float32 now; drop transformers' "loaded from GGUF" marker,
+        # which refuses serialisation
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.to(torch.float32).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process converted it meanwhile
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _reconcile_with_gguf(specs: list[TensorSpec], info: GGUFInfo) -> list[TensorSpec]:

@@ -26,9 +26,9 @@ What is ported, for dense (non-MoE) models and the presets in :data:`PRESETS`:
 * ``use_more_bits(i, n) = i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2`` (integer division);
 * the shape fallback when a row is not a multiple of the chosen type's block size:
   Q2_K, Q3_K -> Q4_0; Q4_K -> Q5_0; Q5_K -> Q5_1; Q6_K -> Q8_0 (:data:`FALLBACK`), and F16
-  when the fallback does not fit either.  (Older llama.cpp, e.g. commit ``8784689f``, fell
-  back from Q2_K/Q3_K to IQ4_NL, which is what ``autobits.allocation.LLAMA_FALLBACK`` says;
-  the llama.cpp that judges our files uses Q4_0.)
+  when the fallback does not fit either (``autobits.allocation.LLAMA_FALLBACK``; newer
+  llama.cpp falls back from Q2_K/Q3_K to IQ4_NL, the llama.cpp that judges our files uses
+  Q4_0).
 
 Not ported, because no dense model on these presets reaches them: the MoE rules
 (``n_expert == 8`` bumps to Q8_0 / Q5_K), the LLaMA-2-70B ``attn_v`` bump
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+from autobits.allocation import LLAMA_FALLBACK
 from autobits.candidates import CandidateTable
 from autobits.errors import AllocationError, BudgetError
 from autobits.formats import get_format
@@ -78,13 +79,7 @@ PRESETS: dict[str, str] = {
     "Q2_K": "Q2_K",
 }
 #: ``tensor_type_fallback``: the type used when a K-quant does not fit a row (then F16).
-FALLBACK: dict[str, str] = {
-    "Q2_K": "Q4_0",
-    "Q3_K": "Q4_0",
-    "Q4_K": "Q5_0",
-    "Q5_K": "Q5_1",
-    "Q6_K": "Q8_0",
-}
+FALLBACK: dict[str, str] = LLAMA_FALLBACK
 _UNQUANTIZED = ("F32", "F16", "BF16")
 
 
