@@ -142,6 +142,25 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "eval": cmd_eval,
 }
 
+#: Modules that add subcommands.  Each defines ``register(sub) -> dict[name, handler]``,
+#: where ``sub`` is the argparse subparsers object; the shared option helpers of this module
+#: (``add_model_args``, ``add_text_args``, ``add_budget_args``, ``budget_from_args``,
+#: ``format_table``) are there for them to use.
+COMMAND_MODULES: tuple[str, ...] = (
+    "autobits.commands.features",
+    "autobits.commands.search",
+    "autobits.commands.export",
+    "autobits.commands.agents",
+    "autobits.commands.cluster",
+)
+
+# public names of the shared helpers for command modules
+add_model_args = _add_model
+add_text_args = _add_text
+add_budget_args = _add_budget
+budget_from_args = _budget
+format_table = _fmt_table
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -164,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one format on every tensor (nearest fitting format where it does not fit)")
     _add_text(p)
     p.add_argument("--json", help="write the metrics as JSON here")
+
+    import importlib
+
+    for mod_name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name != mod_name:
+                raise
+            continue  # that command family is not built yet
+        COMMANDS.update(mod.register(sub))
     return parser
 
 
