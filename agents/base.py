@@ -1,0 +1,103 @@
+"""The one small interface every search agent implements.
+
+A :class:`SearchProblem` is everything an agent may use: the model's candidates (exact
+bytes and proxy error per tensor x format), its feature table (the observation), the byte
+limit, and ``evaluate``, which measures an allocation on the short calibration slice (the
+reward signal; the evaluator caches dequantized weights, so a call is one forward pass per
+calibration window).  Held-out metrics are computed by the caller after the search, never
+inside it.
+
+An agent returns a :class:`SearchResult`: the best feasible allocation it evaluated and the
+history of every evaluation, which the report turns into plots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Protocol
+
+from autobits.allocation import Allocation
+from autobits.candidates import CandidateTable
+from autobits.evaluate import Metrics
+
+__all__ = ["SearchProblem", "Evaluation", "SearchResult", "Agent", "AGENTS", "register_agent"]
+
+
+@dataclass(frozen=True)
+class SearchProblem:
+    """What a search sees.  ``features`` is an ``autobits.features.FeatureTable`` whose rows
+    follow ``table.tensors``; ``warm_start`` is the greedy solver's allocation when given."""
+
+    table: CandidateTable
+    features: Any
+    limit_bytes: int
+    evaluate: Callable[[Allocation], Metrics]
+    warm_start: Allocation | None = None
+
+    def __post_init__(self) -> None:
+        lo, hi = self.table.min_bytes(), self.table.max_bytes()
+        if not lo <= self.limit_bytes <= hi:
+            raise ValueError(
+                f"limit_bytes must be within the feasible range, got "
+                f"limit_bytes={self.limit_bytes}, range={lo}..{hi}"
+            )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluated allocation in a search's history."""
+
+    index: int
+    kld: float
+    bytes: int
+    bpw: float
+    feasible: bool
+    seconds: float
+
+
+@dataclass
+class SearchResult:
+    """The best feasible allocation found, its calibration metrics, and the history."""
+
+    agent: str
+    best: Allocation
+    best_metrics: Metrics
+    history: list[Evaluation] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def best_so_far(self) -> list[float]:
+        """Best feasible calibration KLD after each evaluation (inf before the first)."""
+        out, best = [], float("inf")
+        for e in self.history:
+            if e.feasible:
+                best = min(best, e.kld)
+            out.append(best)
+        return out
+
+
+class Agent(Protocol):
+    """Search agents: ``search(problem, evals=N, seed=S, out_dir=DIR) -> SearchResult``."""
+
+    name: ClassVar[str]
+
+    def search(
+        self, problem: SearchProblem, *, evals: int, seed: int, out_dir: Path | None = None,
+        resume: bool = False,
+    ) -> SearchResult: ...
+
+
+#: name -> factory (keyword options -> Agent); filled by :func:`register_agent`.
+AGENTS: dict[str, Callable[..., Agent]] = {}
+
+
+def register_agent(name: str):
+    """Class decorator registering an agent factory under ``name`` (``--agent name``)."""
+
+    def deco(cls):
+        if name in AGENTS:
+            raise ValueError(f"agent {name!r} is already registered")
+        AGENTS[name] = cls
+        return cls
+
+    return deco
