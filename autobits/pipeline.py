@@ -1,0 +1,154 @@
+"""The data flow of one search, as plain functions: model + text -> everything a search needs.
+
+    model ──load──▶ LoadedModel
+    text ──windows──▶ calibration windows │ held-out windows (never overlapping)
+    LoadedModel + calibration ──calibrate──▶ Calibration ──▶ CandidateTable + FeatureTable
+    (optional) Scale Folding before the candidates are built
+    Evaluator on a short calibration slice ─▶ the reward; Evaluator on held-out ─▶ the report
+
+Commands (search, allocate, export) and benchmarks share :func:`prepare`, so they all see
+the same windows, the same candidates and the same caches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from autobits.allocation import Allocation
+from autobits.errors import AutobitsError
+from autobits.evaluate import Evaluator, Metrics, WeightCache
+from autobits.specs import DEFAULT_CANDIDATES
+
+__all__ = ["PrepareConfig", "Prepared", "prepare"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """How to measure a model.  Validated on construction."""
+
+    model: str = "smollm2-135m"
+    text: str = "stdlib"
+    ctx: int = 512
+    calib_windows: int = 8
+    eval_windows: int = 8
+    reward_windows: int = 2
+    reward_ctx: int = 256
+    fold: bool = False
+    imatrix: bool = False
+    formats: tuple[str, ...] = DEFAULT_CANDIDATES
+
+    def __post_init__(self) -> None:
+        if self.ctx < 16:
+            raise AutobitsError(f"ctx must be at least 16 tokens, got ctx={self.ctx}")
+        if self.calib_windows < 1 or self.eval_windows < 1:
+            raise AutobitsError(
+                f"need at least one calibration and one held-out window, got "
+                f"calib_windows={self.calib_windows}, eval_windows={self.eval_windows}"
+            )
+        if not 1 <= self.reward_windows <= self.calib_windows:
+            raise AutobitsError(
+                f"reward windows are taken from the calibration windows, got "
+                f"reward_windows={self.reward_windows}, calib_windows={self.calib_windows}"
+            )
+        if not 16 <= self.reward_ctx <= self.ctx:
+            raise AutobitsError(
+                f"reward_ctx must be in [16, ctx], got reward_ctx={self.reward_ctx}, ctx={self.ctx}"
+            )
+
+
+@dataclass
+class Prepared:
+    """A measured model, ready for solvers, agents and evaluation."""
+
+    config: PrepareConfig
+    lm: Any
+    split: Any  # autobits.text.WindowSplit
+    calib: Any  # autobits.calibrate.Calibration
+    table: Any  # CandidateTable
+    features: Any  # FeatureTable
+    cache: WeightCache
+    fold_report: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+    _reward: Evaluator | None = None
+    _heldout: Evaluator | None = None
+
+    @property
+    def reward_evaluator(self) -> Evaluator:
+        """Evaluator on the short calibration slice (the search's reward; never held-out)."""
+        if self._reward is None:
+            c = self.config
+            windows = self.split.calib[: c.reward_windows, : c.reward_ctx]
+            self._reward = Evaluator(self.lm, windows, cache=self.cache)
+        return self._reward
+
+    @property
+    def heldout_evaluator(self) -> Evaluator:
+        """Evaluator on the held-out windows (final reporting only)."""
+        if self._heldout is None:
+            self._heldout = Evaluator(self.lm, self.split.eval, cache=self.cache)
+        return self._heldout
+
+    def reward(self, allocation: Allocation) -> Metrics:
+        return self.reward_evaluator.evaluate(allocation)
+
+    def heldout(self, allocation: Allocation) -> Metrics:
+        return self.heldout_evaluator.evaluate(allocation)
+
+    def importance(self) -> dict | None:
+        """Per-tensor importance vectors when the candidates use an imatrix, else None."""
+        if not self.config.imatrix:
+            return None
+        return {n: self.calib.importance(n) for n in self.table.tensors}
+
+
+def prepare(config: PrepareConfig, *, lm=None) -> Prepared:
+    """Load (unless ``lm`` is given), window the text, calibrate, fold, build candidates."""
+    from autobits.calibrate import calibrate
+    from autobits.features import build_candidates, extract_features
+    from autobits.model import load_model
+    from autobits.text import load_text, make_windows
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    if lm is None:
+        lm = load_model(config.model)
+    timings["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    corpus = load_text(config.text)
+    windows = make_windows(corpus, lm.tokenizer, ctx=config.ctx)
+    split = windows.split(calib=config.calib_windows, eval=config.eval_windows)
+    timings["text"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    calib = calibrate(lm, split.calib)
+    timings["calibrate"] = time.perf_counter() - t
+
+    fold_report = None
+    if config.fold:
+        from autobits.folding import fold
+
+        t = time.perf_counter()
+        fold_report = fold(lm, calib)
+        # the folded model's inputs changed: measure it again for importance and proxy
+        calib = calibrate(lm, split.calib)
+        timings["fold"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cache = WeightCache(lm, importance=(
+        {s.name: calib.importance(s.name) for s in lm.quantizable} if config.imatrix else None
+    ))
+    table = build_candidates(lm, calib, formats=config.formats, imatrix=config.imatrix, cache=cache)
+    timings["candidates"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    features = extract_features(lm, calib, table)
+    timings["features"] = time.perf_counter() - t
+    log.info("prepared %s: %s", lm.name, ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    return Prepared(config=config, lm=lm, split=split, calib=calib, table=table,
+                    features=features, cache=cache, fold_report=fold_report, timings=timings)
