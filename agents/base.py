@@ -34,6 +34,11 @@ class SearchProblem:
     limit_bytes: int
     evaluate: Callable[[Allocation], Metrics]
     warm_start: Allocation | None = None
+    #: Measures several allocations in parallel (Ray evaluator actors; results in input
+    #: order, same metrics as ``evaluate``).  None when evaluation is in-process only;
+    #: agents that can propose a batch (Optuna ask k / tell k, several environments)
+    #: use it when present.
+    evaluate_many: Callable[[list[Allocation]], list[Metrics]] | None = None
 
     def __post_init__(self) -> None:
         lo, hi = self.table.min_bytes(), self.table.max_bytes()
