@@ -348,15 +348,26 @@ def evaluate_packed(
 
 
 def eval_packed(args) -> int:
-    """``autobits eval --packed DIR [--backend triton|torch]``: the CLI handler (prints a table)."""
+    """``autobits eval --packed DIR [--backend triton|torch]``: the CLI handler (prints a table).
+
+    ``args.backend`` None means triton on a CUDA machine, the torch reference otherwise
+    (Triton's CPU interpreter is for short checks, not for full evaluations); ``args.model``
+    None means the model named in the manifest.
+    """
+    import torch
+
     from autobits.allocation import write_json_atomic
     from autobits.cli import format_table
 
+    backend = getattr(args, "backend", None)
+    if backend is None:
+        backend = "triton" if torch.cuda.is_available() else "torch"
+        log.info("--backend not given: using %s", backend)
     m, split, lm = evaluate_packed(
-        args.packed, backend=args.backend, model=getattr(args, "model", None),
+        args.packed, backend=backend, model=getattr(args, "model", None),
         text=args.text, ctx=args.ctx, windows=args.windows,
     )
-    label = f"{Path(args.packed).name} ({args.backend})"
+    label = f"{Path(args.packed).name} ({backend})"
     print(format_table(
         [[label, f"{m.kld:.6f}", f"{m.ppl:.4f}", f"{m.ref_ppl:.4f}", f"{m.top1:.4f}",
           f"{m.bytes:,}", f"{m.bpw:.4f}", f"{m.seconds:.1f}"]],
@@ -366,6 +377,6 @@ def eval_packed(args) -> int:
           f"(windows {split.eval_ids[0]}..{split.eval_ids[-1]}), packed checkpoint {args.packed}")
     if getattr(args, "json", None):
         write_json_atomic(args.json, {**m.to_json(), "model": lm.name, "packed": str(args.packed),
-                                      "backend": args.backend, "text": split.to_json()})
+                                      "backend": backend, "text": split.to_json()})
         print(f"metrics written to {args.json}")
     return 0
