@@ -1,0 +1,408 @@
+"""Evaluator actors and the pool that sends allocations to them.
+
+An :class:`EvaluatorActor` is one forward-pass worker: it holds the model, the reference
+log-probabilities of the reward windows, and the cache of dequantized candidate weights,
+and answers ``evaluate(allocation) -> Metrics`` exactly as ``Prepared.reward`` does in the
+driver (same windows, same scoring, same :class:`~autobits.evaluate.Evaluator`).
+
+What goes where:
+
+* the driver puts three objects into Ray's object store, once: the model *shell* (the
+  pickled torch module with every parameter emptied: config, buffers, structure), the
+  reference weights, and the dequantized candidate weights (float32 per tensor x format),
+  both as dicts of numpy arrays;
+* Ray copies an object to a node the first time an actor there asks for it; every actor
+  on that node then reads the same shared-memory copy: the arrays arrive as read-only
+  zero-copy views, which the actor wraps with ``torch.from_numpy`` and the model points at
+  (``LoadedModel.set_weight`` swaps pointers; nothing ever writes to a weight);
+* a candidate that is not in the shared cache (a format the table does not offer) is
+  quantized by the actor itself, as the driver's WeightCache would.
+
+:class:`EvaluatorPool` keeps ``workers`` actors busy: :meth:`EvaluatorPool.evaluate_many`
+dispatches a batch to the idle actors and returns the metrics in input order.  An actor
+that dies mid-evaluation (killed process, lost node: ``RayActorError``) is replaced by a
+new one and its evaluation retried, so a batch always comes back complete.  The pool is
+thread-safe: several threads may call it at once (e.g. one per environment).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import queue
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import ray
+
+from autobits.errors import AutobitsError
+from autobits.evaluate import WeightCache
+from autobits.formats import get_format
+
+__all__ = ["EvaluatorPool", "EvaluatorActor", "PoolStats", "SharedWeightCache", "model_shell",
+           "shared_arrays"]
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------- driver side
+def model_shell(model) -> bytes:
+    """The pickled torch module with every parameter emptied (structure, config, buffers).
+
+    Parameters shared between modules (tied embeddings) stay shared in the copy.  The
+    driver's model is untouched afterwards.
+    """
+    import torch
+
+    params = {id(p): p for p in model.parameters(recurse=True)}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        params[id(p)] = p
+    saved = {k: p.data for k, p in params.items()}
+    try:
+        for p in params.values():
+            p.data = torch.empty(0, dtype=p.dtype)
+        return pickle.dumps(model, protocol=5)
+    finally:
+        for k, p in params.items():
+            p.data = saved[k]
+
+
+def shared_arrays(lm, cache, candidates: Mapping[str, Sequence[str]]):
+    """``(reference, candidates)``: numpy views of the reference weights (GGUF name -> array)
+    and of the dequantized weight of every (tensor, format) in ``candidates`` (quantizing
+    the ones ``cache`` does not hold yet)."""
+    ref = {s.name: lm.reference_weight(s.name).detach().cpu().numpy()
+           for s in lm.specs if s.hf_name}
+    cand = {}
+    for name, fmts in candidates.items():
+        for fmt in fmts:
+            cand[(name, fmt)] = cache.get(name, fmt).detach().cpu().numpy()
+    return ref, cand
+
+
+# ---------------------------------------------------------------------- actor side
+def _as_tensor(arr: np.ndarray):
+    """torch view of a (read-only, shared) numpy array; torch warns it is not writable:
+    nothing writes to it, the model only swaps pointers."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+class SharedWeightCache(WeightCache):
+    """A WeightCache whose entries start as views of the object store's shared arrays;
+    a (tensor, format) it does not hold is quantized locally, as WeightCache does."""
+
+    def __init__(self, lm, shared: Mapping[tuple[str, str], np.ndarray], importance=None):
+        super().__init__(lm, importance)
+        self._shared = {(n, get_format(f).name): _as_tensor(a) for (n, f), a in shared.items()}
+
+    def get(self, name: str, fmt: str):
+        hit = self._shared.get((name, get_format(fmt).name))
+        return hit if hit is not None else super().get(name, fmt)
+
+    def __len__(self) -> int:
+        return len(self._shared) + super().__len__()
+
+
+def build_loaded_model(*, shell: bytes, reference: Mapping[str, np.ndarray], specs, name: str,
+                       architecture: str):
+    """A LoadedModel from a :func:`model_shell` whose parameters point at ``reference``."""
+    from pathlib import Path
+
+    from autobits.model import LoadedModel
+
+    model = pickle.loads(shell)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for s in specs:
+        if s.hf_name:
+            params[s.hf_name].data = _as_tensor(reference[s.name])
+    empty = sorted(n for n, p in params.items() if p.numel() == 0)
+    if empty:
+        raise AutobitsError(f"{len(empty)} parameter(s) have no reference weight: {empty[:5]}")
+    model.eval()
+    return LoadedModel(name=name, path=Path(name), architecture=architecture, model=model,
+                       tokenizer=None, specs=tuple(specs))
+
+
+class _EvaluatorActorImpl:
+    """Holds a model, its reference log-probs on the reward windows, and the weight cache.
+
+    Construction arguments arrive resolved by Ray: ``reference`` and ``cache`` are dicts of
+    read-only numpy views into this node's object store.
+    """
+
+    def __init__(self, *, shell: bytes, reference: Mapping[str, np.ndarray],
+                 cache: Mapping[tuple[str, str], np.ndarray], specs, name: str,
+                 architecture: str, windows: np.ndarray, score_from: int | None,
+                 importance: Mapping[str, np.ndarray] | None, threads: int):
+        import torch
+
+        from autobits.evaluate import Evaluator
+
+        t0 = time.perf_counter()
+        torch.set_num_threads(max(1, int(threads)))
+        self.lm = build_loaded_model(shell=shell, reference=reference, specs=specs, name=name,
+                                     architecture=architecture)
+        shared = SharedWeightCache(self.lm, cache, importance)
+        self.evaluator = Evaluator(self.lm, windows, score_from=score_from, cache=shared)
+        self.evaluations = 0
+        self.init_seconds = time.perf_counter() - t0
+
+    def info(self) -> dict:
+        """pid, node and start-up time of this actor (the pool logs it; tests kill by pid)."""
+        import ray
+
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "init_seconds": self.init_seconds, "ref_ppl": self.evaluator.ref_ppl}
+
+    def evaluate(self, allocation):
+        self.evaluations += 1
+        return self.evaluator.evaluate(allocation)
+
+
+#: The Ray actor class (``EvaluatorActor.options(...).remote(...)``).
+EvaluatorActor = ray.remote(_EvaluatorActorImpl)
+
+
+# ------------------------------------------------------------------------ the pool
+@dataclass
+class PoolStats:
+    """Counters and timings of a pool (per completed evaluation: wall = dispatch to result,
+    actor = the actor's own evaluation time; the difference is Ray's overhead)."""
+
+    evaluations: int = 0
+    retries: int = 0
+    replacements: int = 0
+    put_seconds: float = 0.0
+    put_bytes: int = 0
+    start_seconds: float = 0.0
+    wall: list[float] = field(default_factory=list)
+    actor: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        n = max(len(self.wall), 1)
+        return {"evaluations": self.evaluations, "retries": self.retries,
+                "replacements": self.replacements, "put_seconds": self.put_seconds,
+                "put_bytes": self.put_bytes, "start_seconds": self.start_seconds,
+                "mean_wall": sum(self.wall) / n, "mean_actor": sum(self.actor) / n}
+
+
+class EvaluatorPool:
+    """``workers`` evaluator actors over one model and one set of reward windows.
+
+    Use :meth:`from_prepared` in searches.  ``max_replacements`` bounds how many dead
+    actors are replaced before the pool gives up (default ``2 * workers + 2``);
+    ``on_dispatch(pool, slot, index)`` is called after each evaluation is sent (tests use
+    it to kill an actor mid-evaluation).  Needs a connected Ray (see
+    :func:`autobits.cluster.runtime.ray_session`).
+    """
+
+    def __init__(self, *, lm, windows: np.ndarray, cache, candidates: Mapping[str, Sequence[str]],
+                 workers: int | None = None, threads: int = 1, score_from: int | None = None,
+                 max_replacements: int | None = None,
+                 on_dispatch: Callable[["EvaluatorPool", int, int], None] | None = None):
+        import ray
+
+        if not ray.is_initialized():
+            raise AutobitsError("EvaluatorPool needs a connected Ray (use ray_session())")
+        if threads < 1:
+            raise AutobitsError(f"threads per worker must be at least 1, got threads={threads}")
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if workers is None:
+            workers = max(1, cpus // threads)
+        if workers < 1:
+            raise AutobitsError(f"workers must be at least 1, got workers={workers}")
+        if workers * threads > cpus:
+            raise AutobitsError(
+                f"{workers} workers x {threads} threads need {workers * threads} CPUs, the "
+                f"Ray cluster has {cpus}"
+            )
+        self.workers, self.threads = int(workers), int(threads)
+        self.max_replacements = (2 * self.workers + 2 if max_replacements is None
+                                 else int(max_replacements))
+        self.on_dispatch = on_dispatch
+        self.stats = PoolStats()
+        self.pool_id = uuid.uuid4().hex[:8]
+        self._lock = threading.Lock()
+        self._closed = False
+
+        t0 = time.perf_counter()
+        reference, cand = shared_arrays(lm, cache, candidates)
+        self.stats.put_bytes = int(sum(a.nbytes for a in reference.values())
+                                   + sum(a.nbytes for a in cand.values()))
+        self._refs = {
+            "shell": ray.put(model_shell(lm.model)),
+            "reference": ray.put(reference),
+            "cache": ray.put(cand),
+        }
+        del reference, cand
+        self.stats.put_seconds = time.perf_counter() - t0
+        log.info("object store: %.2f GB of reference and candidate weights put once (%.1fs)",
+                 self.stats.put_bytes / 1e9, self.stats.put_seconds)
+        self._init_kw = {
+            "specs": tuple(lm.specs), "name": lm.name, "architecture": lm.architecture,
+            "windows": np.ascontiguousarray(windows), "score_from": score_from,
+            "importance": dict(cache.importance) or None, "threads": self.threads,
+        }
+        t0 = time.perf_counter()
+        self._actors: list[Any] = [None] * self.workers
+        self._spawned = 0
+        for slot in range(self.workers):
+            self._actors[slot] = self._spawn(slot)
+        self.info = self._ready(list(range(self.workers)))
+        self.stats.start_seconds = time.perf_counter() - t0
+        nodes = len({i["node"] for i in self.info})
+        log.info("%d evaluator actors x %d threads on %d node(s) ready in %.1fs (reference PPL %.4f)",
+                 self.workers, self.threads, nodes, self.stats.start_seconds, self.info[0]["ref_ppl"])
+        self._idle: queue.Queue[int] = queue.Queue()
+        for slot in range(self.workers):
+            self._idle.put(slot)
+
+    @classmethod
+    def from_prepared(cls, prepared, **kw) -> "EvaluatorPool":
+        """A pool measuring exactly what ``prepared.reward`` measures (same windows, same
+        candidates, same importance vectors)."""
+        c = prepared.config
+        windows = prepared.split.calib[: c.reward_windows, : c.reward_ctx]
+        table = prepared.table
+        candidates = {t: [o.fmt for o in table.options[t]] for t in table.tensors}
+        return cls(lm=prepared.lm, windows=windows, cache=prepared.cache, candidates=candidates, **kw)
+
+    # ------------------------------------------------------------ actors
+    def _spawn(self, slot: int):
+        self._spawned += 1
+        name = f"autobits-eval-{self.pool_id}-{slot}-{self._spawned}"
+        return EvaluatorActor.options(
+            name=name, num_cpus=self.threads, max_restarts=0, max_task_retries=0,
+        ).remote(shell=self._refs["shell"], reference=self._refs["reference"],
+                 cache=self._refs["cache"], **self._init_kw)
+
+    def _ready(self, slots: list[int]) -> list[dict]:
+        import ray
+
+        try:
+            return ray.get([self._actors[s].info.remote() for s in slots])
+        except ray.exceptions.RayError as e:
+            raise AutobitsError(f"evaluator actors failed to start: {e}") from None
+
+    @property
+    def actors(self) -> list[Any]:
+        """The current actor handles, one per slot (a replaced actor's slot gets the new one)."""
+        return list(self._actors)
+
+    def actor_info(self, slot: int) -> dict:
+        """pid/node of the actor currently in ``slot``."""
+        import ray
+
+        return ray.get(self._actors[slot].info.remote())
+
+    def _replace(self, slot: int, dead, error: Exception) -> None:
+        import ray
+
+        with self._lock:
+            if self._actors[slot] is not dead:  # another thread replaced it already
+                return
+            self.stats.replacements += 1
+            if self.stats.replacements > self.max_replacements:
+                raise AutobitsError(
+                    f"{self.stats.replacements} evaluator actors died (at most "
+                    f"{self.max_replacements} are replaced); last error: {error}"
+                )
+            try:
+                ray.kill(dead, no_restart=True)
+            except Exception:  # already gone
+                pass
+            self._actors[slot] = self._spawn(slot)
+        log.warning("evaluator actor in slot %d died (%s); replaced (%d so far), retrying its "
+                    "evaluation", slot, type(error).__name__, self.stats.replacements)
+
+    # -------------------------------------------------------- evaluation
+    def evaluate(self, allocation):
+        """Metrics of one allocation, measured on an actor."""
+        return self.evaluate_many([allocation])[0]
+
+    def evaluate_many(self, allocations: Sequence[Any]) -> list:
+        """Metrics of every allocation, in input order, measured in parallel on the actors.
+
+        An evaluation whose actor dies is retried on its replacement.  Evaluation errors
+        (a bad allocation) are raised.
+        """
+        import ray
+
+        if self._closed:
+            raise AutobitsError("the evaluator pool is closed")
+        allocations = list(allocations)
+        results: list[Any] = [None] * len(allocations)
+        pending = list(range(len(allocations)))[::-1]  # pop() takes the first
+        inflight: dict[Any, tuple[int, int, Any, float]] = {}
+        while pending or inflight:
+            while pending:
+                try:
+                    slot = self._idle.get(block=not inflight, timeout=None)
+                except queue.Empty:
+                    break
+                i = pending.pop()
+                actor = self._actors[slot]
+                ref = actor.evaluate.remote(allocations[i])
+                inflight[ref] = (slot, i, actor, time.perf_counter())
+                if self.on_dispatch is not None:
+                    self.on_dispatch(self, slot, i)
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in done:
+                slot, i, actor, t0 = inflight.pop(ref)
+                try:
+                    m = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    try:
+                        self._replace(slot, actor, e)
+                    finally:
+                        self._idle.put(slot)
+                    with self._lock:
+                        self.stats.retries += 1
+                    pending.append(i)
+                    continue
+                except BaseException:
+                    self._idle.put(slot)
+                    for s, *_ in inflight.values():  # let the others finish, free their slots
+                        self._idle.put(s)
+                    raise
+                self._idle.put(slot)
+                results[i] = m
+                with self._lock:
+                    self.stats.evaluations += 1
+                    self.stats.wall.append(time.perf_counter() - t0)
+                    self.stats.actor.append(float(m.seconds))
+        return results
+
+    def close(self) -> None:
+        """Kill the actors and release the objects (idempotent)."""
+        import ray
+
+        if self._closed:
+            return
+        self._closed = True
+        for a in self._actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        self._actors = []
+        self._refs.clear()
+        s = self.stats
+        log.info("evaluator pool closed: %d evaluations, %d retried, %d actors replaced",
+                 s.evaluations, s.retries, s.replacements)
+
+    def __enter__(self) -> "EvaluatorPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
