@@ -105,18 +105,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from autobits.model import load_model
     from autobits.text import load_text, make_windows
 
-    if args.allocation and args.uniform:
-        raise AutobitsError("give either --allocation FILE or --uniform FORMAT, not both")
+    if getattr(args, "packed", None):
+        from autobits.exports.packed import eval_packed
+
+        return eval_packed(args)
     if args.windows < 1:
         raise AutobitsError(f"--windows must be at least 1, got {args.windows}")
-    lm = load_model(args.model)
+    lm = load_model(args.model or "smollm2-135m")
     if args.allocation:
         alloc = Allocation.load(args.allocation, lm.specs, lm.name)
     else:
         alloc = Allocation.uniform(lm.name, lm.specs, args.uniform or "F16", fallback=True)
     corpus = load_text(args.text)
     windows = make_windows(corpus, lm.tokenizer, ctx=args.ctx)
-    split = windows.split(calib=0, eval=args.windows)
+    split = windows.split(calib=args.calib_windows if args.fold else 0, eval=args.windows)
+    if args.fold:
+        from autobits.calibrate import calibrate
+        from autobits.folding import fold
+
+        report = fold(lm, calibrate(lm, split.calib))
+        log.info("Scale Folding: %d groups folded, calibration error %.4g -> %.4g",
+                 report.folded, report.error_before, report.error_after)
     t0 = time.perf_counter()
     ev = Evaluator(lm, split.eval)
     ref_s = time.perf_counter() - t0
@@ -181,7 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allocation", help="allocation JSON file")
     g.add_argument("--uniform", metavar="FORMAT",
                    help="one format on every tensor (nearest fitting format where it does not fit)")
+    g.add_argument("--packed", metavar="DIR",
+                   help="evaluate a packed checkpoint folder (autobits export --packed)")
+    p.add_argument("--backend", choices=("triton", "torch"), default=None,
+                   help="for --packed: Triton kernels (interpreter mode without a GPU) or the "
+                   "torch reference (default: triton on a GPU, torch otherwise)")
+    p.set_defaults(model=None)  # with --packed: the model named in the checkpoint's manifest
     _add_text(p)
+    p.add_argument("--fold", action="store_true",
+                   help="apply Scale Folding (calibrated on the start of the text) first")
+    p.add_argument("--calib-windows", type=int, default=8,
+                   help="calibration windows for --fold (default 8)")
     p.add_argument("--json", help="write the metrics as JSON here")
 
     import importlib

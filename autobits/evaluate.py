@@ -118,7 +118,7 @@ class Evaluator:
         if not 0 <= self.score_from < self.ctx - 1:
             raise ValueError(f"score_from must be in [0, ctx-1), got {self.score_from=}, {self.ctx=}")
         self.tokens = torch.tensor(np.array(windows, dtype=np.int64))
-        self.cache = cache or WeightCache(lm)
+        self.cache = cache if cache is not None else WeightCache(lm)
         self.batch_size = max(1, int(batch_size))
         self._reference()
 
