@@ -1,0 +1,288 @@
+"""The report of one search: ``report.md`` and three PNG plots in the run directory.
+
+* ``best_kld.png`` -- calibration KLD of every evaluation and the best so far, versus the
+  number of evaluations (the warm start is evaluation 1);
+* ``bits_by_depth.png`` -- bits per weight of every tensor's format over block depth, one
+  line per role (the tensors outside the blocks at the ends);
+* ``pareto.png`` -- bytes versus held-out KLD of the agent and of the solvers/agents given
+  as baselines, with their Pareto front; beside it, every allocation the search evaluated
+  (bytes versus calibration KLD).
+
+Plots are drawn with matplotlib's Agg renderer on :class:`matplotlib.figure.Figure`
+objects (no pyplot state, safe in any process); every file is written to a temporary name
+in the run directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from autobits.agents.base import SearchResult
+from autobits.allocation import Allocation
+from autobits.evaluate import Metrics
+from autobits.specs import DEFAULT_CANDIDATES, QUANTIZABLE_ROLES, TensorSpec
+
+__all__ = ["write_report", "pareto_front", "REPORT_FILES"]
+
+log = logging.getLogger(__name__)
+
+#: Files :func:`write_report` writes, by key of its returned mapping.
+REPORT_FILES = {"report": "report.md", "best_kld": "best_kld.png",
+                "bits_by_depth": "bits_by_depth.png", "pareto": "pareto.png"}
+
+
+def _write_atomic(path: Path, write: Callable[[io.IOBase], None], *, binary: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated points (fewer bytes or lower KLD), by increasing bytes."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    out, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            out.append(i)
+            best = points[i][1]
+    return out
+
+
+def _bits(spec: TensorSpec, fmt: str) -> float:
+    return spec.nbytes(fmt) * 8 / spec.numel
+
+
+def _save_fig(fig, path: Path) -> Path:
+    return _write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
+
+
+# ------------------------------------------------------------------ plots
+def _plot_best(result: SearchResult, path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.add_subplot()
+    h = result.history
+    xs = [e.index + 1 for e in h]
+    if h:
+        ok = [e for e in h if e.feasible]
+        bad = [e for e in h if not e.feasible]
+        ax.scatter([e.index + 1 for e in ok], [e.kld for e in ok], s=9, alpha=0.35,
+                   color="tab:blue", label="evaluation")
+        if bad:
+            ax.scatter([e.index + 1 for e in bad], [e.kld for e in bad], s=12, marker="x",
+                       color="tab:red", label="over budget")
+        best = result.best_so_far()
+        ax.step(xs, [b if math.isfinite(b) else float("nan") for b in best], where="post",
+                color="tab:orange", lw=2, label="best so far")
+        ax.axhline(h[0].kld, color="grey", ls="--", lw=1, label="first (warm start)")
+        klds = [e.kld for e in h if e.kld > 0]
+        if klds and max(klds) / min(klds) > 20:
+            ax.set_yscale("log")
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("calibration KLD (nats/token)")
+    ax.set_title(f"{result.agent}: best KLD versus evaluations")
+    ax.grid(alpha=0.3)
+    if h:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def _plot_bits(alloc: Allocation, specs: Sequence[TensorSpec], path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    by_name = {s.name: s for s in specs}
+    blocks = [s.block for s in specs if s.block is not None]
+    n_blocks = max(blocks) + 1 if blocks else 1
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    roles = [r for r in QUANTIZABLE_ROLES if any(by_name[t].role == r for t in alloc.tensors
+                                                if t in by_name)]
+    for k, role in enumerate(roles):
+        pts = sorted(
+            ((s.block if s.block is not None else (-1 if role == "token_embd" else n_blocks)),
+             _bits(s, fmt))
+            for t, fmt in alloc.tensors.items() if (s := by_name.get(t)) and s.role == role
+        )
+        if not pts:
+            continue
+        dy = (k - (len(roles) - 1) / 2) * 0.04  # small offset so equal lines stay visible
+        x, y = zip(*pts)
+        ax.plot(x, [v + dy for v in y], marker="o", ms=3, lw=1, label=role)
+    ax.set_xlabel("block (token_embd at -1, output after the last block)")
+    ax.set_ylabel("bits per weight of the format")
+    ax.set_title(f"bits per tensor over depth: {alloc.bpw:.3f} bpw file")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def _plot_pareto(result: SearchResult, heldout: Metrics | None,
+                 baselines: Mapping[str, tuple[Allocation, Metrics]], path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5))
+    ax, ax2 = fig.subplots(1, 2)
+    pts: list[tuple[str, int, float]] = []
+    if heldout is not None:
+        pts.append((result.agent, heldout.bytes, heldout.kld))
+    pts += [(name, m.bytes, m.kld) for name, (_, m) in baselines.items()]
+    if pts:
+        front = pareto_front([(b, k) for _, b, k in pts])
+        for i, (name, b, k) in enumerate(pts):
+            mine = name == result.agent
+            ax.scatter([b / 1e6], [k], s=60 if mine else 35, marker="*" if mine else "o",
+                       color="tab:orange" if mine else ("tab:blue" if i in front else "grey"),
+                       zorder=3)
+            ax.annotate(name, (b / 1e6, k), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        fx = [pts[i][1] / 1e6 for i in front]
+        fy = [pts[i][2] for i in front]
+        ax.step(fx, fy, where="post", color="tab:blue", alpha=0.5, lw=1, label="Pareto front")
+        if all(k > 0 for _, _, k in pts):
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no held-out metrics", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("file bytes (MB)")
+    ax.set_ylabel("held-out KLD (nats/token)")
+    ax.set_title("solvers and agents: size versus held-out KLD")
+    ax.grid(alpha=0.3)
+    h = result.history
+    if h:
+        ax2.scatter([e.bpw for e in h], [e.kld for e in h], s=9, alpha=0.4,
+                    c=[e.index for e in h], cmap="viridis")
+        ax2.scatter([result.best_metrics.bpw], [result.best_metrics.kld], s=80,
+                    marker="*", color="tab:orange", label="best", zorder=3)
+        ax2.legend(fontsize=8)
+        ax2.ticklabel_format(axis="x", useOffset=False)
+    ax2.set_xlabel("bits per weight (file)")
+    ax2.set_ylabel("calibration KLD")
+    ax2.set_title(f"{result.agent}: every evaluation (colour = order)")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+# ------------------------------------------------------------------ markdown
+def _row(name: str, m: Metrics, ref: Metrics | None, mark: str = "") -> str:
+    delta = ""
+    if ref is not None and ref.kld > 0:
+        delta = f"{(m.kld / ref.kld - 1) * 100:+.1f}%"
+    return (f"| {name}{mark} | {m.kld:.5f} | {m.ppl:.4f} | {m.top1:.4f} | {m.bytes:,} | "
+            f"{m.bpw:.4f} | {delta} |")
+
+
+def _role_table(alloc: Allocation, specs: Sequence[TensorSpec]) -> list[str]:
+    by_name = {s.name: s for s in specs}
+    counts: dict[str, Counter] = {}
+    bits: dict[str, list[float]] = {}
+    for t, fmt in alloc.tensors.items():
+        s = by_name[t]
+        counts.setdefault(s.role, Counter())[fmt] += 1
+        bits.setdefault(s.role, [0.0, 0.0])
+        bits[s.role][0] += s.nbytes(fmt) * 8
+        bits[s.role][1] += s.numel
+    used = {f for c in counts.values() for f in c}
+    fmts = [f for f in DEFAULT_CANDIDATES if f in used] + sorted(used - set(DEFAULT_CANDIDATES))
+    roles = [r for r in QUANTIZABLE_ROLES if r in counts]
+    lines = ["| role | " + " | ".join(fmts) + " | bpw |",
+             "|---|" + "---:|" * (len(fmts) + 1)]
+    for r in roles:
+        cells = [str(counts[r].get(f, "")) for f in fmts]
+        lines.append(f"| {r} | " + " | ".join(cells) + f" | {bits[r][0] / bits[r][1]:.3f} |")
+    return lines
+
+
+def _budget_line(result: SearchResult) -> str:
+    meta = {**result.best.meta, **result.meta}
+    limit = meta.get("limit_bytes")
+    if limit is None:
+        return "- budget: not recorded"
+    return f"- budget: {int(limit):,} bytes ({int(limit) * 8 / result.best.params:.4f} bpw, file-level)"
+
+
+def _markdown(result: SearchResult, heldout: Metrics | None,
+              baselines: Mapping[str, tuple[Allocation, Metrics]], specs: Sequence[TensorSpec],
+              plots: Mapping[str, Path]) -> str:
+    best, bm, h = result.best, result.best_metrics, result.history
+    at = next((e.index + 1 for e in h if e.kld == bm.kld and e.bytes == bm.bytes), None)
+    secs = sum(e.seconds for e in h)
+    lines = [f"# {result.agent} search: {best.model}", "", _budget_line(result),
+             f"- evaluations: {len(h)} ({secs / 60:.1f} min evaluating)"
+             + (f"; best found at evaluation {at}" if at else ""), ""]
+    lines += ["## Best allocation", "", "| | value |", "|---|---:|",
+              f"| bytes | {best.bytes:,} |", f"| bpw | {best.bpw:.4f} |",
+              f"| calibration KLD | {bm.kld:.5f} |"]
+    if heldout is not None:
+        lines += [f"| held-out KLD | {heldout.kld:.5f} |", f"| held-out PPL | {heldout.ppl:.4f} "
+                  f"(reference {heldout.ref_ppl:.4f}) |", f"| held-out top-1 | {heldout.top1:.4f} |"]
+    lines += ["", "### Formats per role", ""] + _role_table(best, specs) + [""]
+    if heldout is not None or baselines:
+        ref = heldout
+        lines += ["## Comparison (held-out)", "",
+                  "| allocation | KLD | PPL | top-1 | bytes | bpw | KLD vs " + result.agent + " |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        if heldout is not None:
+            lines.append(_row(result.agent, heldout, None, " (this search)"))
+        for name, (_, m) in sorted(baselines.items(), key=lambda kv: kv[1][1].kld):
+            lines.append(_row(name, m, ref))
+        if heldout is not None and baselines:
+            beaten = [n for n, (_, m) in baselines.items()
+                      if heldout.kld <= m.kld and heldout.bytes <= m.bytes]
+            lines += ["", f"{result.agent} has a held-out KLD at most that of "
+                      f"{', '.join(sorted(beaten)) or 'none'} at equal or smaller size."]
+        lines.append("")
+    lines += ["## Plots", ""]
+    captions = {"best_kld": "Best KLD versus evaluations", "bits_by_depth": "Bits per tensor over depth",
+                "pareto": "Pareto points of solvers and agents"}
+    for key, p in plots.items():
+        lines += [f"![{captions[key]}]({p.name})", ""]
+    scalars = {k: v for k, v in result.meta.items() if isinstance(v, (str, int, float))}
+    if scalars:
+        lines += ["## Search settings", "", "| key | value |", "|---|---|"]
+        for k, v in scalars.items():
+            lines.append(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(result: SearchResult, out_dir: str | os.PathLike, *, heldout: Metrics | None = None,
+                 baselines: Mapping[str, tuple[Allocation, Metrics]] | None = None,
+                 specs: Sequence[TensorSpec]) -> dict[str, Path]:
+    """Write ``report.md`` and the plots of ``result`` into ``out_dir``; return their paths.
+
+    ``heldout`` is the best allocation's held-out metrics; ``baselines`` maps a solver or
+    agent name to its allocation and held-out metrics at the same budget; ``specs`` are the
+    model's tensors (for bits per weight and roles).  Keys of the result:
+    :data:`REPORT_FILES`.
+    """
+    if not specs:
+        raise ValueError(f"specs must list the model's tensors, got {len(specs)=}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    baselines = dict(baselines or {})
+    plots = {
+        "best_kld": _plot_best(result, out / REPORT_FILES["best_kld"]),
+        "bits_by_depth": _plot_bits(result.best, specs, out / REPORT_FILES["bits_by_depth"]),
+        "pareto": _plot_pareto(result, heldout, baselines, out / REPORT_FILES["pareto"]),
+    }
+    text = _markdown(result, heldout, baselines, specs, plots)
+    report = _write_atomic(out / REPORT_FILES["report"], lambda fh: fh.write(text), binary=False)
+    log.info("report written to %s", report)
+    return {"report": report, **plots}

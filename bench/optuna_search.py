@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Optuna search versus the greedy solver on one model at one budget (issue 5).
+
+Prepares the model once (calibration, candidate table with its weight cache, features),
+measures the cost of one reward evaluation (the short calibration slice), runs the
+``optuna`` agent for ``--evals`` evaluations, and compares the held-out KLD of its best
+allocation with the greedy solver's (and, with ``--baselines``, uniform and llama.cpp) at
+equal or smaller size.  Writes ``DIR/bench.json``, the agent's journal (``--resume``
+continues an interrupted run) and the report (``DIR/report.md`` with plots).
+
+Wall time depends on the machine's load (it is shared); the CPU time of the process is
+printed too, as is the load average.
+
+    .venv/bin/python bench/optuna_search.py                       # smollm2-135m, 5.25 bpw, 300
+    .venv/bin/python bench/optuna_search.py --evals 100 --space offsets --out runs/offsets
+    .venv/bin/python bench/optuna_search.py --resume --out runs/optuna-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from autobits.agents import AGENTS, SearchProblem  # noqa: E402
+from autobits.allocation import Budget, write_json_atomic  # noqa: E402
+from autobits.errors import AutobitsError  # noqa: E402
+from autobits.pipeline import PrepareConfig, prepare  # noqa: E402
+from autobits.solvers import solve  # noqa: E402
+
+log = logging.getLogger("bench.optuna_search")
+
+
+def _table(rows, header) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--text", default="stdlib")
+    ap.add_argument("--target-bpw", type=float, default=5.25)
+    ap.add_argument("--evals", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sampler", default="tpe")
+    ap.add_argument("--space", default="groups")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--calib-windows", type=int, default=8)
+    ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows")
+    ap.add_argument("--reward-windows", type=int, default=2)
+    ap.add_argument("--reward-ctx", type=int, default=256)
+    ap.add_argument("--baselines", action="store_true", help="also uniform, llamacpp and ilp")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--out", default="runs/optuna-bench")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all, cpu_all = time.perf_counter(), time.process_time()
+    load0 = os.getloadavg()
+
+    cfg = PrepareConfig(model=args.model, text=args.text, ctx=args.ctx,
+                        calib_windows=args.calib_windows, eval_windows=args.eval_windows,
+                        reward_windows=args.reward_windows, reward_ctx=args.reward_ctx)
+    t = time.perf_counter()
+    prepared = prepare(cfg)
+    t_prepare = time.perf_counter() - t
+    lm, table = prepared.lm, prepared.table
+    limit = Budget(target_bpw=args.target_bpw).check_feasible(lm.specs, cfg.formats)
+    log.info("prepared in %.0fs; limit %d bytes (%.4f bpw)", t_prepare, limit, limit * 8 / table.params)
+
+    greedy = solve("greedy", table, limit_bytes=limit)
+    # one reward evaluation: the first fills the weight cache of the greedy's formats
+    t = time.perf_counter()
+    prepared.reward(greedy)
+    t_first = time.perf_counter() - t
+    t, c = time.perf_counter(), time.process_time()
+    reward_greedy = prepared.reward(greedy)
+    t_eval, c_eval = time.perf_counter() - t, time.process_time() - c
+    log.info("one reward evaluation: %.2fs wall, %.2fs CPU (first %.2fs); greedy calib KLD %.5f",
+             t_eval, c_eval, t_first, reward_greedy.kld)
+
+    problem = SearchProblem(table=table, features=prepared.features, limit_bytes=limit,
+                            evaluate=prepared.reward, warm_start=greedy)
+    agent = AGENTS["optuna"](sampler=args.sampler, space=args.space)
+    t, c = time.perf_counter(), time.process_time()
+    result = agent.search(problem, evals=args.evals, seed=args.seed, out_dir=out, resume=args.resume)
+    t_search, c_search = time.perf_counter() - t, time.process_time() - c
+    log.info("search: %d evaluations in %.0fs wall, %.0fs CPU", len(result.history), t_search, c_search)
+
+    t = time.perf_counter()
+    held = {"optuna": (result.best, prepared.heldout(result.best)),
+            "greedy": (greedy, prepared.heldout(greedy))}
+    if args.baselines:
+        for method in ("uniform", "llamacpp", "ilp"):
+            try:
+                a = solve(method, table, limit_bytes=limit)
+            except AutobitsError as e:
+                log.info("baseline %s skipped: %s", method, e)
+                continue
+            held[method] = (a, prepared.heldout(a))
+    t_heldout = time.perf_counter() - t
+    result.best.save(out / "allocation.json")
+
+    rows = []
+    for name, (a, m) in held.items():
+        calib = result.best_metrics.kld if name == "optuna" else (
+            reward_greedy.kld if name == "greedy" else float("nan"))
+        rows.append([name, f"{calib:.5f}", f"{m.kld:.5f}", f"{m.ppl:.4f}", f"{m.top1:.4f}",
+                     f"{m.bytes:,}", f"{m.bpw:.4f}"])
+    o, g = held["optuna"][1], held["greedy"][1]
+    summary = {
+        "model": lm.name, "target_bpw": args.target_bpw, "limit_bytes": limit,
+        "evals": len(result.history), "trials": result.meta["trials"], "space": args.space,
+        "sampler": args.sampler, "seed": args.seed,
+        "reward": {"windows": args.reward_windows, "ctx": args.reward_ctx,
+                   "eval_seconds": t_eval, "eval_cpu_seconds": c_eval},
+        "heldout": {k: {"kld": m.kld, "ppl": m.ppl, "top1": m.top1, "bytes": m.bytes, "bpw": m.bpw}
+                    for k, (a, m) in held.items()},
+        "calib_kld": {"optuna": result.best_metrics.kld, "greedy": reward_greedy.kld},
+        "optuna_beats_greedy": bool(o.kld <= g.kld and o.bytes <= g.bytes),
+        "kld_change_vs_greedy": o.kld / g.kld - 1 if g.kld > 0 else None,
+        "seconds": {"prepare": t_prepare, "search": t_search, "search_cpu": c_search,
+                    "heldout": t_heldout, "total": time.perf_counter() - t_all,
+                    "total_cpu": time.process_time() - cpu_all},
+        "loadavg": {"start": load0, "end": os.getloadavg()},
+        "timings": prepared.timings, "search_meta": {k: v for k, v in result.meta.items()
+                                                     if k not in ("raw_over",)},
+    }
+    write_json_atomic(out / "bench.json", summary)
+    try:
+        from autobits.agents.report import write_report
+
+        write_report(result, out, heldout=o,
+                     baselines={k: v for k, v in held.items() if k != "optuna"}, specs=lm.specs)
+    except Exception:  # the numbers above are the bench; the report is a convenience
+        log.exception("report failed")
+    print(_table(rows, ["allocation", "calib KLD", "held-out KLD", "PPL", "top-1", "bytes", "bpw"]))
+    print(f"\n{lm.name} at {args.target_bpw} bpw = {limit:,} bytes; {len(result.history)} "
+          f"evaluations ({args.space}/{args.sampler}) in {t_search / 60:.1f} min wall "
+          f"({c_search / 60:.1f} min CPU); one reward evaluation {t_eval:.2f}s "
+          f"({args.reward_windows}x{args.reward_ctx} tokens); load average {load0[0]:.1f}")
+    print(f"optuna vs greedy held-out KLD: {o.kld:.5f} vs {g.kld:.5f} "
+          f"({(o.kld / g.kld - 1) * 100:+.1f}%), bytes {o.bytes:,} vs {g.bytes:,}")
+    print(json.dumps({"out": str(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The search report: markdown and PNG plots from a synthetic SearchResult."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from autobits.agents.base import Evaluation, SearchResult
+from autobits.agents.report import REPORT_FILES, pareto_front, write_report
+from autobits.allocation import Allocation
+from autobits.evaluate import Metrics
+from autobits.specs import TensorSpec
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def specs(n_layers=3, d=64, ffn=256):
+    q = lambda name, shape, role, blk: TensorSpec(name, shape, role, blk, quantizable=True)  # noqa: E731
+    out = [q("token_embd.weight", (512, d), "token_embd", None),
+           TensorSpec("output_norm.weight", (d,), "norm", None)]
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        out += [q(p + "attn_q.weight", (d, d), "attn_q", i),
+                q(p + "attn_v.weight", (d // 2, d), "attn_v", i),
+                q(p + "ffn_down.weight", (d, ffn), "ffn_down", i)]
+    return out
+
+
+def metrics(alloc, kld):
+    return Metrics(kld=kld, ppl=10 * (1 + kld), top1=1 - kld, bytes=alloc.bytes, bpw=alloc.bpw,
+                   seconds=0.5, tokens=512, windows=2, ref_ppl=10.0)
+
+
+def allocation(sp, fmt_by_role):
+    tensors = {s.name: fmt_by_role.get(s.role, "Q8_0") for s in sp if s.quantizable}
+    return Allocation.build("synthetic", sp, tensors)
+
+
+@pytest.fixture
+def result():
+    sp = specs()
+    best = allocation(sp, {"ffn_down": "Q4_K", "attn_q": "Q5_0", "token_embd": "Q4_0"})
+    rng = np.random.default_rng(0)
+    hist = [Evaluation(i, float(0.1 + rng.uniform(0, 0.05) - 0.0003 * i), best.bytes - i,
+                       best.bpw, True, 0.5) for i in range(40)]
+    hist.append(Evaluation(40, 0.02, best.bytes, best.bpw, True, 0.5))
+    res = SearchResult(agent="optuna", best=best, best_metrics=metrics(best, 0.02), history=hist,
+                       meta={"limit_bytes": best.bytes + 10, "sampler": "tpe", "seed": 0,
+                             "raw_over": [False] * 41, "seconds": 12.5})
+    return sp, res
+
+
+def test_pareto_front():
+    pts = [(10, 0.5), (8, 0.7), (12, 0.4), (11, 0.6), (8, 0.9)]
+    assert pareto_front(pts) == [1, 0, 2]
+    assert pareto_front([]) == []
+
+
+def test_write_report(tmp_path, result):
+    sp, res = result
+    held = metrics(res.best, 0.025)
+    greedy = allocation(sp, {"ffn_down": "Q5_K", "attn_q": "Q4_0", "token_embd": "Q4_0"})
+    uni = allocation(sp, {"ffn_down": "Q4_0", "attn_q": "Q4_0", "token_embd": "Q4_0",
+                          "attn_v": "Q4_0"})
+    baselines = {"greedy": (greedy, metrics(greedy, 0.03)), "uniform": (uni, metrics(uni, 0.2))}
+    paths = write_report(res, tmp_path, heldout=held, baselines=baselines, specs=sp)
+    assert set(paths) == set(REPORT_FILES)
+    for key, name in REPORT_FILES.items():
+        assert paths[key] == tmp_path / name and paths[key].is_file()
+    for key in ("best_kld", "bits_by_depth", "pareto"):
+        data = paths[key].read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+        import matplotlib.image
+
+        img = matplotlib.image.imread(paths[key])
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
+    md = paths["report"].read_text()
+    assert md.startswith("# optuna search: synthetic")
+    assert f"{res.best.bytes + 10:,} bytes" in md
+    assert "| ffn_down |" in md and "Q4_K" in md
+    assert "| held-out KLD | 0.02500 |" in md and "| calibration KLD | 0.02000 |" in md
+    assert "| greedy | 0.03000 |" in md and "+20.0%" in md  # greedy's KLD vs optuna's
+    assert "at most that of greedy, uniform at equal or smaller size" in md \
+        or "at most that of" in md
+    for name in ("best_kld.png", "bits_by_depth.png", "pareto.png"):
+        assert f"]({name})" in md
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_write_report_minimal(tmp_path, result):
+    sp, res = result
+    res.history = []
+    paths = write_report(res, tmp_path / "new", heldout=None, baselines=None, specs=sp)
+    assert all(p.is_file() for p in paths.values())
+    assert "Comparison" not in paths["report"].read_text()
+    with pytest.raises(ValueError, match="specs"):
+        write_report(res, tmp_path, specs=[])
