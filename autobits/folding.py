@@ -47,18 +47,19 @@ site leaves every other site's activations unchanged, and the row scaling of a p
 (``attn_v``, ``ffn_up``) scales whole ggml blocks, which the row-blocked formats follow
 exactly up to the rounding of their block scales.
 
-Folding changes what a later calibration measures (``x' = x / s``): calibrate *after*
-folding for importance vectors and proxy errors, and build :class:`~autobits.evaluate.
-WeightCache` objects after folding (a cache filled before holds unfolded weights).  An
-:class:`~autobits.evaluate.Evaluator` built *before* folding keeps the original model's
-reference distributions, which the folded float model reproduces up to rounding.
+Folding changes what a later calibration measures (``x' = x / s``): use
+:func:`folded_calibration` (or calibrate again) for importance vectors and proxy errors of
+the folded model, and build :class:`~autobits.evaluate.WeightCache` objects after folding
+(one filled before holds unfolded weights).  An :class:`~autobits.evaluate.Evaluator` built
+before folding keeps the original model's reference distributions, which the folded float
+model reproduces up to rounding.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -70,8 +71,9 @@ from autobits.model import LoadedModel
 
 __all__ = [
     "DEFAULT_ALPHAS", "DEFAULT_BETAS", "SITE_KINDS", "FoldError", "FoldGroup", "FoldReport",
-    "Site", "SiteStats", "apply_fold", "collect_site_stats", "fold", "fold_scales",
-    "fold_state", "max_relative_logit_diff", "replace_reference", "site_error", "site_plan",
+    "FoldStats", "Site", "apply_fold", "collect_site_stats", "fold", "fold_scales", "fold_state",
+    "folded_calibration", "max_relative_logit_diff", "replace_reference", "site_error",
+    "site_plan",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -116,7 +118,7 @@ class Site:
     rows: tuple[str, ...] = ()
 
     @property
-    def compensated(self) -> tuple[str, ...]:
+    def compensated(self) -> tuple[str, ...]:  # noqa: D102
         return (self.norm,) if self.norm else self.rows
 
     def expand(self, s: np.ndarray) -> np.ndarray:
@@ -154,10 +156,8 @@ def site_plan(lm: LoadedModel) -> tuple[Site, ...]:
     sites = []
     for b in blocks:
         p = f"blk.{b}."
-        need = [p + t + ".weight" for t in ("attn_norm", "ffn_norm", "attn_q", "attn_k",
-                                             "attn_v", "attn_output", "ffn_gate", "ffn_up",
-                                             "ffn_down")]  # fmt: skip
-        missing = [n for n in need if n not in names]
+        need = "attn_norm ffn_norm attn_q attn_k attn_v attn_output ffn_gate ffn_up ffn_down"
+        missing = [p + t + ".weight" for t in need.split() if p + t + ".weight" not in names]
         if missing:
             raise FoldError(f"block {b} of {lm.name!r} lacks {missing}; cannot fold it")
         d_in = lm.spec(p + "attn_q.weight").shape[1]
@@ -173,10 +173,6 @@ def site_plan(lm: LoadedModel) -> tuple[Site, ...]:
             Site(p + "ffn_out", b, "ffn_out", (p + "ffn_down.weight",), d_ff,
                  rows=(p + "ffn_up.weight",)),
         ]  # fmt: skip
-    for site in sites:
-        for n in site.consumers + site.compensated:
-            if lm.spec(n).role in ("token_embd", "output"):  # pragma: no cover - by construction
-                raise FoldError(f"site {site.id} would touch the embedding/head {n!r}")
     o_in = lm.spec(f"blk.{blocks[0]}.attn_output.weight").shape[1] if blocks else 0
     if blocks and o_in != n_heads * head_dim:
         raise FoldError(f"attn_output reads {o_in} channels, expected {n_heads}x{head_dim}")
@@ -255,7 +251,7 @@ def apply_fold(lm: LoadedModel, scales: Mapping[str, np.ndarray]) -> None:
 
 # --------------------------------------------------------------------- statistics
 @dataclass(frozen=True, eq=False)
-class SiteStats:
+class FoldStats:
     """What folding needs of one input site: ``mean_abs`` (per consumer input channel,
     ``mean |x_j|``) and ``hessian`` (``X^T X / n``, float32), over ``tokens`` tokens."""
 
@@ -268,9 +264,8 @@ def _module_of(lm: LoadedModel, weight_name: str):
     return lm.model.get_submodule(lm.spec(weight_name).hf_name.removesuffix(".weight"))
 
 
-def collect_site_stats(
-    lm: LoadedModel, windows: np.ndarray, *, batch_size: int = 1, sites: Sequence[Site] | None = None
-) -> dict[str, SiteStats]:
+def collect_site_stats(lm: LoadedModel, windows: np.ndarray, *, batch_size: int = 1,
+                       sites: Sequence[Site] | None = None) -> dict[str, FoldStats]:
     """Mean |x| and ``X^T X / n`` of every site's input over token ``windows`` ``(n, ctx)``.
 
     One forward pass with a pre-hook on each site's first consumer; memory is one ``d x d``
@@ -280,7 +275,8 @@ def collect_site_stats(
 
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[0] == 0:
-        raise FoldError(f"calibration windows must be a non-empty (n, ctx) array, got {windows.shape}")
+        raise FoldError(f"calibration windows must be a non-empty (n, ctx) array, "
+                        f"got {windows.shape}")
     sites = tuple(sites if sites is not None else site_plan(lm))
     acc: dict[str, list] = {}
 
@@ -313,15 +309,15 @@ def collect_site_stats(
     out = {}
     for s in sites:
         sa, xtx, n = acc[s.id]
-        out[s.id] = SiteStats((sa / n).numpy(), (xtx / n).numpy(), int(n))
+        out[s.id] = FoldStats((sa / n).numpy(), (xtx / n).numpy(), int(n))
     log.info("site statistics: %d sites over %d tokens (%.1fs)", len(out), ids.numel(),
              time.perf_counter() - t0)
     return out
 
 
-def _stats_for(lm: LoadedModel, calib: Any, sites: Sequence[Site]) -> dict[str, SiteStats]:
-    """Site statistics from token windows, a ready mapping, or a Calibration-like object
-    (``hessian(name)`` and ``mean_abs(name)`` by consumer tensor name)."""
+def _stats_for(lm: LoadedModel, calib: Any, sites: Sequence[Site]) -> dict[str, FoldStats]:
+    """Site statistics from token windows, a ready mapping, or a
+    :class:`autobits.calibrate.Calibration` (``site(name)`` with ``abs_mean``, ``h``, ``n``)."""
     if isinstance(calib, Mapping):
         missing = [s.id for s in sites if s.id not in calib]
         if missing:
@@ -329,24 +325,48 @@ def _stats_for(lm: LoadedModel, calib: Any, sites: Sequence[Site]) -> dict[str, 
         return dict(calib)
     if isinstance(calib, np.ndarray):
         return collect_site_stats(lm, calib, sites=sites)
-    if hasattr(calib, "hessian"):
+    if callable(getattr(calib, "site", None)):
         out = {}
         for s in sites:
-            name = s.consumers[0]
-            h = np.asarray(calib.hessian(name), dtype=np.float32)
-            out[s.id] = SiteStats(np.asarray(_calib_mean_abs(calib, name), dtype=np.float64), h,
-                                  int(getattr(calib, "tokens", 0) or 0))
+            st = calib.site(s.consumers[0])
+            out[s.id] = FoldStats(np.asarray(st.abs_mean, dtype=np.float64),
+                                  np.asarray(st.h, dtype=np.float32), int(st.n))
         return out
     raise FoldError(f"calibration must be token windows, site statistics or a Calibration, "
                     f"got {type(calib).__name__}")
 
 
-def _calib_mean_abs(calib: Any, name: str) -> np.ndarray:
-    for attr in ("mean_abs", "abs_mean"):
-        fn = getattr(calib, attr, None)
-        if callable(fn):
-            return fn(name)
-    raise FoldError(f"calibration object {type(calib).__name__} gives no mean |x| per channel")
+def folded_calibration(calib: Any, lm: LoadedModel) -> Any:
+    """``calib`` (an :class:`autobits.calibrate.Calibration` measured on ``lm`` before it was
+    folded) as the folded ``lm`` would measure it, without another pass.
+
+    Every folded site's input is ``x / s``: ``E[x^2] / s^2``, ``E|x| / s``, ``max|x| / s``,
+    ``E[x^4] / s^4``, ``H / (s s^T)``; the output Fisher of a compensating producer
+    (``attn_v``, ``ffn_up``: its outputs are divided by ``s``) is multiplied by ``s^2``;
+    nothing else changes.  Exact up to the float rounding of the folded model.
+    """
+    scales = fold_state(lm)
+    if scales is None:
+        raise FoldError(f"{lm.name!r} is not folded; its calibration needs no rescaling")
+    plan = {s.id: s for s in site_plan(lm)}
+    sites, gains = dict(calib.sites), dict(calib.gains)
+    for sid, s in scales.items():
+        site = plan[sid]
+        key = calib.tensor_site[site.consumers[0]]
+        se = site.expand(np.asarray(s, dtype=np.float64))
+        st = sites[key]
+        if st.d != se.size:
+            raise FoldError(f"calibration site {key} has {st.d} channels, fold site {sid} "
+                            f"{se.size}")
+        sites[key] = replace(
+            st, sq_mean=st.sq_mean / se**2, abs_mean=st.abs_mean / se,
+            abs_max=st.abs_max / se, x4_mean=st.x4_mean / se**4,
+            h=(st.h / np.outer(se, se)).astype(np.float32),
+        )  # fmt: skip
+        for n in site.rows:
+            if n in gains:
+                gains[n] = gains[n] * s**2
+    return replace(calib, sites=sites, gains=gains)
 
 
 # ------------------------------------------------------------------ scales and errors
@@ -380,7 +400,8 @@ def site_error(weights: Sequence[np.ndarray], hessian, s: np.ndarray, fmt: str, 
     """
     import torch
 
-    H = torch.as_tensor(hessian, dtype=torch.float32)
+    H = hessian if isinstance(hessian, torch.Tensor) else torch.from_numpy(
+        np.array(hessian, dtype=np.float32))
     s32 = np.asarray(s, dtype=np.float32)
     total = 0.0
     for W in weights:
@@ -482,12 +503,10 @@ def _grid(alphas: Iterable[float], betas: Iterable[float]) -> list[tuple[float, 
     bad = [a for a in alphas if not 0 <= a <= 1] + [b for b in betas if not 0 <= b <= 1]
     if bad:
         raise FoldError(f"alphas and betas must lie in [0, 1], got {bad}")
-    grid = [(0.0, 0.0)]
-    grid += [(a, b) for b in betas for a in alphas if a > 0]
-    return grid
+    return [(0.0, 0.0)] + [(a, b) for b in betas for a in alphas if a > 0]
 
 
-def _search(lm: LoadedModel, site: Site, st: SiteStats, fmt: str,
+def _search(lm: LoadedModel, site: Site, st: FoldStats, fmt: str,
             grid: Sequence[tuple[float, float]], imatrix: bool) -> FoldGroup:
     import torch
 
@@ -498,7 +517,7 @@ def _search(lm: LoadedModel, site: Site, st: SiteStats, fmt: str,
                         f"{st.hessian.shape} for {d} input channels")
     a = site.reduce(np.asarray(st.mean_abs, dtype=np.float64), "mean")
     wmax = site.reduce(np.max([np.abs(w).max(axis=0) for w in weights], axis=0), "max")
-    H = torch.as_tensor(np.ascontiguousarray(st.hessian, dtype=np.float32))
+    H = torch.from_numpy(np.array(st.hessian, dtype=np.float32))  # a writable copy
     diag = np.clip(np.diag(st.hessian).astype(np.float64), 0, None)
     energy = sum(float(((torch.from_numpy(w) @ H) * torch.from_numpy(w)).sum(dtype=torch.float64))
                  for w in weights)
@@ -530,12 +549,13 @@ def fold(
 ) -> FoldReport:
     """Search a scale strength per site for format ``fmt`` and fold the winners into ``lm``.
 
-    ``calib``: token windows ``(n, ctx)`` (statistics are then collected here), a mapping
-    site id -> :class:`SiteStats` (:func:`collect_site_stats`), or a Calibration-like object
-    (``hessian(name)`` and ``mean_abs(name)`` per consumer tensor name), measured on ``lm``
-    as it is now.  ``imatrix``: quantize with importance ``diag(H) / s**2`` during the
-    search.  ``kinds``: the site kinds to fold.  After the call ``lm``'s reference weights
-    are the folded float weights.  Raises :class:`FoldError` if ``lm`` was folded before.
+    ``calib``: an :class:`autobits.calibrate.Calibration`, token windows ``(n, ctx)``
+    (then only ``E|x|`` and ``H`` are collected here, no Fisher pass), or a mapping site id
+    -> :class:`FoldStats` (:func:`collect_site_stats`), measured on ``lm`` as it is now;
+    afterwards :func:`folded_calibration` turns a Calibration into the folded model's.
+    ``imatrix``: quantize with importance ``diag(H) / s**2`` during the search.  ``kinds``:
+    the site kinds to fold.  After the call ``lm``'s reference weights are the folded float
+    weights.  Raises :class:`FoldError` if ``lm`` was folded before.
     """
     t0 = time.perf_counter()
     if fold_state(lm) is not None:
@@ -565,8 +585,6 @@ def fold(
     seconds = time.perf_counter() - t0
     log.info("folded %d of %d sites for %s: calibration error %.4g -> %.4g (%.1fs)",
              report.folded, len(groups), fmt, report.error_before, report.error_after, seconds)
-    from dataclasses import replace
-
     return replace(report, seconds=seconds)
 
 

@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autobits.allocation import Allocation, write_json_atomic  # noqa: E402
 from autobits.evaluate import Evaluator, WeightCache  # noqa: E402
-from autobits.folding import DEFAULT_ALPHAS, DEFAULT_BETAS, fold, max_relative_logit_diff  # noqa: E402
+from autobits.folding import (  # noqa: E402
+    DEFAULT_ALPHAS, DEFAULT_BETAS, fold, max_relative_logit_diff,
+)
 from autobits.model import load_model  # noqa: E402
 from autobits.text import load_text, make_windows  # noqa: E402
 

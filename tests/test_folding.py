@@ -291,6 +291,26 @@ def test_fold_fallback_format_and_imatrix(tiny_folder, windows):
     assert all(g.error_after <= g.error_before for g in report.groups)
 
 
+def test_fold_from_calibration_and_folded_calibration(tiny_folder, windows):
+    """fold() takes a Calibration; folded_calibration() equals calibrating the folded model."""
+    calibrate = pytest.importorskip("autobits.calibrate").calibrate
+    from autobits.folding import folded_calibration
+
+    lm = load_model(tiny_folder)
+    before = calibrate(lm, windows.calib[:2], fisher_windows=1, progress=False)
+    report = fold(lm, before, alphas=(0.0, 0.5), betas=(0.0,))
+    assert report.folded > 0 and report.tokens == 2 * 64
+    want = calibrate(lm, windows.calib[:2], fisher_windows=1, progress=False)
+    got = folded_calibration(before, lm)
+    for key, st in want.sites.items():
+        g = got.sites[key]
+        for k in ("sq_mean", "abs_mean", "abs_max", "h"):
+            a, b = getattr(g, k), getattr(st, k)
+            assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max(), (key, k)
+    for name, gain in want.gains.items():
+        assert np.abs(got.gains[name] - gain).max() <= 1e-3 * np.abs(gain).max(), name
+
+
 # ----------------------------------------------------------------------- bad input
 def test_bad_input(tiny_folder, windows):
     lm = load_model(tiny_folder)
