@@ -13,6 +13,10 @@ Steps, on one loaded model:
 5. the folded float model (F32 everywhere: KLD and max relative logit difference against
    the original, both ~0 up to rounding) and uniform ``--fmt`` on the folded model.
 
+With ``--imatrix`` every quantization (search and measurements) uses llama.cpp's importance,
+``E[x^2]`` of each input on the calibration windows (of the folded input, ``/ s^2``, after
+folding); ``token_embd`` gets none either way.
+
     .venv/bin/python bench/folding.py                       # smollm2-135m, Q4_0
     .venv/bin/python bench/folding.py --fmt Q4_K --json out.json
 """
@@ -33,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from autobits.allocation import Allocation, write_json_atomic  # noqa: E402
 from autobits.evaluate import Evaluator, WeightCache  # noqa: E402
 from autobits.folding import (  # noqa: E402
-    DEFAULT_ALPHAS, DEFAULT_BETAS, fold, max_relative_logit_diff,
+    DEFAULT_ALPHAS, DEFAULT_BETAS, collect_site_stats, fold, max_relative_logit_diff, site_plan,
 )
 from autobits.model import load_model  # noqa: E402
 from autobits.text import load_text, make_windows  # noqa: E402
@@ -51,6 +55,18 @@ def _logits(lm, ids: np.ndarray):
     lm.restore()
     with torch.inference_mode():
         return lm.model(input_ids=torch.as_tensor(np.array(ids)), use_cache=False).logits
+
+
+def _importance(plan, stats, scales=None) -> dict[str, np.ndarray]:
+    """Per-tensor imatrix from the site statistics; with ``scales``, of the folded inputs."""
+    out = {}
+    for site in plan:
+        imp = np.diag(stats[site.id].hessian).astype(np.float64)
+        if scales and site.id in scales:
+            imp = imp / site.expand(scales[site.id]) ** 2
+        for n in site.consumers:
+            out[n] = imp.astype(np.float32)
+    return out
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -81,10 +97,15 @@ def run(args: argparse.Namespace) -> dict:
                      f"{m.seconds:.1f}"])
         log.info("%s: KLD %.6f, PPL %.4f", label, m.kld, m.ppl)
 
+    stats = collect_site_stats(lm, split.calib)
+    plan = site_plan(lm)
+    if args.imatrix:  # llama.cpp's imatrix: E[x^2] of each tensor's input, diag(H)
+        ev.cache = WeightCache(lm, _importance(plan, stats))
     measure(f"{quant.meta['rule']}", quant)
-    report = fold(lm, split.calib, fmt=args.fmt, alphas=args.alphas, betas=args.betas,
+    report = fold(lm, stats, fmt=args.fmt, alphas=args.alphas, betas=args.betas,
                   imatrix=args.imatrix)
-    ev.cache = WeightCache(lm)  # quantize the folded weights from now on
+    # quantize the folded weights from now on (with the folded inputs' E[x^2] / s^2)
+    ev.cache = WeightCache(lm, _importance(plan, stats, report.scales()) if args.imatrix else None)
     diff = max_relative_logit_diff(orig_logits, _logits(lm, split.eval[:1]))
     measure("folded float (F32)", f32)
     measure(f"folded + {quant.meta['rule']}", quant)
@@ -105,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
     ref_kld = results[quant.meta["rule"]]["kld"]
     fold_kld = results[f"folded + {quant.meta['rule']}"]["kld"]
     summary = {
-        "model": lm.name, "fmt": args.fmt, "text": split.to_json(),
+        "model": lm.name, "fmt": args.fmt, "imatrix": args.imatrix, "text": split.to_json(),
         "calib_tokens": int(split.calib.size), "eval_tokens": int(split.eval.size),
         "max_rel_logit_diff": diff, "kld_unfolded": ref_kld, "kld_folded": fold_kld,
         "kld_change": fold_kld / ref_kld - 1 if ref_kld > 0 else 0.0,
@@ -136,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alphas", type=_floats, default=DEFAULT_ALPHAS)
     p.add_argument("--betas", type=_floats, default=DEFAULT_BETAS)
     p.add_argument("--imatrix", action="store_true",
-                   help="quantize with importance diag(H)/s^2 in the search")
+                   help="quantize with llama.cpp's imatrix (E[x^2] of each input, of the folded "
+                   "input after folding), in the search and in the measurements")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
