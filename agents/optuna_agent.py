@@ -171,7 +171,11 @@ class OptunaAgent:
     ``bias_range`` bound of the groups' natural-log multipliers (default 2.0); ``max_offset``
     steps in the offsets space (default 2); ``multivariate`` TPE (default True);
     ``max_trials_factor`` caps trials (cached duplicates included) at this many times
-    ``evals`` (default 5); ``progress`` shows a tqdm bar (default False; logging always).
+    ``evals`` (default 5); ``batch`` allocations measured per round through
+    ``problem.evaluate_many`` when the problem has it (default: its pool's ``workers``; TPE
+    then uses the constant liar); ``timeout`` seconds after which the search stops early with
+    what it has (resumable; default none); ``progress`` shows a tqdm bar (default False;
+    logging always).
     """
 
     name: ClassVar[str] = "optuna"
@@ -179,6 +183,7 @@ class OptunaAgent:
     def __init__(self, *, sampler: str = "tpe", space: str = "groups", n_startup: int = 10,
                  depth_buckets: int = 4, bias_range: float = 2.0, max_offset: int = 2,
                  multivariate: bool = True, max_trials_factor: float = 5.0,
+                 batch: int | None = None, timeout: float | None = None,
                  progress: bool = False) -> None:
         sampler, space = str(sampler).lower(), str(space).lower()
         if sampler not in SAMPLERS:
@@ -193,6 +198,10 @@ class OptunaAgent:
             raise ValueError(f"bias_range must be in (0, 20], got {bias_range=}")
         if max_offset < 1:
             raise ValueError(f"max_offset must be at least 1, got {max_offset=}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout=}")
+        if batch is not None and batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch=}")
         if max_trials_factor < 1:
             raise ValueError(f"max_trials_factor must be at least 1, got {max_trials_factor=}")
         if sampler == "cmaes":
@@ -208,6 +217,8 @@ class OptunaAgent:
         self.max_offset = int(max_offset)
         self.multivariate = bool(multivariate)
         self.max_trials_factor = float(max_trials_factor)
+        self.batch = None if batch is None else int(batch)
+        self.timeout = None if timeout is None else float(timeout)
         self.progress = bool(progress)
 
     # ------------------------------------------------------------ the space
@@ -258,7 +269,32 @@ class OptunaAgent:
                            dtype=np.int64)
         return project(p, raw, limit), p.total_bytes(raw)
 
-    def _make_sampler(self, seed: int):
+    def _batch_size(self, problem: SearchProblem) -> int:
+        """Allocations measured per round: 1 without ``problem.evaluate_many``; else ``batch``
+        or the evaluator pool's ``workers``."""
+        many = getattr(problem, "evaluate_many", None)
+        if many is None:
+            return 1
+        if self.batch is not None:
+            return self.batch
+        return max(1, int(getattr(getattr(many, "__self__", None), "workers", 0) or 2))
+
+    @staticmethod
+    def _measure(problem: SearchProblem, allocs: list[Allocation], batch: int) -> list[tuple]:
+        """(metrics, seconds) per allocation; several at once through ``evaluate_many``."""
+        if batch > 1 and len(allocs) > 1:
+            t0 = time.perf_counter()
+            metrics = list(problem.evaluate_many(allocs))
+            share = (time.perf_counter() - t0) / len(allocs)  # wall time per evaluation
+            return [(m, share) for m in metrics]
+        out = []
+        for a in allocs:
+            t0 = time.perf_counter()
+            m = problem.evaluate(a)
+            out.append((m, time.perf_counter() - t0))
+        return out
+
+    def _make_sampler(self, seed: int, *, liar: bool = False):
         import optuna
 
         s = optuna.samplers
@@ -266,7 +302,7 @@ class OptunaAgent:
             return s.RandomSampler(seed=seed)
         if self.sampler == "tpe":
             return s.TPESampler(seed=seed, n_startup_trials=self.n_startup + 1,
-                                multivariate=self.multivariate, constant_liar=False)
+                                multivariate=self.multivariate, constant_liar=liar)
         if self.sampler == "cmaes":
             # the spaces are symmetric around the warm start, which is CMA-ES's default mean
             return s.CmaEsSampler(seed=seed, n_startup_trials=0)
@@ -355,7 +391,6 @@ class OptunaAgent:
     def search(self, problem: SearchProblem, *, evals: int, seed: int, out_dir: Path | None = None,
                resume: bool = False) -> SearchResult:
         """Run (or, with ``resume``, continue) the search until ``evals`` evaluations are done."""
-        import optuna
         from optuna.trial import TrialState
 
         if evals < 1:
@@ -385,55 +420,73 @@ class OptunaAgent:
                 log.info("resuming: %d of %d evaluations done, best KLD %.5f",
                          len(history), evals, best.kld)
             bar = _bar(self.progress, evals, len(history))
+            batch = self._batch_size(problem)
             n_trials = len(done)
             max_trials = int(math.ceil(self.max_trials_factor * evals))
             while len(history) < evals:
+                if (self.timeout is not None and history
+                        and time.perf_counter() - t_start > self.timeout):
+                    log.warning("stopping at the timeout of %.0fs after %d of %d evaluations "
+                                "(resume to continue)", self.timeout, len(history), evals)
+                    break
                 if n_trials >= max_trials:
                     log.warning("stopping after %d trials: only %d distinct allocations found",
                                 n_trials, len(history))
                     break
-                study.sampler = self._make_sampler(_trial_seed(seed, n_trials))
-                trial = study.ask(self._dists)
-                n_trials += 1
-                try:
-                    index, raw_bytes = self.decode(trial.params, limit)
+                # ask until `want` allocations not evaluated before are in hand
+                want = min(batch, evals - len(history))
+                fresh: dict[tuple, list] = {}
+                while len(fresh) < want and n_trials < max_trials:
+                    study.sampler = self._make_sampler(_trial_seed(seed, n_trials), liar=batch > 1)
+                    trial = study.ask(self._dists)
+                    n_trials += 1
+                    try:
+                        index, raw_bytes = self.decode(trial.params, limit)
+                    except BaseException:
+                        study.tell(trial, state=TrialState.FAIL)
+                        raise
                     key = tuple(int(k) for k in index)
                     attrs = {"index": list(key), "raw_bytes": int(raw_bytes),
                              "raw_over": bool(raw_bytes > limit)}
                     hit = seen.get(key)
                     if hit is not None:
-                        trial.set_user_attr("cached", hit.number)
-                        for k, v in attrs.items():
-                            trial.set_user_attr(k, v)
-                        trial.set_user_attr("metrics", hit.metrics)
-                        study.tell(trial, hit.kld)
-                        continue
-                    alloc = problem.table.allocation(p.choice(index))
-                    t0 = time.perf_counter()
-                    m = problem.evaluate(alloc)
-                    seconds = time.perf_counter() - t0
+                        _tell_cached(study, trial, attrs, hit)
+                    else:
+                        fresh.setdefault(key, []).append((trial, attrs))
+                if not fresh:
+                    continue
+                keys = list(fresh)
+                try:
+                    measured = self._measure(problem, [problem.table.allocation(p.choice(np.array(k)))
+                                                       for k in keys], batch)
                 except BaseException:
-                    study.tell(trial, state=TrialState.FAIL)
+                    for group in fresh.values():
+                        for trial, _ in group:
+                            study.tell(trial, state=TrialState.FAIL)
                     raise
-                attrs.update(metrics=m.to_json(), seconds=seconds, eval_index=len(history))
-                for k, v in attrs.items():
-                    trial.set_user_attr(k, v)
-                rec = FrozenRecord(trial.number, key, float(m.kld), m.to_json(), seconds,
-                                   attrs["raw_over"], False, bool(trial.user_attrs.get("warm")),
-                                   dict(trial.params))
-                study.tell(trial, float(m.kld))
-                seen[key] = rec
-                history.append(rec.evaluation(len(history)))
-                raw_over.append(rec.raw_over)
-                if best is None or rec.kld < best.kld:
-                    best = rec
-                    log.info("eval %d/%d: new best KLD %.5f at %.4f bpw (trial %d)",
-                             len(history), evals, rec.kld, rec.metrics["bpw"], rec.number)
-                elif len(history) % 10 == 0:
-                    log.info("eval %d/%d: KLD %.5f, best %.5f at %.4f bpw", len(history), evals,
-                             rec.kld, best.kld, best.metrics["bpw"])
-                bar.update(1)
-                bar.set_postfix(best=f"{best.kld:.5f}", bpw=f"{best.metrics['bpw']:.3f}")
+                for key, (m, seconds) in zip(keys, measured):
+                    (trial, attrs), *dups = fresh[key]
+                    attrs.update(metrics=m.to_json(), seconds=seconds, eval_index=len(history))
+                    for k, v in attrs.items():
+                        trial.set_user_attr(k, v)
+                    rec = FrozenRecord(trial.number, key, float(m.kld), m.to_json(), seconds,
+                                       attrs["raw_over"], False, bool(trial.user_attrs.get("warm")),
+                                       dict(trial.params))
+                    study.tell(trial, float(m.kld))
+                    for dup, dattrs in dups:
+                        _tell_cached(study, dup, dattrs, rec)
+                    seen[key] = rec
+                    history.append(rec.evaluation(len(history)))
+                    raw_over.append(rec.raw_over)
+                    if best is None or rec.kld < best.kld:
+                        best = rec
+                        log.info("eval %d/%d: new best KLD %.5f at %.4f bpw (trial %d)",
+                                 len(history), evals, rec.kld, rec.metrics["bpw"], rec.number)
+                    elif len(history) % 10 == 0:
+                        log.info("eval %d/%d: KLD %.5f, best %.5f at %.4f bpw", len(history),
+                                 evals, rec.kld, best.kld, best.metrics["bpw"])
+                    bar.update(1)
+                    bar.set_postfix(best=f"{best.kld:.5f}", bpw=f"{best.metrics['bpw']:.3f}")
             bar.close()
         if best is None:
             raise ValueError("the search evaluated nothing")
@@ -447,6 +500,7 @@ class OptunaAgent:
             "warm_kld": warm.kld if warm else None, "raw_over": raw_over,
             "groups": getattr(self, "_groups", None), "seconds": time.perf_counter() - t_start,
             "journal": str(Path(out_dir) / JOURNAL) if out_dir is not None else None,
+            "batch": batch,
         }
         if self.space == "groups":
             meta["best_params"] = {k[2:]: v for k, v in best.params.items()}
@@ -478,6 +532,15 @@ class FrozenRecord:
     def evaluation(self, index: int) -> Evaluation:
         return Evaluation(index=index, kld=self.kld, bytes=int(self.metrics["bytes"]),
                           bpw=float(self.metrics["bpw"]), feasible=True, seconds=self.seconds)
+
+
+def _tell_cached(study, trial, attrs: dict, rec: FrozenRecord) -> None:
+    """Complete ``trial`` with the value of the identical allocation evaluated by ``rec``."""
+    trial.set_user_attr("cached", rec.number)
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
+    trial.set_user_attr("metrics", rec.metrics)
+    study.tell(trial, rec.kld)
 
 
 def _metrics(d: dict) -> Metrics:

@@ -6,7 +6,9 @@ measures the cost of one reward evaluation (the short calibration slice), runs t
 ``optuna`` agent for ``--evals`` evaluations, and compares the held-out KLD of its best
 allocation with the greedy solver's (and, with ``--baselines``, uniform and llama.cpp) at
 equal or smaller size.  Writes ``DIR/bench.json``, the agent's journal (``--resume``
-continues an interrupted run) and the report (``DIR/report.md`` with plots).
+continues an interrupted run), the report (``DIR/report.md`` with plots) and the candidate
+table (``DIR/candidates.json``), which a later run in the same ``DIR`` reloads instead of
+calibrating again (delete it to measure again).
 
 Wall time depends on the machine's load (it is shared); the CPU time of the process is
 printed too, as is the load average.
@@ -45,6 +47,53 @@ def _table(rows, header) -> str:
     return "\n".join(lines)
 
 
+class _Reloaded:
+    """What the bench uses of :class:`autobits.pipeline.Prepared`, from a saved candidate table.
+
+    The same windows and evaluators as :func:`prepare` builds; dequantized weights are
+    quantized lazily by the evaluators' shared cache (only the pairs a search visits).
+    """
+
+    def __init__(self, cfg: PrepareConfig, table_path: Path):
+        from autobits.candidates import CandidateTable
+        from autobits.evaluate import Evaluator, WeightCache
+        from autobits.model import load_model
+        from autobits.text import load_text, make_windows
+
+        self.lm = load_model(cfg.model)
+        self.table = CandidateTable.from_json(json.loads(table_path.read_text()), self.lm.specs)
+        if self.table.meta.get("imatrix"):
+            raise AutobitsError("a saved imatrix table needs the calibration; delete it to rebuild")
+        windows = make_windows(load_text(cfg.text), self.lm.tokenizer, ctx=cfg.ctx)
+        self.split = windows.split(calib=cfg.calib_windows, eval=cfg.eval_windows)
+        self.features, self.timings = None, {"reloaded": 1.0}
+        cache = WeightCache(self.lm)
+        self._reward = Evaluator(self.lm, self.split.calib[: cfg.reward_windows, : cfg.reward_ctx],
+                                 cache=cache)
+        self._cache, self._heldout = cache, None
+
+    def reward(self, allocation):
+        return self._reward.evaluate(allocation)
+
+    def heldout(self, allocation):
+        from autobits.evaluate import Evaluator
+
+        if self._heldout is None:
+            self._heldout = Evaluator(self.lm, self.split.eval, cache=self._cache)
+        return self._heldout.evaluate(allocation)
+
+
+def _prepare(cfg: PrepareConfig, table_path: Path):
+    """Prepare the model, or reload its candidate table saved by an earlier run in ``--out``."""
+    if table_path.is_file():
+        log.info("reloading the candidate table %s (delete it to measure again)", table_path)
+        return _Reloaded(cfg, table_path)
+    prepared = prepare(cfg)
+    write_json_atomic(table_path, {**prepared.table.to_json(), "config": {
+        "model": cfg.model, "text": cfg.text, "ctx": cfg.ctx, "calib_windows": cfg.calib_windows}})
+    return prepared
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -61,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reward-ctx", type=int, default=256)
     ap.add_argument("--baselines", action="store_true", help="also uniform, llamacpp and ilp")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--timeout-minutes", type=float, default=None,
+                    help="stop the search after this long (resume later with --resume)")
     ap.add_argument("--out", default="runs/optuna-bench")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -73,7 +124,7 @@ def main(argv=None) -> int:
                         calib_windows=args.calib_windows, eval_windows=args.eval_windows,
                         reward_windows=args.reward_windows, reward_ctx=args.reward_ctx)
     t = time.perf_counter()
-    prepared = prepare(cfg)
+    prepared = _prepare(cfg, out / "candidates.json")
     t_prepare = time.perf_counter() - t
     lm, table = prepared.lm, prepared.table
     limit = Budget(target_bpw=args.target_bpw).check_feasible(lm.specs, cfg.formats)
@@ -92,7 +143,8 @@ def main(argv=None) -> int:
 
     problem = SearchProblem(table=table, features=prepared.features, limit_bytes=limit,
                             evaluate=prepared.reward, warm_start=greedy)
-    agent = AGENTS["optuna"](sampler=args.sampler, space=args.space)
+    agent = AGENTS["optuna"](sampler=args.sampler, space=args.space,
+                             timeout=None if args.timeout_minutes is None else 60 * args.timeout_minutes)
     t, c = time.perf_counter(), time.process_time()
     result = agent.search(problem, evals=args.evals, seed=args.seed, out_dir=out, resume=args.resume)
     t_search, c_search = time.perf_counter() - t, time.process_time() - c

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 
@@ -147,9 +148,35 @@ def test_other_samplers(table, sampler):
         pytest.importorskip("cmaes")
     ev = SyntheticKLD(table)
     prob = make_problem(table, ev)
-    res = OptunaAgent(sampler=sampler, n_startup=3).search(prob, evals=8, seed=0)
-    assert len(res.history) == 8 and res.best.bytes <= prob.limit_bytes
+    res = OptunaAgent(sampler=sampler, n_startup=2).search(prob, evals=5, seed=0)
+    assert len(res.history) == 5 and res.best.bytes <= prob.limit_bytes
     assert ev.seen[0] == tuple(sorted(prob.warm_start.tensors.items()))
+
+
+def test_batches_through_evaluate_many(table):
+    ev = SyntheticKLD(table)
+    rounds = []
+
+    def many(allocs):
+        rounds.append(len(allocs))
+        return [ev(a) for a in allocs]
+
+    prob = dataclasses.replace(make_problem(table, ev), evaluate_many=many)
+    res = OptunaAgent(batch=3, n_startup=4).search(prob, evals=10, seed=0)
+    assert len(res.history) == 10 == ev.calls and res.meta["batch"] == 3
+    assert max(rounds) == 3 and sum(rounds) <= 10  # a round of one goes through evaluate
+    assert ev.seen[0] == tuple(sorted(prob.warm_start.tensors.items()))
+    assert all(e.bytes <= prob.limit_bytes for e in res.history)
+
+
+def test_timeout_stops_early_and_resumes(table, tmp_path):
+    ev = SyntheticKLD(table)
+    res = OptunaAgent(timeout=1e-6).search(make_problem(table, ev), evals=5, seed=0,
+                                           out_dir=tmp_path)
+    assert len(res.history) == 1 == ev.calls  # the warm start, always
+    res = OptunaAgent().search(make_problem(table, ev), evals=5, seed=0, out_dir=tmp_path,
+                               resume=True)
+    assert len(res.history) == 5 == ev.calls
 
 
 def test_improves_on_warm_start(table):
