@@ -46,7 +46,7 @@ from autobits.evaluate import WeightCache
 from autobits.formats import get_format
 
 __all__ = ["EvaluatorPool", "EvaluatorActor", "PoolStats", "SharedWeightCache", "model_shell",
-           "shared_arrays"]
+           "shared_arrays", "store_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,14 @@ def shared_arrays(lm, cache, candidates: Mapping[str, Sequence[str]]):
         for fmt in fmts:
             cand[(name, fmt)] = cache.get(name, fmt).detach().cpu().numpy()
     return ref, cand
+
+
+def store_bytes(lm, candidates: Mapping[str, Sequence[str]]) -> int:
+    """Bytes the pool puts in the object store: float32 reference weights plus one float32
+    copy of every tensor per candidate format."""
+    numel = {s.name: s.numel for s in lm.specs}
+    ref = sum(numel[s.name] for s in lm.specs if s.hf_name)
+    return 4 * (ref + sum(numel[n] * len(f) for n, f in candidates.items()))
 
 
 # ---------------------------------------------------------------------- actor side
@@ -152,17 +160,25 @@ class _EvaluatorActorImpl:
         torch.set_num_threads(max(1, int(threads)))
         self.lm = build_loaded_model(shell=shell, reference=reference, specs=specs, name=name,
                                      architecture=architecture)
+        t1 = time.perf_counter()
         shared = SharedWeightCache(self.lm, cache, importance)
+        t2 = time.perf_counter()
         self.evaluator = Evaluator(self.lm, windows, score_from=score_from, cache=shared)
+        t3 = time.perf_counter()
         self.evaluations = 0
-        self.init_seconds = time.perf_counter() - t0
+        self.init_seconds = t3 - t0
+        #: where the start-up went: model shell + shared reference weights, wrapping the
+        #: shared candidate arrays, the reference forward pass
+        self.phases = {"model": t1 - t0, "cache": t2 - t1, "reference": t3 - t2}
 
     def info(self) -> dict:
         """pid, node and start-up time of this actor (the pool logs it; tests kill by pid)."""
-        import ray
-
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                "init_seconds": self.init_seconds, "ref_ppl": self.evaluator.ref_ppl}
+                "init_seconds": self.init_seconds, "phases": dict(self.phases),
+                "ref_ppl": self.evaluator.ref_ppl}
+
+    def ping(self) -> None:
+        """A no-op call: its round trip is Ray's per-call overhead."""
 
     def evaluate(self, allocation):
         self.evaluations += 1
@@ -210,8 +226,6 @@ class EvaluatorPool:
                  workers: int | None = None, threads: int = 1, score_from: int | None = None,
                  max_replacements: int | None = None,
                  on_dispatch: Callable[["EvaluatorPool", int, int], None] | None = None):
-        import ray
-
         if not ray.is_initialized():
             raise AutobitsError("EvaluatorPool needs a connected Ray (use ray_session())")
         if threads < 1:
@@ -256,9 +270,13 @@ class EvaluatorPool:
         t0 = time.perf_counter()
         self._actors: list[Any] = [None] * self.workers
         self._spawned = 0
-        for slot in range(self.workers):
-            self._actors[slot] = self._spawn(slot)
-        self.info = self._ready(list(range(self.workers)))
+        try:
+            for slot in range(self.workers):
+                self._actors[slot] = self._spawn(slot)
+            self.info = self._ready(list(range(self.workers)))
+        except BaseException:
+            self.close()
+            raise
         self.stats.start_seconds = time.perf_counter() - t0
         nodes = len({i["node"] for i in self.info})
         log.info("%d evaluator actors x %d threads on %d node(s) ready in %.1fs (reference PPL %.4f)",
@@ -267,15 +285,20 @@ class EvaluatorPool:
         for slot in range(self.workers):
             self._idle.put(slot)
 
+    @staticmethod
+    def candidates_of(prepared) -> dict[str, list[str]]:
+        """tensor -> its candidate formats, from ``prepared.table``."""
+        table = prepared.table
+        return {t: [o.fmt for o in table.options[t]] for t in table.tensors}
+
     @classmethod
     def from_prepared(cls, prepared, **kw) -> "EvaluatorPool":
         """A pool measuring exactly what ``prepared.reward`` measures (same windows, same
         candidates, same importance vectors)."""
         c = prepared.config
         windows = prepared.split.calib[: c.reward_windows, : c.reward_ctx]
-        table = prepared.table
-        candidates = {t: [o.fmt for o in table.options[t]] for t in table.tensors}
-        return cls(lm=prepared.lm, windows=windows, cache=prepared.cache, candidates=candidates, **kw)
+        return cls(lm=prepared.lm, windows=windows, cache=prepared.cache,
+                   candidates=cls.candidates_of(prepared), **kw)
 
     # ------------------------------------------------------------ actors
     def _spawn(self, slot: int):
@@ -287,8 +310,6 @@ class EvaluatorPool:
                  cache=self._refs["cache"], **self._init_kw)
 
     def _ready(self, slots: list[int]) -> list[dict]:
-        import ray
-
         try:
             return ray.get([self._actors[s].info.remote() for s in slots])
         except ray.exceptions.RayError as e:
@@ -301,13 +322,9 @@ class EvaluatorPool:
 
     def actor_info(self, slot: int) -> dict:
         """pid/node of the actor currently in ``slot``."""
-        import ray
-
         return ray.get(self._actors[slot].info.remote())
 
     def _replace(self, slot: int, dead, error: Exception) -> None:
-        import ray
-
         with self._lock:
             if self._actors[slot] is not dead:  # another thread replaced it already
                 return
@@ -336,8 +353,6 @@ class EvaluatorPool:
         An evaluation whose actor dies is retried on its replacement.  Evaluation errors
         (a bad allocation) are raised.
         """
-        import ray
-
         if self._closed:
             raise AutobitsError("the evaluator pool is closed")
         allocations = list(allocations)
@@ -385,8 +400,6 @@ class EvaluatorPool:
 
     def close(self) -> None:
         """Kill the actors and release the objects (idempotent)."""
-        import ray
-
         if self._closed:
             return
         self._closed = True

@@ -46,9 +46,18 @@ def open_pool(prepared, *, address: str | None = None, workers: int | None = Non
     from autobits.cluster.actors import EvaluatorPool
     from autobits.cluster.runtime import ray_session
 
+    import os
+
+    from autobits.cluster.actors import store_bytes
+
+    store = None
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        # an embedded Ray's object store sized for the weights it must hold (plus room for
+        # Ray's own small objects) instead of Ray's default share of memory
+        store = int(1.1 * store_bytes(prepared.lm, EvaluatorPool.candidates_of(prepared))) + (512 << 20)
     stack = ExitStack()
     try:
-        stack.enter_context(ray_session(address, num_cpus=num_cpus))
+        stack.enter_context(ray_session(address, num_cpus=num_cpus, object_store_memory=store))
         pool = EvaluatorPool.from_prepared(prepared, workers=workers, threads=threads,
                                            on_dispatch=on_dispatch)
         stack.callback(pool.close)

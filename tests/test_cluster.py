@@ -120,6 +120,46 @@ def test_evaluation_batcher_batches_terminal_steps_in_env_order():
     assert vec.batcher.batches == [1, 3, 1, 3]
 
 
+def test_sb3_sac_learns_on_the_batched_vec_env():
+    """SB3's SAC accepts the batched VecEnv (step-based train_freq, VecNormalize on top)."""
+    import gymnasium as gym
+    from stable_baselines3 import SAC
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from autobits.cluster.agents import BatchedEvalVecEnv
+
+    sizes: list[int] = []
+
+    def evaluate_many(allocs):
+        sizes.append(len(allocs))
+        return [float(a) for a in allocs]
+
+    class Toy(gym.Env):
+        observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+        action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+        def __init__(self, evaluate):
+            self.evaluate, self.t = evaluate, 0
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t = 0
+            return np.zeros(2, np.float32), {}
+
+        def step(self, action):
+            self.t += 1
+            done = self.t >= 3
+            r = -abs(self.evaluate(float(action[0]))) if done else 0.0
+            return np.full(2, self.t / 3, np.float32), r, done, False, {}
+
+    vec = VecNormalize(BatchedEvalVecEnv([Toy] * 3, evaluate_many), norm_reward=False)
+    model = SAC("MlpPolicy", vec, train_freq=(3, "step"), learning_starts=6, batch_size=8,
+                gradient_steps=1, seed=0, policy_kwargs={"net_arch": [8]}, device="cpu")
+    model.learn(total_timesteps=30)
+    vec.close()
+    assert sizes and set(sizes) == {3}  # every terminal step evaluated the 3 envs together
+
+
 # ------------------------------------------------------------ a local Ray cluster
 def _free_ports(n: int) -> list[int]:
     socks, ports = [], []
