@@ -30,7 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
+
 from autobits.agents import AGENTS, SearchProblem  # noqa: E402
+from autobits.agents.optuna_agent import JOURNAL  # noqa: E402
 from autobits.allocation import Budget, write_json_atomic  # noqa: E402
 from autobits.errors import AutobitsError  # noqa: E402
 from autobits.pipeline import PrepareConfig, prepare  # noqa: E402
@@ -56,7 +59,7 @@ class _Reloaded:
 
     def __init__(self, cfg: PrepareConfig, table_path: Path):
         from autobits.candidates import CandidateTable
-        from autobits.evaluate import Evaluator, WeightCache
+        from autobits.evaluate import WeightCache
         from autobits.model import load_model
         from autobits.text import load_text, make_windows
 
@@ -67,12 +70,16 @@ class _Reloaded:
         windows = make_windows(load_text(cfg.text), self.lm.tokenizer, ctx=cfg.ctx)
         self.split = windows.split(calib=cfg.calib_windows, eval=cfg.eval_windows)
         self.features, self.timings = None, {"reloaded": 1.0}
-        cache = WeightCache(self.lm)
-        self._reward = Evaluator(self.lm, self.split.calib[: cfg.reward_windows, : cfg.reward_ctx],
-                                 cache=cache)
-        self._cache, self._heldout = cache, None
+        self._cfg, self._cache = cfg, WeightCache(self.lm)
+        self._reward = self._heldout = None
 
     def reward(self, allocation):
+        from autobits.evaluate import Evaluator
+
+        if self._reward is None:
+            c = self._cfg
+            self._reward = Evaluator(self.lm, self.split.calib[: c.reward_windows, : c.reward_ctx],
+                                     cache=self._cache)
         return self._reward.evaluate(allocation)
 
     def heldout(self, allocation):
@@ -131,15 +138,17 @@ def main(argv=None) -> int:
     log.info("prepared in %.0fs; limit %d bytes (%.4f bpw)", t_prepare, limit, limit * 8 / table.params)
 
     greedy = solve("greedy", table, limit_bytes=limit)
-    # one reward evaluation: the first fills the weight cache of the greedy's formats
-    t = time.perf_counter()
-    prepared.reward(greedy)
-    t_first = time.perf_counter() - t
-    t, c = time.perf_counter(), time.process_time()
-    reward_greedy = prepared.reward(greedy)
-    t_eval, c_eval = time.perf_counter() - t, time.process_time() - c
-    log.info("one reward evaluation: %.2fs wall, %.2fs CPU (first %.2fs); greedy calib KLD %.5f",
-             t_eval, c_eval, t_first, reward_greedy.kld)
+    reward_greedy = t_eval = c_eval = None
+    if not (args.resume and (out / JOURNAL).is_file()):
+        # one reward evaluation: the first fills the weight cache of the greedy's formats
+        t = time.perf_counter()
+        prepared.reward(greedy)
+        t_first = time.perf_counter() - t
+        t, c = time.perf_counter(), time.process_time()
+        reward_greedy = prepared.reward(greedy).kld
+        t_eval, c_eval = time.perf_counter() - t, time.process_time() - c
+        log.info("one reward evaluation: %.2fs wall, %.2fs CPU (first %.2fs); greedy calib KLD "
+                 "%.5f", t_eval, c_eval, t_first, reward_greedy)
 
     problem = SearchProblem(table=table, features=prepared.features, limit_bytes=limit,
                             evaluate=prepared.reward, warm_start=greedy)
@@ -149,6 +158,10 @@ def main(argv=None) -> int:
     result = agent.search(problem, evals=args.evals, seed=args.seed, out_dir=out, resume=args.resume)
     t_search, c_search = time.perf_counter() - t, time.process_time() - c
     log.info("search: %d evaluations in %.0fs wall, %.0fs CPU", len(result.history), t_search, c_search)
+    eval_total = sum(e.seconds for e in result.history)  # over every run of a resumed search
+    if reward_greedy is None:  # resumed: the warm start (trial 0) is the greedy
+        reward_greedy = result.meta["warm_kld"]
+        t_eval = float(np.median([e.seconds for e in result.history]))
 
     t = time.perf_counter()
     held = {"optuna": (result.best, prepared.heldout(result.best)),
@@ -167,7 +180,7 @@ def main(argv=None) -> int:
     rows = []
     for name, (a, m) in held.items():
         calib = result.best_metrics.kld if name == "optuna" else (
-            reward_greedy.kld if name == "greedy" else float("nan"))
+            reward_greedy if name == "greedy" else float("nan"))
         rows.append([name, f"{calib:.5f}", f"{m.kld:.5f}", f"{m.ppl:.4f}", f"{m.top1:.4f}",
                      f"{m.bytes:,}", f"{m.bpw:.4f}"])
     o, g = held["optuna"][1], held["greedy"][1]
@@ -179,10 +192,11 @@ def main(argv=None) -> int:
                    "eval_seconds": t_eval, "eval_cpu_seconds": c_eval},
         "heldout": {k: {"kld": m.kld, "ppl": m.ppl, "top1": m.top1, "bytes": m.bytes, "bpw": m.bpw}
                     for k, (a, m) in held.items()},
-        "calib_kld": {"optuna": result.best_metrics.kld, "greedy": reward_greedy.kld},
+        "calib_kld": {"optuna": result.best_metrics.kld, "greedy": reward_greedy},
         "optuna_beats_greedy": bool(o.kld <= g.kld and o.bytes <= g.bytes),
         "kld_change_vs_greedy": o.kld / g.kld - 1 if g.kld > 0 else None,
         "seconds": {"prepare": t_prepare, "search": t_search, "search_cpu": c_search,
+                    "evaluations_total": eval_total,
                     "heldout": t_heldout, "total": time.perf_counter() - t_all,
                     "total_cpu": time.process_time() - cpu_all},
         "loadavg": {"start": load0, "end": os.getloadavg()},
@@ -199,8 +213,9 @@ def main(argv=None) -> int:
         log.exception("report failed")
     print(_table(rows, ["allocation", "calib KLD", "held-out KLD", "PPL", "top-1", "bytes", "bpw"]))
     print(f"\n{lm.name} at {args.target_bpw} bpw = {limit:,} bytes; {len(result.history)} "
-          f"evaluations ({args.space}/{args.sampler}) in {t_search / 60:.1f} min wall "
-          f"({c_search / 60:.1f} min CPU); one reward evaluation {t_eval:.2f}s "
+          f"evaluations ({args.space}/{args.sampler}): {eval_total / 60:.1f} min evaluating "
+          f"(this run: {t_search / 60:.1f} min wall, {c_search / 60:.1f} min CPU); one reward "
+          f"evaluation {t_eval:.2f}s "
           f"({args.reward_windows}x{args.reward_ctx} tokens); load average {load0[0]:.1f}")
     print(f"optuna vs greedy held-out KLD: {o.kld:.5f} vs {g.kld:.5f} "
           f"({(o.kld / g.kld - 1) * 100:+.1f}%), bytes {o.bytes:,} vs {g.bytes:,}")
