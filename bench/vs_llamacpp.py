@@ -1,0 +1,171 @@
+"""autobits against llama.cpp's own presets at the same file size, judged by llama.cpp.
+
+    python bench/vs_llamacpp.py [--model smollm2-135m] [--windows 8] [--calib-windows 8]
+                                [--presets Q8_0,Q4_K_M,Q3_K_M,Q2_K] [--solver greedy]
+                                [--out DIR] [--json OUT] [--flash-attn] [--no-autobits]
+
+1. The reference: the model's float weights exported as an F32 GGUF (for a GGUF source,
+   its dequantized weights: the same reference our evaluator uses).
+2. llama.cpp's presets: ``llama_model_quantize`` on that F32 file, without and with an
+   importance matrix.  The imatrix is our calibration's ``E[x^2]`` per input channel (what
+   ``llama-imatrix`` accumulates), handed to llama.cpp in memory through
+   ``llama_model_quantize_params.imatrix`` (``llama_model_imatrix_data`` entries keyed by
+   tensor name), so both sides round with the very same vectors; no imatrix file is needed.
+3. autobits: the calibration's candidate table (``autobits.features.build_candidates``,
+   without and with the imatrix) solved by ``--solver`` at each preset's exact tensor
+   bytes, exported with autobits' GGUF writer; if our file (which also records the
+   allocation in its metadata) comes out larger than the preset's, the limit is lowered by
+   the difference and solved again, so every autobits file is at most the preset's size.
+4. Every file is judged by llama.cpp on the same held-out windows (the last ``--windows``
+   windows of ``--text`` under the GGUF's tokenizer): perplexity, and KLD / top-1 agreement
+   against the F32 reference's logits (computed once).
+
+Prints one table; ``--json`` writes every number.  Files stay in ``--out`` (reused on a
+rerun when present: delete the folder to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from autobits.allocation import Allocation, write_json_atomic  # noqa: E402
+from autobits.cli import format_table  # noqa: E402
+
+log = logging.getLogger("bench.vs_llamacpp")
+
+
+def tensor_bytes(path: Path) -> int:
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+
+
+def autobits_file(lm, table, solver: str, limit: int, cap: int, out: Path,
+                  importance) -> tuple[Path, Allocation]:
+    """Solve at ``limit`` tensor bytes and export; shrink until the file is <= ``cap`` bytes."""
+    from autobits.exports.gguf import export_gguf
+    from autobits.solvers import solve
+
+    for _ in range(4):
+        alloc = solve(solver, table, limit_bytes=limit)
+        path = export_gguf(lm, alloc, out, importance=importance)
+        over = path.stat().st_size - cap
+        if over <= 0:
+            return path, alloc
+        log.info("%s is %d bytes over the preset file; solving again", out.name, over)
+        limit -= over
+    raise RuntimeError(f"could not fit {out.name} under {cap} bytes")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--text", default="stdlib")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=8, help="held-out windows (from the end)")
+    ap.add_argument("--calib-windows", type=int, default=8, help="calibration windows (from the start)")
+    ap.add_argument("--presets", default="Q8_0,Q4_K_M,Q3_K_M,Q2_K")
+    ap.add_argument("--solver", default="greedy", help="greedy or ilp")
+    ap.add_argument("--flash-attn", action="store_true")
+    ap.add_argument("--no-autobits", action="store_true", help="presets only")
+    ap.add_argument("--out", default="/tmp/autobits-vs-llamacpp")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+
+    from autobits.exports.gguf import export_gguf
+    from autobits.exports.judge import (judge, llama_quantize, llama_windows, open_llama,
+                                        reference_logits)
+    from autobits.model import load_model
+    from autobits.text import load_text, make_windows
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    presets = [p.strip().upper() for p in args.presets.split(",") if p.strip()]
+    t_start = time.perf_counter()
+    lm = load_model(args.model)
+    params = lm.n_params
+
+    ref_path = out / "reference-F32.gguf"
+    if not ref_path.is_file():
+        export_gguf(lm, Allocation.uniform(lm.name, lm.specs, "F32"), ref_path)
+    split = llama_windows(open_llama(ref_path, ctx=args.ctx), args.text, ctx=args.ctx, n=args.windows)
+    ref = reference_logits(ref_path, windows=split.eval, flash_attn=args.flash_attn)
+    log.info("reference: ppl %.4f on windows %d..%d (%.0fs)", ref.ppl, split.eval_ids[0],
+             split.eval_ids[-1], ref.seconds)
+
+    from autobits.calibrate import calibrate
+
+    calib_split = make_windows(load_text(args.text), lm.tokenizer, ctx=args.ctx).split(
+        calib=args.calib_windows, eval=0)
+    if calib_split.n_windows - args.calib_windows < args.windows:
+        raise SystemExit("calibration and held-out windows would overlap")
+    calib = calibrate(lm, calib_split.calib, progress=False)
+    importance = {s.name: v for s in lm.quantizable if (v := calib.importance(s.name)) is not None}
+
+    rows: list[dict] = []
+
+    def record(name: str, path: Path, kind: str, alloc: Allocation | None = None) -> None:
+        res = judge(path, windows=split.eval, reference=ref, flash_attn=args.flash_attn)
+        tb = tensor_bytes(path)
+        row = {"name": name, "kind": kind, "file": str(path), "file_bytes": path.stat().st_size,
+               "tensor_bytes": tb, "bpw": tb * 8 / params, "ppl": res.ppl,
+               "ppl_increase": res.ppl / ref.ppl - 1, "kld": res.kld, "top1": res.top1,
+               "seconds": res.seconds}
+        if alloc is not None:
+            row["types"] = sorted(set(alloc.tensors.values()))
+            row["meta"] = {k: v for k, v in alloc.meta.items() if k != "details"}
+        rows.append(row)
+        log.info("%s: %s", name, {k: row[k] for k in ("file_bytes", "bpw", "ppl", "kld", "top1")})
+
+    record("F32 (reference)", ref_path, "reference")
+    tables = {}
+    if not args.no_autobits:
+        from autobits.evaluate import WeightCache
+        from autobits.features import build_candidates
+
+        for im in (False, True):
+            cache = WeightCache(lm, importance=importance if im else None)
+            tables[im] = build_candidates(lm, calib, imatrix=im, cache=cache, progress=False)
+            del cache
+    for preset in presets:
+        for im in (False, True):
+            tag = f"{preset}{'-imatrix' if im else ''}"
+            p = out / f"llama-{tag}.gguf"
+            if not p.is_file():
+                llama_quantize(ref_path, p, preset=preset, importance=importance if im else None)
+            record(f"llama.cpp {tag}", p, "preset")
+            if args.no_autobits:
+                continue
+            limit = tensor_bytes(p)
+            a_path, alloc = autobits_file(lm, tables[im], args.solver, limit, p.stat().st_size,
+                                          out / f"autobits-{tag}.gguf", importance if im else None)
+            record(f"autobits {args.solver} @{tag}", a_path, "autobits", alloc)
+    header = ["file", "file bytes", "bpw", "PPL", "dPPL", "KLD", "top-1"]
+    table = [[r["name"], f"{r['file_bytes']:,}", f"{r['bpw']:.3f}", f"{r['ppl']:.4f}",
+              f"{100 * r['ppl_increase']:+.2f}%", f"{r['kld']:.5f}", f"{r['top1']:.4f}"] for r in rows]
+    print(format_table(table, header))
+    print(f"\n{lm.name}: llama.cpp (llama-cpp-python) on {args.windows} held-out windows x "
+          f"{args.ctx} tokens of {split.corpus} (windows {split.eval_ids[0]}..{split.eval_ids[-1]}), "
+          f"flash attention {'on' if args.flash_attn else 'off'}; imatrix and autobits "
+          f"calibration: first {args.calib_windows} windows; {time.perf_counter() - t_start:.0f}s")
+    if args.json:
+        write_json_atomic(args.json, {"model": lm.name, "text": split.to_json(),
+                                      "reference_ppl": ref.ppl, "rows": rows,
+                                      "solver": args.solver, "calib_windows": args.calib_windows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
