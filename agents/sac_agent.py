@@ -110,10 +110,10 @@ _SAC_CLASS = None
 
 
 def sac_class():
-    """stable-baselines3's SAC whose gradient updates run on ``train_threads`` torch threads
-    (1 by default: tiny MLPs gain nothing from more, and on a busy machine OpenMP
-    oversubscription makes two threads many times slower); the rest of the process (the
-    evaluator's forward passes) keeps its thread count."""
+    """stable-baselines3's SAC whose network work (updates, action sampling, predict) runs on
+    ``train_threads`` torch threads (1 by default: tiny MLPs gain nothing from more, and on
+    a busy machine OpenMP oversubscription makes two threads many times slower); the rest
+    of the process (the evaluator's forward passes) keeps its thread count."""
     global _SAC_CLASS
     if _SAC_CLASS is None:
         import torch
@@ -122,13 +122,22 @@ def sac_class():
         class ThreadedSAC(SAC):
             train_threads = 1
 
-            def train(self, gradient_steps: int, batch_size: int = 64) -> None:
+            def _threads(self, fn, *args, **kwargs):
                 old = torch.get_num_threads()
                 torch.set_num_threads(self.train_threads)
                 try:
-                    super().train(gradient_steps, batch_size)
+                    return fn(*args, **kwargs)
                 finally:
                     torch.set_num_threads(old)
+
+            def train(self, gradient_steps: int, batch_size: int = 64) -> None:
+                self._threads(super().train, gradient_steps, batch_size)
+
+            def _sample_action(self, *args, **kwargs):
+                return self._threads(super()._sample_action, *args, **kwargs)
+
+            def predict(self, *args, **kwargs):
+                return self._threads(super().predict, *args, **kwargs)
 
         _SAC_CLASS = ThreadedSAC
     return _SAC_CLASS
@@ -138,11 +147,15 @@ def make_sac(env: BitAllocEnv, *, seed: int, learning_rate: float = 3e-4, batch_
              buffer_size: int = 200_000, gamma: float = 0.99, tau: float = 0.005,
              gradient_steps: int = 32, learning_starts: int | None = None,
              net_arch: Sequence[int] = (128, 128), ent_coef: str | float = "auto_0.1",
-             device: str = "cpu"):
+             target_entropy: str | float = "auto", use_sde: bool = False,
+             log_std_init: float = -3.0, device: str = "cpu"):
     """SB3 SAC on ``env`` wrapped in DummyVecEnv + VecNormalize (observations only).
 
     Trains once per episode (``train_freq=(1, "episode")``) with ``gradient_steps`` updates;
-    ``learning_starts`` defaults to one episode of uniform random actions.
+    ``learning_starts`` defaults to one episode of uniform random actions.  ``use_sde``
+    explores with generalised state-dependent noise drawn once per episode (``log_std_init``
+    its initial scale): within an episode, tensors with similar features are pushed the same
+    way, which suits allocations better than independent per-step noise.
     Returns ``(model, vec_env)``.
     """
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
@@ -151,12 +164,16 @@ def make_sac(env: BitAllocEnv, *, seed: int, learning_rate: float = 3e-4, batch_
                        clip_obs=10.0, gamma=gamma)
     vec.seed(seed)
     n = max(t.n for t in env.tasks)
+    policy_kwargs: dict[str, Any] = {"net_arch": list(net_arch)}
+    if use_sde:
+        policy_kwargs["log_std_init"] = float(log_std_init)
     model = sac_class()(
         "MlpPolicy", vec, learning_rate=learning_rate, buffer_size=buffer_size,
         learning_starts=n if learning_starts is None else int(learning_starts),
         batch_size=batch_size, tau=tau, gamma=gamma, train_freq=(1, "episode"),
-        gradient_steps=int(gradient_steps), ent_coef=ent_coef,
-        policy_kwargs={"net_arch": list(net_arch)}, seed=seed, device=device, verbose=0,
+        gradient_steps=int(gradient_steps), ent_coef=ent_coef, target_entropy=target_entropy,
+        use_sde=bool(use_sde), sde_sample_freq=-1, use_sde_at_warmup=bool(use_sde),
+        policy_kwargs=policy_kwargs, seed=seed, device=device, verbose=0,
     )
     return model, vec
 
@@ -190,27 +207,45 @@ def deterministic_index(model, vec, env: BitAllocEnv, *, options: dict | None = 
 
 @register_agent("sac")
 class SACAgent:
-    """SAC search.  Options (keyword): ``pretrain_episodes`` (proxy reward, free),
-    ``gradient_steps`` per episode, ``batch_size``, ``learning_rate``, ``gamma``,
-    ``net_arch``, ``ent_coef``, env options ``order``/``action``/``span``/``cliff``/``unused``/
-    ``shaping``, ``policy`` (a saved policy file to start from), ``max_episode_factor``
-    (episodes allowed per evaluation, repeats are free), ``log_every``."""
+    """SAC search over :class:`~autobits.envs.BitAllocEnv` (see the module docstring).
+
+    Options (keyword):
+
+    * schedule: ``pretrain_episodes`` (proxy reward, free), ``gradient_steps`` per episode
+      (``finetune_gradient_steps`` overrides it on measured KLD, where samples are dear),
+      ``keep_proxy_buffer`` (keep the proxy transitions when switching to KLD),
+      ``max_episode_factor`` (episodes allowed per evaluation: repeated allocations are
+      free), ``policy`` (a saved policy file to start from instead of pretraining);
+    * SAC: ``batch_size``, ``learning_rate``, ``gamma``, ``net_arch``, ``ent_coef``,
+      ``target_entropy``, ``use_sde`` / ``log_std_init``, ``device``;
+    * env: ``order``, ``action``, ``span``, ``gain_range``, ``cliff``, ``unused``,
+      ``shaping``, ``projection``, ``feature_norm``;
+    * ``log_every``: log every N evaluations (and every new best).
+    """
 
     name = "sac"
 
     def __init__(self, *, pretrain_episodes: int = 40, gradient_steps: int = 32,
                  batch_size: int = 128, learning_rate: float = 3e-4, gamma: float = 0.99,
                  net_arch: Sequence[int] = (128, 128), ent_coef: str | float = "auto_0.1",
-                 order: str = "model", action: str = "absolute", span: int = 2,
-                 cliff: float = 2.0, unused: float = 0.5, shaping: float = 0.0,
+                 target_entropy: str | float = "auto", use_sde: bool = False,
+                 log_std_init: float = -3.0, order: str = "model", action: str = "absolute",
+                 span: int = 2, gain_range: float = 4.0, cliff: float = 2.0, unused: float = 0.5,
+                 shaping: float = 0.0, projection: str = "shift", feature_norm: str = "none",
                  policy: str | Path | None = None, max_episode_factor: int = 4,
+                 keep_proxy_buffer: bool = False, finetune_gradient_steps: int | None = None,
                  log_every: int = 10, device: str = "cpu"):
         self.sac_kw = {"gradient_steps": gradient_steps, "batch_size": batch_size,
                        "learning_rate": learning_rate, "gamma": gamma,
-                       "net_arch": tuple(net_arch), "ent_coef": ent_coef, "device": device}
-        self.env_kw = {"order": order, "action": action, "span": span, "cliff": cliff,
-                       "unused": unused, "shaping": shaping}
+                       "net_arch": tuple(net_arch), "ent_coef": ent_coef,
+                       "target_entropy": target_entropy, "use_sde": use_sde,
+                       "log_std_init": log_std_init, "device": device}
+        self.env_kw = {"order": order, "action": action, "span": span, "gain_range": gain_range,
+                       "cliff": cliff, "unused": unused, "shaping": shaping,
+                       "projection": projection, "feature_norm": feature_norm}
         self.pretrain_episodes = int(pretrain_episodes)
+        self.keep_proxy_buffer = bool(keep_proxy_buffer)
+        self.finetune_gradient_steps = finetune_gradient_steps
         self.policy = policy
         self.max_episode_factor = int(max_episode_factor)
         self.log_every = int(log_every)
@@ -272,11 +307,17 @@ class SACAgent:
             log.info("sac: proxy pretraining %d episodes in %.0fs; deterministic policy proxy "
                      "error %.4fx greedy", pre, stats["pretrain_seconds"], stats["pretrain_proxy_ratio"])
 
-        # 3. fine-tune on measured KLD until evals - 1 are spent
+        # 3. fine-tune on measured KLD until evals - 1 are spent; the proxy transitions leave
+        #    the replay buffer (their reward is another quantity), the networks keep what
+        #    they learned
         env.set_reward_mode("kld")
+        if not self.keep_proxy_buffer:
+            model.replay_buffer.reset()
         seed_episode(model, env, warm_index)
         model._last_obs = vec.reset()  # a fresh episode in KLD mode
         model._last_original_obs = vec.get_original_obs()
+        if self.finetune_gradient_steps is not None:
+            model.gradient_steps = int(self.finetune_gradient_steps)
         budget_left = lambda: counter.used >= evals - 1  # noqa: E731
         max_episodes = max(1, self.max_episode_factor * evals)
         t0 = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -21,9 +22,10 @@ from autobits.envs._core import (
     rank_of_action,
 )
 from autobits.errors import BudgetError
+from autobits.solvers.lagrange import greedy_index
 from autobits.specs import DEFAULT_CANDIDATES
 
-__all__ = ["BitAllocEnv", "STATE_NAMES", "REWARD_MODES"]
+__all__ = ["BitAllocEnv", "STATE_NAMES", "REWARD_MODES", "ACTION_MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ STATE_NAMES: tuple[str, ...] = (
     "range_share", "target", "greedy_hint", "n_formats", "proxy_slope", "size_log",
 )
 REWARD_MODES = ("kld", "proxy")
+ACTION_MODES = ("absolute", "residual", "sensitivity")
 _EPS_KLD = 1e-6
 
 
@@ -56,6 +59,10 @@ class BitAllocEnv(gym.Env):
     and +1 the largest (RAMP's continuous action mapped to a discrete bit-width).
     ``action="residual"``: the action moves ``round(a * span)`` formats up (a > 0) or down
     from the greedy solver's choice for this tensor, clipped to the valid formats.
+    ``action="sensitivity"`` (beyond RAMP): the action is a correction of this tensor's
+    proxy error by the factor ``gain_range ** a``; the episode's allocation is the
+    equal-slope greedy solution of the corrected errors at the budget (so it always fits
+    and spends the budget: no projection, no cliff), 0 everywhere being the greedy solver.
 
     ## Observation Space
 
@@ -132,6 +139,7 @@ class BitAllocEnv(gym.Env):
         order: str = "model",
         action: str = "absolute",
         span: int = 2,
+        gain_range: float = 4.0,
         cliff: float = 2.0,
         unused: float = 0.5,
         shaping: float = 0.0,
@@ -163,8 +171,10 @@ class BitAllocEnv(gym.Env):
             raise ValueError(f"order must be 'model' or 'sensitivity', got {order!r}")
         if projection not in ("shift", "proxy"):
             raise ValueError(f"projection must be 'shift' or 'proxy', got {projection!r}")
-        if action not in ("absolute", "residual"):
-            raise ValueError(f"action must be 'absolute' or 'residual', got {action!r}")
+        if action not in ACTION_MODES:
+            raise ValueError(f"action must be one of {ACTION_MODES}, got {action!r}")
+        if not gain_range > 1:
+            raise ValueError(f"gain_range must be > 1, got {gain_range}")
         if (limit_bytes is None) == (bpw_range is None):
             raise BudgetError(
                 f"give exactly one of limit_bytes or bpw_range, got limit_bytes={limit_bytes}, "
@@ -188,13 +198,15 @@ class BitAllocEnv(gym.Env):
         self.limit_bytes = None if limit_bytes is None else int(limit_bytes)
         self.bpw_range = None if bpw_range is None else (float(bpw_range[0]), float(bpw_range[1]))
         self.order, self.action_mode, self.span = order, action, int(span)
+        self.gain_range = float(gain_range)
         self.cliff, self.unused, self.shaping = float(cliff), float(unused), float(shaping)
         self.fill, self.bpw_step = bool(fill), float(bpw_step)
         self.projection = projection
         self.feature_norm = feature_norm
         self._feats = [t.features_for(feature_norm) for t in self.tasks]
         #: constructor options besides the tasks and budget (saved with a policy)
-        self.config = {"order": order, "action": action, "span": self.span, "cliff": self.cliff,
+        self.config = {"order": order, "action": action, "span": self.span,
+                       "gain_range": self.gain_range, "cliff": self.cliff,
                        "unused": self.unused, "shaping": self.shaping, "fill": self.fill,
                        "projection": projection, "feature_norm": feature_norm,
                        "bpw_step": self.bpw_step}
@@ -263,6 +275,8 @@ class BitAllocEnv(gym.Env):
         rank = count - 1 - np.asarray(index)[order]
         if self.action_mode == "absolute":
             return action_of_rank(rank, count).astype(np.float32)
+        if self.action_mode == "sensitivity":  # only the greedy allocation is expressible
+            return np.zeros(len(order), dtype=np.float32)
         g_rank = count - 1 - self._greedy_index[order]
         return np.clip((rank - g_rank) / max(self.span, 1), -1, 1).astype(np.float32)
 
@@ -291,8 +305,16 @@ class BitAllocEnv(gym.Env):
         index = self._indices(self._actions + lo)
         return project(p, index, limit, fill=self.fill) if self.fill else index
 
+    def _sensitivity_allocation(self) -> np.ndarray:
+        """Equal-slope greedy allocation of the proxy errors scaled by ``gain_range ** a``."""
+        p = self.task.packed
+        gain = self.gain_range ** np.clip(self._actions, -1.0, 1.0)
+        return greedy_index(dataclasses.replace(p, error=p.error * gain[:, None]), self._limit)
+
     def _row_index(self, row: int, a: float) -> int:
         count = int(self.task.packed.count[row])
+        if self.action_mode == "sensitivity":  # provisional: decided at the end
+            return int(self._greedy_index[row])
         if self.action_mode == "absolute":
             rank = int(rank_of_action(a, count))
         else:
@@ -398,7 +420,10 @@ class BitAllocEnv(gym.Env):
     def _finish(self) -> tuple[float, dict]:
         task, limit = self.task, self._limit
         raw_bytes = task.packed.total_bytes(self._index)
-        if self.projection == "shift":
+        if self.action_mode == "sensitivity":
+            final = self._sensitivity_allocation()
+            raw_bytes = task.packed.total_bytes(final)
+        elif self.projection == "shift":
             final = self._shift_project()
         else:
             final = project(task.packed, self._index, limit, fill=self.fill)

@@ -154,7 +154,7 @@ def test_observation_layout_and_bounds():
     assert progress == sorted(progress) and progress[0] == 0
 
 
-@pytest.mark.parametrize("action", ["absolute", "residual"])
+@pytest.mark.parametrize("action", ["absolute", "residual", "sensitivity"])
 def test_same_seed_same_rollout(action):
     t1, f1, _ = problem(seed=1)
     t2, f2, _ = problem(2, seed=2, model="other")
@@ -172,7 +172,7 @@ def test_same_seed_same_rollout(action):
 
 
 @pytest.mark.parametrize("projection", ["shift", "proxy"])
-@pytest.mark.parametrize("action", ["absolute", "residual"])
+@pytest.mark.parametrize("action", ["absolute", "residual", "sensitivity"])
 def test_projection_always_feasible(projection, action):
     table, feats, _ = problem()
     rng = np.random.default_rng(0)
@@ -209,7 +209,7 @@ def test_cliff_and_unused_penalties():
     assert r == pytest.approx(info["quality"] - expect)
 
 
-@pytest.mark.parametrize("action", ["absolute", "residual"])
+@pytest.mark.parametrize("action", ["absolute", "residual", "sensitivity"])
 def test_greedy_actions_reproduce_greedy(action):
     table, feats, limit = problem()
     env = BitAllocEnv(table, feats, limit_bytes=limit, action=action)

@@ -79,3 +79,13 @@ def test_sac_on_tiny_model_with_real_evaluator(tiny_lm):
     assert res.best.bytes <= limit
     assert np.isfinite(res.best_metrics.kld) and res.best_metrics.kld >= 0
     assert res.best_metrics.windows == 1
+
+
+def test_sac_sensitivity_actions_with_gsde():
+    table, feats, limit = problem(seed=5)
+    prob = SearchProblem(table=table, features=feats, limit_bytes=limit, evaluate=fake_evaluate(table))
+    res = AGENTS["sac"](pretrain_episodes=2, action="sensitivity", use_sde=True,
+                        finetune_gradient_steps=8, **TINY).search(prob, evals=4, seed=0)
+    assert res.best.bytes <= limit
+    assert res.meta["over_budget"] == 0  # the corrected greedy allocation always fits
+    assert res.meta["options"]["use_sde"] and res.meta["options"]["action"] == "sensitivity"
