@@ -173,7 +173,9 @@ class OptunaAgent:
     ``max_trials_factor`` caps trials (cached duplicates included) at this many times
     ``evals`` (default 5); ``batch`` allocations measured per round through
     ``problem.evaluate_many`` when the problem has it (default: its pool's ``workers``; TPE
-    then uses the constant liar); ``timeout`` seconds after which the search stops early with
+    then uses the constant liar); ``patience`` consecutive trials that decode to allocations
+    evaluated before, after which the search stops (default 200: the space holds nothing new
+    where the sampler looks); ``timeout`` seconds after which the search stops early with
     what it has (resumable; default none); ``progress`` shows a tqdm bar (default False;
     logging always).
     """
@@ -183,7 +185,7 @@ class OptunaAgent:
     def __init__(self, *, sampler: str = "tpe", space: str = "groups", n_startup: int = 10,
                  depth_buckets: int = 4, bias_range: float = 2.0, max_offset: int = 2,
                  multivariate: bool = True, max_trials_factor: float = 5.0,
-                 batch: int | None = None, timeout: float | None = None,
+                 batch: int | None = None, timeout: float | None = None, patience: int = 200,
                  progress: bool = False) -> None:
         sampler, space = str(sampler).lower(), str(space).lower()
         if sampler not in SAMPLERS:
@@ -200,6 +202,8 @@ class OptunaAgent:
             raise ValueError(f"max_offset must be at least 1, got {max_offset=}")
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout=}")
+        if patience < 1:
+            raise ValueError(f"patience must be at least 1, got {patience=}")
         if batch is not None and batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch=}")
         if max_trials_factor < 1:
@@ -219,6 +223,7 @@ class OptunaAgent:
         self.max_trials_factor = float(max_trials_factor)
         self.batch = None if batch is None else int(batch)
         self.timeout = None if timeout is None else float(timeout)
+        self.patience = int(patience)
         self.progress = bool(progress)
 
     # ------------------------------------------------------------ the space
@@ -423,7 +428,12 @@ class OptunaAgent:
             batch = self._batch_size(problem)
             n_trials = len(done)
             max_trials = int(math.ceil(self.max_trials_factor * evals))
+            stale = 0  # consecutive trials that found nothing new
             while len(history) < evals:
+                if stale >= self.patience:
+                    log.warning("stopping after %d trials in a row found no new allocation "
+                                "(%d of %d evaluations done)", stale, len(history), evals)
+                    break
                 if (self.timeout is not None and history
                         and time.perf_counter() - t_start > self.timeout):
                     log.warning("stopping at the timeout of %.0fs after %d of %d evaluations "
@@ -451,8 +461,12 @@ class OptunaAgent:
                     hit = seen.get(key)
                     if hit is not None:
                         _tell_cached(study, trial, attrs, hit)
+                        stale += 1
+                        if stale >= self.patience:
+                            break
                     else:
                         fresh.setdefault(key, []).append((trial, attrs))
+                        stale = 0
                 if not fresh:
                     continue
                 keys = list(fresh)

@@ -179,6 +179,15 @@ def test_timeout_stops_early_and_resumes(table, tmp_path):
     assert len(res.history) == 5 == ev.calls
 
 
+def test_patience_stops_a_search_with_nothing_new(table):
+    """A budget that fits every tensor's largest format leaves one allocation to find."""
+    ev = SyntheticKLD(table)
+    prob = dataclasses.replace(make_problem(table, ev), limit_bytes=table.max_bytes(),
+                               warm_start=None)
+    res = OptunaAgent(patience=5).search(prob, evals=20, seed=0)
+    assert len(res.history) == 1 == ev.calls and res.meta["trials"] == 6
+
+
 def test_improves_on_warm_start(table):
     ev = SyntheticKLD(table)
     res = OptunaAgent().search(make_problem(table, ev), evals=30, seed=0)
