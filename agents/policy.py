@@ -101,9 +101,9 @@ class SavedPolicy:
         """Write the policy file atomically (temporary name beside ``path``, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {**self.config, "obs_rms": {"mean": self.obs_mean.tolist(),
-                                              "var": self.obs_var.tolist(), "count": self.obs_count},
-                   "meta": self.meta}
+        rms = {"mean": self.obs_mean.tolist(), "var": self.obs_var.tolist(),
+               "count": self.obs_count}
+        payload = {**self.config, "obs_rms": rms, "meta": self.meta}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
@@ -131,7 +131,7 @@ class SavedPolicy:
         return self._model
 
     def check(self, task: AllocTask) -> None:
-        """Raise :class:`PolicySpecError` unless ``task`` matches what this policy was trained on."""
+        """Raise :class:`PolicySpecError` unless ``task`` matches the policy's training."""
         want, got = self.feature_spec, task.spec
         where = f"policy {str(self.path) if self.path else '(in memory)'}"
         if want["version"] != got["version"] or list(want["names"]) != list(got["names"]):
@@ -183,8 +183,10 @@ class SavedPolicy:
             "method": "policy", "policy": str(self.path) if self.path else None,
             "limit_bytes": int(limit_bytes), "limit_bpw": round(limit_bytes * 8 / table.params, 6),
             "raw_bytes": info["raw_bytes"], "over_budget": info["over_budget"],
-            "predicted_error": info["proxy_error"], "greedy_predicted_error": info["greedy_proxy_error"],
-            "trained_on": self.meta.get("trained_on"), "seconds": round(time.perf_counter() - t0, 3),
+            "predicted_error": info["proxy_error"],
+            "greedy_predicted_error": info["greedy_proxy_error"],
+            "trained_on": self.meta.get("trained_on"),
+            "seconds": round(time.perf_counter() - t0, 3),
         }
         return table.allocation(info["allocation"], meta=meta)
 
@@ -206,13 +208,14 @@ class SavedPolicy:
         return model, vec
 
 
-def save_policy(path: str | os.PathLike, *, model, vec, env: BitAllocEnv, meta: dict | None = None) -> Path:
-    """Save an SB3 SAC model with its VecNormalize statistics and ``env``'s spec as a policy file."""
+def save_policy(path: str | os.PathLike, *, model, vec, env: BitAllocEnv,
+                meta: dict | None = None) -> Path:
+    """Save an SB3 SAC model, its VecNormalize statistics and ``env``'s spec as a policy file."""
     return SavedPolicy.from_model(model=model, vec=vec, env=env, meta=meta).save(path)
 
 
 def load_policy(path: str | os.PathLike) -> SavedPolicy:
-    """Read a policy file written by :func:`save_policy` (:class:`PolicyError` when it is not one)."""
+    """Read a policy file written by :func:`save_policy` (else :class:`PolicyError`)."""
     p = Path(path)
     if not p.is_file():
         raise PolicyError(f"policy file {str(p)!r} does not exist")
@@ -266,7 +269,8 @@ def train_policy(tasks: Sequence[AllocTask], *, bpw_range: tuple[float, float], 
     for i, task in enumerate(env.tasks):
         for bpw in np.linspace(lo, hi, max(1, warm_budgets)):
             limit = task.limit_of_bpw(float(bpw))
-            seed_episode(model, env, task.greedy(limit)[0], options={"task": i, "limit_bytes": limit})
+            seed_episode(model, env, task.greedy(limit)[0],
+                         options={"task": i, "limit_bytes": limit})
     quality: list[float] = []
 
     def on_episode(info: dict) -> None:

@@ -137,7 +137,8 @@ def project(p: Packed, index: np.ndarray, limit: int, *, fill: bool = True) -> n
             if not ok.any():
                 break
             with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(ok, np.where(extra > 0, gain / np.maximum(extra, 1), np.inf), -np.inf)
+                per_byte = np.where(extra > 0, gain / np.maximum(extra, 1), np.inf)
+                ratio = np.where(ok, per_byte, -np.inf)
             t, k = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
             left -= int(extra[t, k])
             index[t] = k
@@ -268,6 +269,7 @@ class AllocTask:
                 out[i] = fmts.index(choice[name])
             except (KeyError, ValueError):
                 raise AllocationError(
-                    f"tensor {name!r}: {choice.get(name)!r} is not one of its candidates {list(fmts)}"
+                    f"tensor {name!r}: {choice.get(name)!r} is not one of its candidates "
+                    f"{list(fmts)}"
                 ) from None
         return out

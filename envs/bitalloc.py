@@ -76,18 +76,18 @@ class BitAllocEnv(gym.Env):
 
     | column | meaning | range |
     |---|---|---|
-    | features 0..F-1 | FeatureTable row (see :mod:`autobits.features` for each column) | [-10, 10] |
+    | features 0..F-1 | FeatureTable row (:mod:`autobits.features` defines them) | [-10, 10] |
     | budget_left | (B - C - R_min) / (hi - lo) | [-2, 2] |
-    | slack_ratio | (B - C - R_min) / (R_max - R_min): share of the remaining upgrades affordable | [-2, 2] |
+    | slack_ratio | (B - C - R_min) / (R_max - R_min): remaining upgrades affordable | [-2, 2] |
     | progress | tensors decided / tensors | [0, 1] |
     | prev_action | previous action (0 at the first step) | [-1, 1] |
     | need_min | this tensor's smallest format bytes / (B - C) | [0, 2] |
     | need_max | this tensor's largest format bytes / (B - C) | [0, 2] |
     | range_share | this tensor's (max - min) bytes / (R_max - R_min) | [0, 1] |
     | target | (B - lo) / (hi - lo): how generous the budget is | [0, 1] |
-    | greedy_hint | the greedy solver's format for this tensor at B, as an absolute action | [-1, 1] |
+    | greedy_hint | the greedy solver's format for this tensor at B, as an action | [-1, 1] |
     | n_formats | valid formats of this tensor / 12 | (0, 1] |
-    | proxy_slope | log proxy error per byte from largest to smallest format, z-scored in model | [-5, 5] |
+    | proxy_slope | log proxy error per byte, largest to smallest format, z in model | [-5, 5] |
     | size_log | log parameter count, z-scored in model | [-5, 5] |
 
     ## Rewards
@@ -234,10 +234,13 @@ class BitAllocEnv(gym.Env):
         if mode == "kld":
             missing = [t.name for t in self.tasks if t.evaluate is None]
             if missing:
-                raise ValueError(f"reward_mode 'kld' needs an evaluate callable; missing for {missing}")
+                raise ValueError(
+                    f"reward_mode 'kld' needs an evaluate callable; missing for {missing}"
+                )
         self.reward_mode = mode
 
-    def set_kld_reference(self, kld: float, *, task: int = 0, limit_bytes: int | None = None) -> None:
+    def set_kld_reference(self, kld: float, *, task: int = 0,
+                          limit_bytes: int | None = None) -> None:
         """Give the greedy solution's KLD at a budget (else it is measured on first need)."""
         limit = self.limit_bytes if limit_bytes is None else int(limit_bytes)
         self.kld_reference[(task, limit)] = float(kld)
@@ -287,7 +290,8 @@ class BitAllocEnv(gym.Env):
             rank = rank_of_action(np.clip(actions, -1.0, 1.0), count)
         else:
             g_rank = count - 1 - self._greedy_index
-            rank = np.clip(g_rank + np.floor(actions * self.span + 0.5).astype(np.int64), 0, count - 1)
+            step = np.floor(actions * self.span + 0.5).astype(np.int64)
+            rank = np.clip(g_rank + step, 0, count - 1)
         return count - 1 - rank
 
     def _shift_project(self) -> np.ndarray:
@@ -327,7 +331,9 @@ class BitAllocEnv(gym.Env):
         t_lo, t_hi = task.lo * 8 / task.params, task.hi * 8 / task.params
         lo_bpw, hi_bpw = max(lo_bpw, t_lo), min(hi_bpw, t_hi)
         steps = int(math.floor((hi_bpw - lo_bpw) / self.bpw_step)) if self.bpw_step > 0 else 0
-        bpw = lo_bpw + self.bpw_step * int(self.np_random.integers(0, steps + 1)) if steps else lo_bpw
+        bpw = lo_bpw
+        if steps:
+            bpw += self.bpw_step * int(self.np_random.integers(0, steps + 1))
         return task.limit_of_bpw(bpw)
 
     # ------------------------------------------------------------------- API
@@ -405,7 +411,8 @@ class BitAllocEnv(gym.Env):
         reward = 0.0
         if self.shaping:
             g = int(self._greedy_index[i])
-            regret = (p.error[i, k] - p.error[i, g]) + self._price * float(p.bytes[i, k] - p.bytes[i, g])
+            regret = (p.error[i, k] - p.error[i, g]) + self._price * float(
+                p.bytes[i, k] - p.bytes[i, g])
             reward -= self.shaping * float(regret) / max(self._greedy_error, 1e-30)
         terminated = self._t >= task.n
         info: dict = {}

@@ -84,7 +84,7 @@ def cmd_train_policy(args: argparse.Namespace) -> int:
         timings[name] = round(time.perf_counter() - t0, 1)
         log.info("measured %s in %.1fs: %d tensors", name, timings[name], tasks[-1].n)
     env_options = {"order": args.order, "action": args.action}
-    sac_options = {"gradient_steps": args.gradient_steps}
+    sac_options = {"gradient_steps": args.gradient_steps, "use_sde": args.sde}
     policy = train_policy(tasks, bpw_range=bpw_range, steps=args.steps, seed=args.seed,
                           kld_episodes=args.kld_episodes, env_options=env_options,
                           sac_options=sac_options, meta={"measure_seconds": timings})
@@ -136,7 +136,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
 def register(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     from autobits.cli import add_budget_args, add_model_args
 
-    p = sub.add_parser("train-policy", help="train a SAC allocation policy across models and budgets")
+    p = sub.add_parser("train-policy",
+                       help="train a SAC allocation policy across models and budgets")
     p.add_argument("--models", required=True, help="comma-separated model names or paths")
     p.add_argument("--bpw-range", required=True, help="budget range LO:HI in file-level bpw")
     p.add_argument("--out", required=True, help="policy file to write (zip)")
@@ -147,13 +148,17 @@ def register(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--order", choices=("model", "sensitivity"), default="model",
                    help="tensor order of an episode (default model)")
-    p.add_argument("--action", choices=("absolute", "residual"), default="absolute",
-                   help="action mapping (default absolute)")
+    p.add_argument("--action", choices=("absolute", "residual", "sensitivity"),
+                   default="sensitivity",
+                   help="action mapping of the env (default sensitivity: proxy-error gains "
+                        "solved by the equal-slope allocation; absolute is RAMP's)")
+    p.add_argument("--sde", action="store_true", help="explore with gSDE noise")
     p.add_argument("--gradient-steps", type=int, default=64,
                    help="SAC updates per episode (default 64)")
     _add_measure_args(p, windows=False)
 
-    p = sub.add_parser("allocate", help="allocate a model's formats with a trained policy (no search)")
+    p = sub.add_parser("allocate",
+                       help="allocate a model's formats with a trained policy (no search)")
     p.add_argument("--policy", required=True, help="policy file from train-policy")
     add_model_args(p)
     add_budget_args(p, required=True)
