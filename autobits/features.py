@@ -1,0 +1,557 @@
+"""Proxy error, the candidate table, and per-tensor sensitivity features (the observation).
+
+:func:`proxy_error` is the GPTQ/HAWQ quadratic form ``tr(dW H dW^T)`` of a weight
+perturbation, optionally weighted per output channel by the output Fisher (then an
+estimate of the KLD it adds, see :mod:`autobits.calibrate`); :class:`TensorProxy` applies
+it to one tensor of a calibrated model (the token embedding included).
+
+:func:`build_candidates` quantizes every quantizable tensor to every valid candidate format
+once, records the exact bytes and the proxy error (:class:`TensorProxy`:
+by default the Fisher-weighted ``tr(dW H dW^T)``, an estimate of the KLD the tensor adds, in
+nats per token) and leaves the dequantized weights in the evaluator's
+:class:`~autobits.evaluate.WeightCache`.
+
+:func:`extract_features` turns a :class:`~autobits.calibrate.Calibration` and a
+:class:`~autobits.candidates.CandidateTable` into a :class:`FeatureTable`: one fixed vector
+per quantizable tensor (model order).  Quantities that carry a model's units (activation
+and weight scale, Hessian traces, proxy errors) are normalised *within the model* (robust
+z-score: ``(v - median) / (1.4826 * MAD)``, or a natural log-ratio to the model median), so
+that a policy trained on one model reads another; dimensionless quantities (kurtosis,
+fractions, depth, role, shape ratios) are used as they are.  Every feature is clipped to the
+range below.
+
+================  ==================================================================  =========
+name              meaning                                                             range
+================  ==================================================================  =========
+act_absmean       robust z of log mean over input channels of E|x|                    [-5, 5]
+act_kurtosis      log(kurtosis / 3) of the input, pooled over tokens and channels     [-3, 10]
+act_outlier_frac  fraction of input channels whose RMS exceeds 6x the median RMS       [0, 1]
+w_std             robust z of log std(W)                                              [-5, 5]
+w_kurtosis        log(kurtosis / 3) of the weights                                    [-3, 10]
+w_outliers        (log10(fraction of |w - mean| > 6 std + 1e-6) + 6) / 6              [0, 1]
+hess_trace        robust z of log(tr(H) * mean(W^2)) (GPTQ/HAWQ sensitivity)          [-5, 5]
+fisher_trace      robust z of log(1/2 sum_j F_j * tr(H) * mean(W^2)); 0 w/o Fisher   [-5, 5]
+proxy_err         log(e_ref / model median), e_ref the proxy error at the ref format  [-10, 10]
+proxy_slope       log(s / model median), s the error saved per byte, ref -> high      [-10, 10]
+proxy_decay       log2(e_ref / e_high) / (bpw_high - bpw_ref): error decay per bit    [-1, 4]
+depth             block / (n_blocks - 1); token_embd 0, output 1                       [0, 1]
+param_share       log(numel / mean numel of the quantizable tensors)                  [-5, 5]
+fan_ratio         log2(row length / rows), i.e. fan-in over fan-out                   [-8, 8]
+role_<r>          one-hot role, r in QUANTIZABLE_ROLES (9 columns)                     {0, 1}
+================  ==================================================================  =========
+
+``H`` is the input second moment (:meth:`Calibration.hessian`; for ``token_embd`` the token
+frequencies, plus the head's ``H`` when tied), ``F`` the output Fisher diagonal.  The
+reference format is ``Q4_0`` and the high format ``Q8_0``; where one does not fit a tensor,
+the valid non-float format nearest in bits per weight stands in (recorded in ``raw``).  The
+input of an untied ``token_embd`` is one-hot tokens: its three activation features are 0.
+A tied ``token_embd`` takes the activation statistics of the head input it also multiplies.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from autobits.calibrate import Calibration, CalibrationError
+from autobits.candidates import Candidate, CandidateTable
+from autobits.errors import AllocationError
+from autobits.formats import get_format
+from autobits.specs import DEFAULT_CANDIDATES, QUANTIZABLE_ROLES
+
+__all__ = [
+    "FEATURE_NAMES", "FEATURE_RANGES", "FEATURE_SPEC_VERSION", "WEIGHTINGS", "FeatureTable",
+    "TensorProxy", "build_candidates", "embedding_proxy_error", "extract_features",
+    "proxy_error", "row_errors",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+#: Bumped whenever a feature's definition, order or normalisation changes (saved policies
+#: pin it).
+FEATURE_SPEC_VERSION = 1
+
+_BASE = (
+    ("act_absmean", (-5.0, 5.0)), ("act_kurtosis", (-3.0, 10.0)), ("act_outlier_frac", (0.0, 1.0)),
+    ("w_std", (-5.0, 5.0)), ("w_kurtosis", (-3.0, 10.0)), ("w_outliers", (0.0, 1.0)),
+    ("hess_trace", (-5.0, 5.0)), ("fisher_trace", (-5.0, 5.0)),
+    ("proxy_err", (-10.0, 10.0)), ("proxy_slope", (-10.0, 10.0)), ("proxy_decay", (-1.0, 4.0)),
+    ("depth", (0.0, 1.0)), ("param_share", (-5.0, 5.0)), ("fan_ratio", (-8.0, 8.0)),
+)  # fmt: skip
+#: Names of the feature columns, in order.
+FEATURE_NAMES: tuple[str, ...] = tuple(n for n, _ in _BASE) + tuple(
+    f"role_{r}" for r in QUANTIZABLE_ROLES
+)
+#: (low, high) of every feature; values are clipped into it.
+FEATURE_RANGES: dict[str, tuple[float, float]] = dict(_BASE) | {
+    f"role_{r}": (0.0, 1.0) for r in QUANTIZABLE_ROLES
+}
+REF_FORMAT, HIGH_FORMAT = "Q4_0", "Q8_0"
+ACT_OUTLIER_RATIO = 6.0  # channel RMS over median channel RMS
+W_OUTLIER_SIGMAS = 6.0
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureTable:
+    """Feature vectors of one model: ``values[i]`` belongs to tensor ``names[i]``.
+
+    ``values`` is float32 ``(len(names), len(feature_names))``, read-only; ``raw`` maps each
+    tensor to the un-normalised statistics its features came from.
+    """
+
+    model: str
+    names: tuple[str, ...]
+    values: np.ndarray
+    raw: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    feature_names: tuple[str, ...] = FEATURE_NAMES
+    version: int = FEATURE_SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        v = np.array(self.values, dtype=np.float32)
+        want = (len(self.names), len(self.feature_names))
+        if v.shape != want:
+            raise ValueError(f"feature values have shape {v.shape}, expected {want} "
+                             f"(tensors x features)")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("feature table has duplicate tensor names")
+        if not np.isfinite(v).all():
+            bad = np.argwhere(~np.isfinite(v))[0]
+            raise ValueError(f"feature {self.feature_names[bad[1]]!r} of "
+                             f"{self.names[bad[0]]!r} is not finite")
+        v.setflags(write=False)
+        object.__setattr__(self, "values", v)
+        object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "feature_names", tuple(self.feature_names))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def row(self, name: str) -> dict[str, float]:
+        """Feature name -> value of tensor ``name``."""
+        i = self.names.index(name)
+        return {f: float(x) for f, x in zip(self.feature_names, self.values[i])}
+
+    def column(self, feature: str) -> np.ndarray:
+        return self.values[:, self.feature_names.index(feature)]
+
+    def to_json(self) -> dict:
+        """``{"model", "version", "feature_names", "tensors": [{"name", "features", "raw"}]}``."""
+        return {
+            "model": self.model, "version": self.version,
+            "feature_names": list(self.feature_names),
+            "tensors": [{"name": n, "features": self.row(n), "raw": dict(self.raw.get(n, {}))}
+                        for n in self.names],
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, payload: Mapping) -> FeatureTable:
+        names = tuple(t["name"] for t in payload["tensors"])
+        feats = tuple(payload["feature_names"])
+        values = np.array([[t["features"][f] for f in feats] for t in payload["tensors"]],
+                          dtype=np.float32).reshape(len(names), len(feats))
+        return cls(model=payload["model"], names=names, values=values,
+                   raw={t["name"]: t.get("raw", {}) for t in payload["tensors"]},
+                   feature_names=feats, version=int(payload["version"]))
+
+    def to_csv(self, path: str | os.PathLike | None = None) -> str:
+        """CSV with a header ``tensor,<features...>``; written to ``path`` when given."""
+        buf = io.StringIO()
+        wr = csv.writer(buf, lineterminator="\n")
+        wr.writerow(["tensor", *self.feature_names])
+        for n, row in zip(self.names, self.values):
+            wr.writerow([n, *(f"{x:.6g}" for x in row)])
+        text = buf.getvalue()
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        return text
+
+
+# --------------------------------------------------------------------- proxy
+#: How the quadratic forms are weighted: ``fisher`` (per output channel by the output
+#: Fisher, times 1/2: an estimate of the added KLD in nats per token) or ``none`` (the plain
+#: expected squared output error per token, ``tr(dW H dW^T)``).
+WEIGHTINGS = ("fisher", "none")
+
+
+def _t(a, dtype=None):
+    import torch
+
+    if not isinstance(a, torch.Tensor):
+        a = np.ascontiguousarray(a)
+        a = torch.from_numpy(a if a.flags.writeable else a.copy())
+    t = a
+    return t.detach().to(dtype or torch.float32)
+
+
+def row_errors(dw, h, *, chunk: int = 8192):
+    """``(dW H dW^T)_jj`` for every row ``j`` of ``dw`` (torch float64, clamped at 0).
+
+    ``h`` is ``(d, d)``, or 1-D for a diagonal ``H``.  Products are float32 matmuls over
+    row chunks (memory ``chunk x d``), sums float64; cost ``rows x d^2`` multiply-adds.
+    """
+    import torch
+
+    dw, hh = _t(dw), _t(h)
+    if hh.ndim == 1:
+        return (dw.square() * hh).sum(1, dtype=torch.float64)
+    out = torch.empty(dw.shape[0], dtype=torch.float64)
+    for i in range(0, dw.shape[0], chunk):
+        part = dw[i : i + chunk]
+        out[i : i + chunk] = ((part @ hh) * part).sum(1, dtype=torch.float64)
+    return out.clamp_min_(0.0)
+
+
+def proxy_error(w, wq, h, *, gain=None) -> float:
+    """The GPTQ/HAWQ proxy error of replacing weight ``w`` (rows = output channels) by ``wq``.
+
+    Without ``gain``: ``tr(dW H dW^T)``, the expected squared error added to the tensor's
+    output per token (``H = E[x x^T]`` of its input).  With ``gain`` (the output Fisher
+    diagonal, one value per row): ``1/2 sum_j gain_j (dW H dW^T)_jj``, the second-order
+    estimate of the KL divergence (nats per token) the perturbation adds to the model's
+    next-token distribution, which makes tensors comparable with one another.
+    """
+    import torch
+
+    dw = _t(wq) - _t(w)
+    r = row_errors(dw, h)
+    if gain is None:
+        return float(r.sum())
+    g = _t(gain, torch.float64)
+    if g.shape != r.shape:
+        raise ValueError(f"gain has shape {tuple(g.shape)}, expected ({r.shape[0]},), one per row")
+    return float(0.5 * (g * r).sum())
+
+
+def embedding_proxy_error(
+    e, eq, freq, *, gain=None, head_h=None, head_gain=None, embed_scale: float = 1.0
+) -> float:
+    """Proxy error of the token embedding table ``e`` (``vocab x d``) replaced by ``eq``.
+
+    As a lookup, row ``t`` is the output for token ``t`` (one-hot input, ``H`` the diagonal
+    of token frequencies): ``sum_t freq_t ||dE_t||^2``.  When the table is also the output
+    head (tied) pass ``head_h`` (``E[h h^T]`` of the final hidden state) to add the head's
+    ``tr(dE H_head dE^T)``.  With the Fisher gains (``gain`` per hidden channel of the
+    embedding output, ``head_gain`` per vocabulary entry) both terms are weighted and halved
+    as in :func:`proxy_error` (a KLD estimate); ``embed_scale`` is the factor the model
+    multiplies embeddings by (Gemma: sqrt(d)).
+    """
+    import torch
+
+    de = _t(eq) - _t(e)
+    f = _t(freq, torch.float64)
+    if gain is None:
+        total = float((de.square().sum(1, dtype=torch.float64) * f).sum())
+    else:
+        g = _t(gain) * float(embed_scale) ** 2
+        total = 0.5 * float(((de.square() * g).sum(1, dtype=torch.float64) * f).sum())
+    if head_h is not None:
+        r = row_errors(de, head_h)
+        if gain is None:
+            total += float(r.sum())
+        else:
+            total += 0.5 * float((_t(head_gain, torch.float64) * r).sum())
+    return total
+
+
+class TensorProxy:
+    """The proxy error of one tensor of a calibrated model, ready for many candidates.
+
+    ``TensorProxy(calib, name, w)(wq)`` is the error of replacing reference weight ``w`` by
+    ``wq``: :func:`proxy_error` for linear tensors, :func:`embedding_proxy_error` (with the
+    head term when tied) for ``token_embd``.  ``weighting`` is one of :data:`WEIGHTINGS`.
+    """
+
+    def __init__(self, calib: Calibration, name: str, w, *, weighting: str = "fisher"):
+        import torch
+
+        if weighting not in WEIGHTINGS:
+            raise CalibrationError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if weighting == "fisher" and not calib.has_fisher:
+            raise CalibrationError("weighting='fisher' needs a calibration with fisher_windows > 0")
+        self.name, self.weighting, self.calib = name, weighting, calib
+        self.w = _t(w)
+        fisher = weighting == "fisher"
+        if name == "token_embd.weight":
+            self.kind = "embedding"
+            self.freq = torch.from_numpy(calib.token_frequency())
+            self.gain = _t(calib.gain(name)) if fisher else None
+            self.head_h = _t(calib.head_hessian()) if calib.tied else None
+            self.head_gain = _t(calib.head_gain, torch.float64) if fisher and calib.tied else None
+        else:
+            self.kind = "linear"
+            self.h = _t(calib.hessian(name))
+            self.gain = _t(calib.gain(name), torch.float64) if fisher else None
+            if self.h.shape[0] != self.w.shape[1]:
+                raise CalibrationError(f"tensor {name!r} has rows of {self.w.shape[1]}, its "
+                                       f"calibration site has {self.h.shape[0]} channels")
+
+    def __call__(self, wq) -> float:
+        if self.kind == "embedding":
+            return embedding_proxy_error(
+                self.w, wq, self.freq, gain=self.gain, head_h=self.head_h,
+                head_gain=self.head_gain, embed_scale=self.calib.embed_scale,
+            )  # fmt: skip
+        return proxy_error(self.w, wq, self.h, gain=self.gain)
+
+
+# --------------------------------------------------------------- candidates
+def _check_cache_importance(cache, lm, calib: Calibration, imatrix: bool) -> None:
+    for s in lm.quantizable:
+        have = cache.importance.get(s.name)
+        want = calib.importance(s.name) if imatrix else None
+        if want is None:
+            if have is not None:
+                raise CalibrationError(
+                    f"the weight cache quantizes {s.name!r} with an importance vector but "
+                    f"imatrix={imatrix}; use a cache built with the same importance"
+                )
+        elif have is None:
+            cache.importance[s.name] = want
+        elif not np.array_equal(np.asarray(have, dtype=np.float32), want):
+            raise CalibrationError(f"the weight cache holds another importance vector for "
+                                   f"{s.name!r} than this calibration")
+
+
+def build_candidates(
+    lm, calib: Calibration, *, formats: Sequence[str] = DEFAULT_CANDIDATES, imatrix: bool = False,
+    cache=None, weighting: str | None = None, workers: int | None = None, progress: bool = True,
+) -> CandidateTable:
+    """Every quantizable tensor x every valid format of ``formats``: exact bytes, proxy error.
+
+    ``imatrix`` quantizes with the calibration's importance vectors (llama.cpp's imatrix);
+    ``cache`` (a :class:`~autobits.evaluate.WeightCache`) receives every dequantized weight,
+    and weights it already holds are not quantized again.  ``weighting`` is ``"fisher"``
+    (default when the calibration has a Fisher pass) or ``"none"``.  Tensors are spread over
+    ``workers`` threads (default: the CPU count; numpy and torch release the GIL in the heavy
+    loops); torch's own thread count is 1 meanwhile.  ``meta["timing"]`` holds the seconds
+    spent per format quantizing and in the proxy, elapsed and CPU (``*_cpu``), summed over
+    the threads, and the wall time.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    calib.check_model(lm)
+    weighting = weighting or ("fisher" if calib.has_fisher else "none")
+    fmts = [get_format(f).name for f in formats]  # unknown names raise FormatError
+    specs = lm.quantizable
+    valid = {s.name: s.valid_formats(tuple(fmts)) for s in specs}
+    misfit = [n for n, v in valid.items() if not v]
+    if misfit:
+        raise AllocationError(f"tensors {misfit[:5]} fit none of the formats {fmts}")
+    if cache is not None:
+        _check_cache_importance(cache, lm, calib, imatrix)
+    n_workers = max(1, int(workers or os.cpu_count() or 1))
+    t_quant = {f: [0.0, 0.0] for f in fmts}  # format -> [thread wall, thread CPU] seconds
+    t_proxy = [0.0, 0.0]
+
+    def collect(tq: dict[str, tuple[float, float]], tp: list[float]) -> None:
+        for f, (w, c) in tq.items():
+            t_quant[f][0] += w
+            t_quant[f][1] += c
+        t_proxy[0] += tp[0]
+        t_proxy[1] += tp[1]
+
+    def job(spec):
+        w = lm.reference_weight(spec.name).detach()
+        arr = w.cpu().numpy()
+        imp = calib.importance(spec.name) if imatrix else None
+        proxy = TensorProxy(calib, spec.name, w, weighting=weighting)
+        out, tq, tp = [], {}, [0.0, 0.0]
+        for fmt in valid[spec.name]:
+            f = get_format(fmt)
+            c0, t0 = time.thread_time(), time.perf_counter()
+            deq = cache._cache.get((spec.name, f.name)) if cache is not None else None
+            if deq is None:
+                deq = f.dequantize(f.quantize(arr, imp, tensor=spec.name), arr.shape)
+                deq = torch.from_numpy(np.ascontiguousarray(deq, dtype=np.float32))
+                if cache is not None:  # WeightCache's own key: (tensor, format name)
+                    cache._cache[(spec.name, f.name)] = deq
+            c1, t1 = time.thread_time(), time.perf_counter()
+            err = proxy(deq)
+            tq[f.name] = (t1 - t0, c1 - c0)
+            tp[0] += time.perf_counter() - t1
+            tp[1] += time.thread_time() - c1
+            out.append(Candidate(f.name, spec.nbytes(f.name), max(err, 0.0)))
+        return spec.name, tuple(out), tq, tp
+
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    options: dict[str, tuple[Candidate, ...]] = {}
+    # the largest tensors first, so that the threads finish together
+    order = sorted(specs, key=lambda s: -s.numel * len(valid[s.name]))
+    bar = tqdm(total=len(order), desc="candidates", unit="tensor", disable=not progress)
+    try:
+        if n_workers > 1:
+            torch.set_num_threads(1)
+            with ThreadPoolExecutor(n_workers, thread_name_prefix="candidates") as pool:
+                for name, opts, tq, tp in pool.map(job, order):
+                    options[name] = opts
+                    collect(tq, tp)
+                    bar.update()
+        else:
+            for s in order:
+                name, opts, tq, tp = job(s)
+                options[name] = opts
+                collect(tq, tp)
+                bar.update()
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+    wall = time.perf_counter() - t0
+    meta = {
+        "weighting": weighting, "imatrix": bool(imatrix), "formats": fmts, "workers": n_workers,
+        "calibration": {"windows": calib.n_windows, "ctx": calib.ctx,
+                        "fisher_tokens": calib.fisher_tokens},
+        "timing": {"wall": wall, "proxy": t_proxy[0], "proxy_cpu": t_proxy[1],
+                   "quantize": {f: t[0] for f, t in t_quant.items() if t[0] > 0},
+                   "quantize_cpu": {f: t[1] for f, t in t_quant.items() if t[0] > 0}},
+    }  # fmt: skip
+    log.info("candidates of %s: %d tensors, %d candidates, %.1fs (%s weighting)", lm.name,
+             len(options), sum(map(len, options.values())), wall, weighting)
+    return CandidateTable(model=lm.name, specs=lm.specs,
+                          options={s.name: options[s.name] for s in specs}, meta=meta)
+
+
+# ----------------------------------------------------------------- features
+def _robust_z(v: np.ndarray) -> np.ndarray:
+    med = np.median(v)
+    scale = 1.4826 * np.median(np.abs(v - med))
+    if not scale > 1e-12:
+        scale = float(v.std())
+    return (v - med) / scale if scale > 1e-12 else np.zeros_like(v)
+
+
+def _log_ratio_median(v: np.ndarray) -> np.ndarray:
+    v = np.maximum(v, 1e-300)
+    return np.log(v) - np.log(np.median(v))
+
+
+def _pick(opts: Sequence[Candidate], fmt: str, *, floats: bool = False) -> Candidate:
+    for c in opts:
+        if c.fmt == fmt:
+            return c
+    bpw = get_format(fmt).bits_per_weight
+    pool = [c for c in opts if floats or get_format(c.fmt).block_size > 1] or list(opts)
+    return min(pool, key=lambda c: (abs(get_format(c.fmt).bits_per_weight - bpw), c.bytes))
+
+
+def _weight_stats(w) -> dict[str, float]:
+    import torch
+
+    x = w.detach().reshape(-1).double()
+    mu = x.mean()
+    c = x - mu
+    var = c.square().mean()
+    sd = float(var.sqrt())
+    kurt = float(c.square().square().mean() / var.square()) if var > 0 else 3.0
+    out = float((c.abs() > W_OUTLIER_SIGMAS * sd).double().mean()) if sd > 0 else 0.0
+    return {"w_std": sd, "w_kurtosis": kurt, "w_outlier_frac": out,
+            "w_sq_mean": float(torch.mean(x.square()))}
+
+
+def _act_stats(st) -> dict[str, float]:
+    rms = np.sqrt(st.sq_mean)
+    med = float(np.median(rms))
+    return {"act_absmean": float(st.abs_mean.mean()), "act_kurtosis": st.kurtosis,
+            "act_outlier_frac": float((rms > ACT_OUTLIER_RATIO * med).mean()) if med > 0 else 0.0,
+            "act_absmax": float(st.abs_max.max()),
+            "h_trace": float(np.trace(st.h, dtype=np.float64))}
+
+
+def extract_features(lm, calib: Calibration, candidates: CandidateTable) -> FeatureTable:
+    """The :class:`FeatureTable` of ``lm`` (feature definitions in the module docstring)."""
+    calib.check_model(lm)
+    specs = lm.quantizable
+    names = tuple(s.name for s in specs)
+    if tuple(candidates.tensors) != names:
+        raise CalibrationError(f"candidate table of {candidates.model!r} does not list the "
+                               f"quantizable tensors of {lm.name!r}")
+    blocks = [s.block for s in lm.specs if s.block is not None]
+    n_blocks = max(blocks) + 1 if blocks else 1
+    mean_numel = float(np.mean([s.numel for s in specs]))
+    raw: dict[str, dict[str, Any]] = {}
+    for s in specs:
+        r: dict[str, Any] = {"role": s.role, "block": s.block, "numel": s.numel,
+                             "rows": int(s.shape[0]), "row_length": s.row_length}
+        r.update(_weight_stats(lm.reference_weight(s.name)))
+        if s.role == "token_embd":
+            emb_part = 1.0  # tr of the one-hot H: the frequencies sum to 1
+            g = calib.gain(s.name)
+            fis = 0.0 if g is None else 0.5 * float(g.sum()) * calib.embed_scale**2
+            if calib.tied:
+                head = _act_stats(calib.site(s.name))
+                r.update(head)
+                if calib.has_fisher:
+                    fis += 0.5 * float(calib.head_gain.sum()) * head["h_trace"]
+                r["h_trace"] = emb_part + head["h_trace"]
+            else:
+                r.update(act_absmean=None, act_kurtosis=None, act_outlier_frac=None,
+                         h_trace=emb_part)
+                fis = fis if calib.has_fisher else 0.0
+        else:
+            r.update(_act_stats(calib.site(s.name)))
+            g = calib.gain(s.name)
+            fis = 0.5 * float(g.sum()) * r["h_trace"] if g is not None else 0.0
+        r["hess_trace"] = r["h_trace"] * r["w_sq_mean"]
+        r["fisher_trace"] = fis * r["w_sq_mean"]
+        opts = candidates.options[s.name]
+        ref, high = _pick(opts, REF_FORMAT), _pick(opts, HIGH_FORMAT)
+        if high.bytes <= ref.bytes:  # only one non-float size fits: use the largest format
+            high = opts[0]
+        r.update(ref_format=ref.fmt, high_format=high.fmt, err_ref=ref.error, err_high=high.error)
+        dbytes = high.bytes - ref.bytes
+        r["slope"] = (ref.error - high.error) / dbytes if dbytes > 0 else 0.0
+        dbpw = get_format(high.fmt).bits_per_weight - get_format(ref.fmt).bits_per_weight
+        r["decay"] = (np.log2(max(ref.error, 1e-300) / max(high.error, 1e-300)) / dbpw
+                      if dbpw > 0 else 0.0)
+        raw[s.name] = r
+    col = lambda k: np.array([raw[n][k] for n in names], dtype=np.float64)  # noqa: E731
+    n = len(names)
+    feats: dict[str, np.ndarray] = {}
+    has_act = np.array([raw[x]["act_absmean"] is not None for x in names])
+    for k in ("act_absmean", "act_kurtosis", "act_outlier_frac"):
+        feats[k] = np.zeros(n)
+    a = np.array([raw[x]["act_absmean"] or 0.0 for x in names])
+    if has_act.any():
+        feats["act_absmean"][has_act] = _robust_z(np.log(np.maximum(a[has_act], 1e-30)))
+        feats["act_kurtosis"][has_act] = np.log(
+            np.maximum([raw[x]["act_kurtosis"] for x in np.array(names)[has_act]], 1e-6) / 3.0)
+        feats["act_outlier_frac"][has_act] = [raw[x]["act_outlier_frac"]
+                                              for x in np.array(names)[has_act]]
+    feats["w_std"] = _robust_z(np.log(np.maximum(col("w_std"), 1e-30)))
+    feats["w_kurtosis"] = np.log(np.maximum(col("w_kurtosis"), 1e-6) / 3.0)
+    feats["w_outliers"] = (np.log10(col("w_outlier_frac") + 1e-6) + 6.0) / 6.0
+    feats["hess_trace"] = _robust_z(np.log(np.maximum(col("hess_trace"), 1e-300)))
+    fis = col("fisher_trace")
+    feats["fisher_trace"] = (_robust_z(np.log(np.maximum(fis, 1e-300))) if (fis > 0).all()
+                             else np.zeros(n))
+    feats["proxy_err"] = _log_ratio_median(col("err_ref"))
+    feats["proxy_slope"] = _log_ratio_median(col("slope"))
+    feats["proxy_decay"] = col("decay")
+    depth = []
+    for s in specs:
+        if s.role == "token_embd":
+            depth.append(0.0)
+        elif s.role == "output" or s.block is None:
+            depth.append(1.0)
+        else:
+            depth.append(s.block / (n_blocks - 1) if n_blocks > 1 else 0.0)
+    feats["depth"] = np.array(depth)
+    feats["param_share"] = np.log(col("numel") / mean_numel)
+    feats["fan_ratio"] = np.log2(col("row_length") / col("rows"))
+    for role in QUANTIZABLE_ROLES:
+        feats[f"role_{role}"] = np.array([float(s.role == role) for s in specs])
+    values = np.stack([np.clip(feats[f], *FEATURE_RANGES[f]) for f in FEATURE_NAMES], axis=1)
+    for name, r in raw.items():
+        raw[name] = {k: (float(v) if isinstance(v, (np.floating, float)) else v)
+                     for k, v in r.items()}
+    return FeatureTable(model=lm.name, names=names, values=values, raw=raw)

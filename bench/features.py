@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Time the measurement of a model: calibration pass, candidate table, feature table.
+
+Prints the time split (calibration pass, quantization per format, proxy error, features)
+for one model, as a search would run it: dequantized candidates go into a WeightCache.
+Quantization times per format are summed over the worker threads; ``wall`` is the elapsed
+time.  CPU time of the process and the load average are printed too, since the machine may
+be shared (wall time then exceeds what 2 free cores would take).
+
+    .venv/bin/python bench/features.py                      # smollm2-135m, table on stdout
+    .venv/bin/python bench/features.py --calib-windows 16 --workers 1 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from autobits.calibrate import calibrate  # noqa: E402
+from autobits.cli import format_table  # noqa: E402
+from autobits.evaluate import WeightCache  # noqa: E402
+from autobits.features import build_candidates, extract_features  # noqa: E402
+from autobits.model import load_model  # noqa: E402
+from autobits.text import load_text, make_windows  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--text", default="stdlib")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--calib-windows", type=int, default=8)
+    ap.add_argument("--fisher-windows", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=None, help="candidate threads (default: CPUs)")
+    ap.add_argument("--imatrix", action="store_true", help="quantize with importance vectors")
+    ap.add_argument("--no-cache", action="store_true", help="do not keep dequantized weights")
+    ap.add_argument("--json", help="write the timings here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    t = time.perf_counter()
+    lm = load_model(args.model)
+    t_load = time.perf_counter() - t
+    windows = make_windows(load_text(args.text), lm.tokenizer, ctx=args.ctx)
+    split = windows.split(calib=args.calib_windows, eval=0)
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    calib = calibrate(lm, split.calib, fisher_windows=args.fisher_windows, progress=False)
+    t_calib = time.perf_counter() - t0
+    cache = None if args.no_cache else WeightCache(lm)
+    t = time.perf_counter()
+    table = build_candidates(lm, calib, imatrix=args.imatrix, cache=cache,
+                             workers=args.workers, progress=False)
+    t_cand = time.perf_counter() - t
+    t = time.perf_counter()
+    feats = extract_features(lm, calib, table)
+    t_feat = time.perf_counter() - t
+    total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+
+    timing = table.meta["timing"]
+    rows = [["calibration pass", f"{t_calib:.1f}",
+             f"{args.calib_windows} x {args.ctx} tokens, {calib.fisher_tokens} with Fisher"]]
+    for fmt, s in timing["quantize"].items():
+        rows.append([f"  quantize {fmt}", f"{s:.1f}", "thread-seconds"])
+    rows.append(["  proxy error", f"{timing['proxy']:.1f}", "thread-seconds"])
+    rows.append(["candidate table", f"{t_cand:.1f}",
+                 f"{len(table.tensors)} tensors, {sum(map(len, table.options.values()))} "
+                 f"candidates, {table.meta['workers']} threads"])
+    rows.append(["feature table", f"{t_feat:.1f}", f"{len(feats)} x {len(feats.feature_names)}"])
+    rows.append(["total", f"{total:.1f}", f"CPU {cpu:.1f}s, cores {os.cpu_count()}, "
+                                          f"load avg {os.getloadavg()[0]:.2f}"])
+    print(format_table(rows, ["step", "seconds", "notes"]))
+    print(f"\n{lm.name}: model load {t_load:.1f}s (not counted); weight cache "
+          f"{(cache.nbytes if cache else 0) / 2**30:.2f} GiB; imatrix={args.imatrix}")
+    if args.json:
+        payload = {"model": lm.name, "calibration": t_calib, "candidates": t_cand,
+                   "features": t_feat, "total": total, "cpu": total and cpu,
+                   "candidate_timing": timing, "calib_windows": args.calib_windows,
+                   "fisher_windows": args.fisher_windows, "ctx": args.ctx,
+                   "imatrix": args.imatrix, "load_avg": os.getloadavg()[0]}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
