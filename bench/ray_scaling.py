@@ -61,22 +61,23 @@ def allocations(table, n: int) -> list:
     return out
 
 
-def in_process(prepared, allocs, threads: int) -> float:
-    """Mean seconds of one in-process evaluation with ``threads`` torch threads."""
+def in_process(prepared, allocs, threads: int) -> tuple[float, float]:
+    """Mean wall and CPU seconds of one in-process evaluation with ``threads`` torch threads."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         prepared.reward(allocs[0])  # warm-up
-        ts = []
+        ts, cs = [], []
         for a in allocs:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             prepared.reward(a)
             ts.append(time.perf_counter() - t0)
+            cs.append(time.process_time() - c0)
     finally:
         torch.set_num_threads(before)
-    return statistics.mean(ts)
+    return statistics.mean(ts), statistics.mean(cs)
 
 
 def run_pool(prepared, allocs, workers: int) -> dict:
@@ -107,9 +108,12 @@ def run_pool(prepared, allocs, workers: int) -> dict:
             pool.evaluate_many(allocs[:workers])  # warm-up: one evaluation per actor
             pool.stats.wall.clear()
             pool.stats.actor.clear()
+            before = [pool.actor_info(i) for i in range(workers)]
             t = time.perf_counter()
             metrics = pool.evaluate_many(allocs)
             wall = time.perf_counter() - t
+            after = [pool.actor_info(i) for i in range(workers)]
+            cpu = sum(a["eval_cpu_seconds"] - b["eval_cpu_seconds"] for a, b in zip(after, before))
             stats = pool.stats
             out = {
                 "workers": workers, "ray_start": t_ray, "ray_cpus": session.cpus,
@@ -120,7 +124,7 @@ def run_pool(prepared, allocs, workers: int) -> dict:
                                  for k in pool.info[0]["phases"]},
                 "ping": statistics.median(pings), "dispatch_per_s": dispatch,
                 "evals": len(allocs), "wall": wall, "evals_per_s": len(allocs) / wall,
-                "eval_actor": statistics.mean(stats.actor),
+                "eval_actor": statistics.mean(stats.actor), "eval_cpu": cpu / len(allocs),
                 "eval_wall": statistics.mean(stats.wall),
                 "kld": [m.kld for m in metrics],
             }
@@ -170,25 +174,27 @@ def main(argv=None) -> int:
         log.warning("only %d distinct allocations; timing those", len(allocs))
     a_bytes = len(pickle.dumps(allocs[0], protocol=5))
     m_bytes = len(pickle.dumps(prepared.reward(allocs[0]), protocol=5))
-    local1 = in_process(prepared, allocs[: min(4, len(allocs))], threads=1)
-    local_all = in_process(prepared, allocs[: min(4, len(allocs))], threads=os.cpu_count() or 1)
+    local1, local1_cpu = in_process(prepared, allocs[: min(4, len(allocs))], threads=1)
+    local_all, local_all_cpu = in_process(prepared, allocs[: min(4, len(allocs))],
+                                          threads=os.cpu_count() or 1)
 
     runs = [run_pool(prepared, allocs, int(w)) for w in args.workers.split(",")]
     for r in runs[1:]:
         np.testing.assert_allclose(r["kld"], runs[0]["kld"], rtol=1e-5)
 
-    rows = [["in-process, 1 thread", "-", "-", "-", "-", f"{local1:.3f}", f"{local1:.3f}",
-             f"{1 / local1:.2f}"],
-            [f"in-process, {os.cpu_count()} threads", "-", "-", "-", "-", f"{local_all:.3f}",
-             f"{local_all:.3f}", f"{1 / local_all:.2f}"]]
+    rows = [["in-process, 1 thread", "-", "-", "-", "-", f"{local1_cpu:.2f}", f"{local1:.2f}",
+             f"{local1:.2f}", f"{1 / local1:.3f}"],
+            [f"in-process, {os.cpu_count()} threads", "-", "-", "-", "-", f"{local_all_cpu:.2f}",
+             f"{local_all:.2f}", f"{local_all:.2f}", f"{1 / local_all:.3f}"]]
     for r in runs:
         rows.append([f"Ray, {r['workers']} worker(s) x 1 thread", f"{r['ray_start']:.1f}",
                      f"{r['put_seconds']:.1f}", f"{r['actors_start']:.1f}",
-                     f"{r['ping'] * 1e3:.1f}", f"{r['eval_actor']:.3f}", f"{r['eval_wall']:.3f}",
-                     f"{r['evals_per_s']:.2f}"])
+                     f"{r['ping'] * 1e3:.1f}", f"{r['eval_cpu']:.2f}", f"{r['eval_actor']:.2f}",
+                     f"{r['eval_wall']:.2f}", f"{r['evals_per_s']:.3f}"])
     print()
     print(format_table(rows, ["evaluation", "ray start s", "put s", "actors start s",
-                              "call ms", "actor s/eval", "wall s/eval", "evals/s"]))
+                              "call ms", "CPU s/eval", "actor s/eval", "wall s/eval",
+                              "evals/s"]))
     r1, r2 = runs[0], runs[-1]
     from autobits.cluster.actors import store_bytes
 
@@ -198,44 +204,52 @@ def main(argv=None) -> int:
     ratio = r2["evals_per_s"] / r1["evals_per_s"]
     ph = r1["actor_phases"]
     per_eval_overhead = max(r1["eval_wall"] - r1["eval_actor"], 0.0)
-    # 16-node estimate: every core an actor, each as fast as one actor here; the driver sends
-    # one call per evaluation (measured overhead) and each node copies the cache once
+    # 16-node estimate: every core an actor with 1 thread; an evaluation costs what it costs
+    # here in CPU seconds on one core (a dedicated core: wall = CPU); the driver sends one call
+    # per evaluation (its measured dispatch rate) and each node copies the cache once
     actors = args.nodes * args.cores_per_node
-    compute_cap = actors / r1["eval_actor"]
+    per_eval = r1["eval_cpu"]
+    compute_cap = actors / per_eval
     driver_cap = max(r["dispatch_per_s"] for r in runs)
     est = min(compute_cap, driver_cap)
     bound = "the actors' compute" if compute_cap <= driver_cap else "the driver's dispatch rate"
     copy_s = r1["put_gb"] * 8 / args.network_gbps
+    share = [r["eval_cpu"] / max(r["eval_actor"], 1e-9) for r in runs]
+    load = os.getloadavg()[0]
     print(f"""
-{args.model}: reward = {cfg.reward_windows} windows x {cfg.reward_ctx} tokens; prepare {t_prepare:.0f}s;
-{r1['put_gb']:.2f} GB of float32 weights (reference + every tensor x format) put in the object
-store once per pool in {r1['put_seconds']:.1f}s (serialisation + copy, {rate:.2f} GB/s),
-read zero-copy by every actor on the node (candidates: {", ".join(formats)}; with every default
-candidate it would be {full_gb:.2f} GB, ~{full_gb / rate:.0f}s at this rate).  Load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.
+{args.model}: reward = {cfg.reward_windows} windows x {cfg.reward_ctx} tokens; prepare {t_prepare:.0f}s.
+Machine: {os.cpu_count()} cores, load average {load:.1f} during the run (other processes compete).
 
 Where the time goes
-* evaluation (the forward pass on an actor): {r1['eval_actor']:.3f}s with 1 worker,
-  {r2['eval_actor']:.3f}s each with {r2['workers']} (the two share {os.cpu_count()} cores with the driver);
+* evaluation: the forward pass on an actor costs {r1['eval_cpu']:.2f} CPU seconds (1 thread); it took
+  {r1['eval_actor']:.2f}s of wall time with 1 worker, {r2['eval_actor']:.2f}s with {r2['workers']}: each actor got
+  {" / ".join(f"{x:.0%}" for x in share)} of a core;
 * serialisation per evaluation: an allocation pickles to {a_bytes:,} bytes, its metrics to
-  {m_bytes:,}; a Ray call round trip costs {r1['ping'] * 1e3:.1f} ms; the wall time the driver sees
-  exceeds the actor's by {per_eval_overhead * 1e3:.0f} ms per evaluation;
-* cache transfer: none per evaluation; once per pool: the put ({r1['put_seconds']:.1f}s) and the actors'
-  start ({r1['actors_start']:.1f}s: model shell {ph['model']:.1f}s, cache views {ph['cache']:.2f}s, reference pass
-  {ph['reference']:.1f}s, the rest is process start and imports).
+  {m_bytes:,}; a Ray call round trip is {r1['ping'] * 1e3:.1f} ms; the driver sees {per_eval_overhead * 1e3:.0f} ms more
+  than the actor's own time per evaluation ({per_eval_overhead / max(r1['eval_wall'], 1e-9):.1%});
+* cache transfer: none per evaluation.  Once per pool: {r1['put_gb']:.2f} GB of float32 weights
+  (reference + every tensor x candidate format: {", ".join(formats)}) put in the object
+  store in {r1['put_seconds']:.1f}s ({rate:.2f} GB/s, serialisation + copy; the default candidates
+  would be {full_gb:.2f} GB, ~{full_gb / rate:.0f}s), read zero-copy by every actor on the node; the
+  actors' start took {r1['actors_start']:.1f}s (model shell {ph['model']:.1f}s, cache views {ph['cache']:.2f}s,
+  reference pass {ph['reference']:.1f}s, the rest process start and imports).
 
-{r2['workers']} vs {r1['workers']} workers: {r2['evals_per_s']:.2f} vs {r1['evals_per_s']:.2f} evaluations/s = {ratio:.2f}x (2x is the limit on 2 cores).
+{r2['workers']} vs {r1['workers']} workers: {r2['evals_per_s']:.3f} vs {r1['evals_per_s']:.3f} evaluations/s = {ratio:.2f}x.  2x is the limit on
+2 cores; the ratio follows the CPU the actors could get ({share[-1] * r2['workers']:.2f} cores for
+{r2['workers']} actors vs {share[0]:.2f} for 1): Ray's own cost is {per_eval_overhead * 1e3:.0f} ms per evaluation.
 
-16-node estimate ({args.nodes} nodes x {args.cores_per_node} cores, 1 actor per core, as fast as here):
-{actors} actors / {r1['eval_actor']:.3f}s per evaluation = {compute_cap:.0f} evaluations/s of compute; the driver
-dispatched {driver_cap:.0f} no-op calls/s here (100 per actor in flight): ~{est:.0f} evaluations/s,
-bound by {bound}.  The agent must propose that fast too (batch ask/tell, several environments).  Start-up adds the cache copy to each node, about
-{copy_s:.0f}s at {args.network_gbps:g} Gbit/s ({r1['put_gb']:.2f} GB; {full_gb * 8 / args.network_gbps:.0f}s for the default candidates), plus the actors' start as measured here.""")
+16-node estimate ({args.nodes} nodes x {args.cores_per_node} cores, 1 actor per core at the measured
+{per_eval:.2f} CPU s per evaluation): {actors} / {per_eval:.2f} = {compute_cap:.0f} evaluations/s of compute; the
+driver dispatched {driver_cap:.0f} no-op calls/s here, so ~{est:.0f} evaluations/s, bound by {bound}
+(the agent must propose that fast: batch ask/tell, several environments).  Start-up adds
+one cache copy per node, ~{copy_s:.0f}s at {args.network_gbps:g} Gbit/s ({full_gb * 8 / args.network_gbps:.0f}s with the default
+candidates), and the actors' start.""")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "model": args.model, "prepare_seconds": t_prepare, "in_process_1": local1,
             "in_process_all": local_all, "allocation_bytes": a_bytes, "metrics_bytes": m_bytes,
             "runs": runs, "ratio": ratio, "estimate_16_nodes": est, "compute_cap": compute_cap,
-            "driver_cap": driver_cap,
+            "driver_cap": driver_cap, "cpu_share": share, "load_average": load,
         }, indent=2))
     return 0
 

@@ -166,6 +166,7 @@ class _EvaluatorActorImpl:
         self.evaluator = Evaluator(self.lm, windows, score_from=score_from, cache=shared)
         t3 = time.perf_counter()
         self.evaluations = 0
+        self.eval_cpu_seconds = 0.0  # CPU time of this process spent in evaluations
         self.init_seconds = t3 - t0
         #: where the start-up went: model shell + shared reference weights, wrapping the
         #: shared candidate arrays, the reference forward pass
@@ -175,14 +176,19 @@ class _EvaluatorActorImpl:
         """pid, node and start-up time of this actor (the pool logs it; tests kill by pid)."""
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "init_seconds": self.init_seconds, "phases": dict(self.phases),
-                "ref_ppl": self.evaluator.ref_ppl}
+                "ref_ppl": self.evaluator.ref_ppl, "evaluations": self.evaluations,
+                "eval_cpu_seconds": self.eval_cpu_seconds}
 
     def ping(self) -> None:
         """A no-op call: its round trip is Ray's per-call overhead."""
 
     def evaluate(self, allocation):
-        self.evaluations += 1
-        return self.evaluator.evaluate(allocation)
+        c0 = time.process_time()
+        try:
+            return self.evaluator.evaluate(allocation)
+        finally:
+            self.evaluations += 1
+            self.eval_cpu_seconds += time.process_time() - c0
 
 
 #: The Ray actor class (``EvaluatorActor.options(...).remote(...)``).
