@@ -123,7 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from autobits.calibrate import calibrate
         from autobits.folding import fold
 
-        report = fold(lm, calibrate(lm, split.calib))
+        report = fold(lm, calibrate(lm, split.calib, fisher_windows=0))
         log.info("Scale Folding: %d groups folded, calibration error %.4g -> %.4g",
                  report.folded, report.error_before, report.error_after)
     t0 = time.perf_counter()

@@ -131,12 +131,12 @@ def prepare(config: PrepareConfig, *, lm=None) -> Prepared:
 
     fold_report = None
     if config.fold:
-        from autobits.folding import fold
+        from autobits.folding import fold, folded_calibration
 
         t = time.perf_counter()
         fold_report = fold(lm, calib)
-        # the folded model's inputs changed: measure it again for importance and proxy
-        calib = calibrate(lm, split.calib)
+        # the folded model's inputs are x / s: rescale the statistics instead of a new pass
+        calib = folded_calibration(calib, lm)
         timings["fold"] = time.perf_counter() - t
 
     t = time.perf_counter()
