@@ -44,6 +44,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reward-windows", type=int, default=2)
     ap.add_argument("--reward-ctx", type=int, default=256)
     ap.add_argument("--out", default=None, help="folder for the SAC policy and allocations")
+    ap.add_argument("--train-policy", default=None,
+                    help="also train a proxy-only policy across --bpw-range on the same prepared "
+                         "model (no evaluation) and save it here, for bench/transfer.py")
+    ap.add_argument("--bpw-range", default="4.5:6.5")
+    ap.add_argument("--policy-steps", type=int, default=40_000)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: autobits' choice, the CPU count; 1 helps on a "
                          "busy machine)")
@@ -95,6 +100,22 @@ def main(argv=None) -> int:
         m = prep.heldout(a)
         payload["results"][name] = {"calib_kld": calib, **m.to_json()}
         rows.append([name, f"{calib:.5f}", f"{m.kld:.5f}", f"{m.ppl:.4f}", f"{m.top1:.4f}",
+                     f"{a.bytes:,}", f"{a.bpw:.4f}"])
+    if args.train_policy:
+        from autobits.agents.policy import train_policy
+        from autobits.commands.agents import parse_bpw_range
+        from autobits.envs import AllocTask
+
+        t2 = time.perf_counter()
+        policy = train_policy([AllocTask(prep.table, prep.features, name=args.model)],
+                              bpw_range=parse_bpw_range(args.bpw_range), steps=args.policy_steps,
+                              seed=args.seed, env_options={"action": "sensitivity"})
+        policy.save(args.train_policy)
+        a = policy.allocate(prep.table, prep.features, limit_bytes=limit)
+        m = prep.heldout(a)
+        payload["results"]["policy"] = {"calib_kld": None, **m.to_json(),
+                                        "train_seconds": round(time.perf_counter() - t2, 1)}
+        rows.append(["policy (proxy)", "-", f"{m.kld:.5f}", f"{m.ppl:.4f}", f"{m.top1:.4f}",
                      f"{a.bytes:,}", f"{a.bpw:.4f}"])
     g, s = payload["results"]["greedy"], payload["results"]["sac"]
     payload["sac_meta"] = {k: v for k, v in res.meta.items() if k != "options"}

@@ -51,9 +51,11 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default="4.75,5.5", help="target budgets in bpw")
     ap.add_argument("--steps", type=int, default=60_000)
     ap.add_argument("--kld-episodes", type=int, default=0)
-    ap.add_argument("--env", default="{}", help="env options as JSON (e.g. action, order)")
+    ap.add_argument("--env", default='{"action": "sensitivity"}',
+                    help="env options as JSON (default sensitivity actions)")
     ap.add_argument("--sac", default="{}", help="SAC options as JSON")
-    ap.add_argument("--policy", default=None, help="use this policy instead of training one")
+    ap.add_argument("--policy", default=None,
+                    help="use these policies (comma-separated files) instead of training one")
     ap.add_argument("--save-policy", default=None, help="write the trained policy here")
     ap.add_argument("--formats", default=None, help="candidate formats of the target (comma list)")
     ap.add_argument("--seed", type=int, default=0)
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
 
     payload: dict = {"train": args.train, "target": args.target, "results": {}}
     if args.policy:
-        policy = load_policy(args.policy)
+        policies = {Path(p).stem: load_policy(p) for p in args.policy.split(",") if p}
     else:
         tasks, t0 = [], time.perf_counter()
         for name in [m for m in args.train.split(",") if m]:
@@ -101,9 +103,10 @@ def main(argv=None) -> int:
         payload["train_seconds"] = round(time.perf_counter() - t0, 1)
         if args.save_policy:
             policy.save(args.save_policy)
+        policies = {"policy": policy}
         del tasks
         gc.collect()
-    payload["policy_meta"] = policy.meta
+    payload["policy_meta"] = {k: p.meta for k, p in policies.items()}
 
     t0 = time.perf_counter()
     formats = args.formats.split(",") if args.formats else None
@@ -114,9 +117,10 @@ def main(argv=None) -> int:
     for bpw in [float(b) for b in args.budgets.split(",")]:
         limit = Budget(target_bpw=bpw).check_feasible(prep.lm.specs, prep.config.formats)
         allocs, seconds = {}, {}
-        t = time.perf_counter()
-        allocs["policy"] = policy.allocate(prep.table, prep.features, limit_bytes=limit)
-        seconds["policy"] = time.perf_counter() - t
+        for label, policy in policies.items():
+            t = time.perf_counter()
+            allocs[label] = policy.allocate(prep.table, prep.features, limit_bytes=limit)
+            seconds[label] = time.perf_counter() - t
         for method in ("uniform", "llamacpp", "greedy"):
             try:
                 t = time.perf_counter()
@@ -135,14 +139,16 @@ def main(argv=None) -> int:
         payload["results"][f"{bpw:g}"] = res
     print(format_table(rows, ["bpw", "allocation", "held-out KLD", "PPL", "top-1", "bytes",
                               "file bpw", "allocate s"]))
-    print(f"\npolicy trained on {policy.meta.get('trained_on')} ({policy.meta.get('steps')} steps, "
-          f"{policy.meta.get('kld_episodes')} KLD episodes); target {args.target} prepared in "
-          f"{payload['target_prepare_seconds']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in prep.timings.items())})")
-    for b, res in payload["results"].items():
-        if "greedy" in res:
-            print(f"  {b} bpw: policy/greedy held-out KLD = {res['policy']['kld'] / res['greedy']['kld']:.4f}"
-                  + "".join(f", policy/{k} = {res['policy']['kld'] / res[k]['kld']:.4f}"
-                            for k in ("uniform", "llamacpp") if k in res))
+    timings = ", ".join(f"{k} {v:.0f}s" for k, v in prep.timings.items())
+    for label, policy in policies.items():
+        print(f"\n{label}: trained on {policy.meta.get('trained_on')} "
+              f"({policy.meta.get('steps')} steps, {policy.meta.get('kld_episodes')} KLD episodes, "
+              f"budget {policy.meta.get('bpw_range') or policy.meta.get('limit_bytes')})")
+        for b, res in payload["results"].items():
+            ratios = ", ".join(f"/{k} {res[label]['kld'] / res[k]['kld']:.4f}"
+                               for k in ("greedy", "uniform", "llamacpp") if k in res)
+            print(f"  {b} bpw: held-out KLD ratio {ratios}")
+    print(f"target {args.target} prepared in {payload['target_prepare_seconds']:.0f}s ({timings})")
     if args.json:
         write_json_atomic(args.json, payload)
     return 0

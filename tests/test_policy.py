@@ -152,3 +152,22 @@ def test_allocate_refuses_foreign_spec_with_exit_2(trained, tmp_path, monkeypatc
                  "--target-bpw", "5", "--out", str(tmp_path / "run")]) == 2
     assert main(["train-policy", "--models", "m", "--bpw-range", "6:4", "--out",
                  str(tmp_path / "x.zip")]) == 2
+
+
+@pytest.mark.slow
+def test_train_policy_and_allocate_end_to_end_on_tiny_model(tiny_folder, tmp_path, capsys):
+    """The real pipeline (text, calibration, candidates, features, held-out evaluation)."""
+    import json
+
+    from autobits.cli import main
+
+    small = ["--ctx", "64", "--calib-windows", "2", "--reward-windows", "1", "--reward-ctx", "32"]
+    policy = tmp_path / "tiny.zip"
+    assert main(["train-policy", "--models", str(tiny_folder), "--bpw-range", "5:7", "--out",
+                 str(policy), "--steps", "100", "--gradient-steps", "2", *small]) == 0
+    assert main(["allocate", "--policy", str(policy), "--model", str(tiny_folder),
+                 "--target-bpw", "5.5", "--out", str(tmp_path / "run"), "--windows", "1",
+                 *small]) == 0
+    alloc = json.loads((tmp_path / "run" / "allocation.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert alloc["bpw"] <= 5.5 and metrics["bytes"] == alloc["bytes"] and metrics["kld"] >= 0

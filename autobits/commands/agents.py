@@ -46,11 +46,14 @@ def _measure(model: str, args: argparse.Namespace, *, eval_windows: int):
 
     cfg = PrepareConfig(model=model, text=args.text, ctx=args.ctx,
                         calib_windows=args.calib_windows, eval_windows=max(1, eval_windows),
-                        reward_windows=min(args.reward_windows, args.calib_windows))
+                        reward_windows=min(args.reward_windows, args.calib_windows),
+                        reward_ctx=min(args.reward_ctx, args.ctx), fold=args.fold,
+                        imatrix=args.imatrix)
     return prepare(cfg)
 
 
-def _add_measure_args(p: argparse.ArgumentParser, *, windows: bool) -> None:
+def _add_measure_args(p: argparse.ArgumentParser) -> None:
+    """train-policy's measurement options (``allocate`` takes ``search``'s)."""
     p.add_argument("--text", default="stdlib",
                    help="stdlib (default), debian-handbook, or a path to a text file")
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
@@ -58,9 +61,11 @@ def _add_measure_args(p: argparse.ArgumentParser, *, windows: bool) -> None:
                    help="calibration windows for the features (default 8)")
     p.add_argument("--reward-windows", type=int, default=2,
                    help="calibration windows of the KLD reward (default 2)")
-    if windows:
-        p.add_argument("--windows", type=int, default=8,
-                       help="held-out evaluation windows (default 8)")
+    p.add_argument("--reward-ctx", type=int, default=256,
+                   help="tokens of each reward window (default 256)")
+    p.add_argument("--fold", action="store_true", help="apply Scale Folding before quantizing")
+    p.add_argument("--imatrix", action="store_true",
+                   help="quantize with calibration importance vectors (llama.cpp's imatrix)")
 
 
 def cmd_train_policy(args: argparse.Namespace) -> int:
@@ -134,7 +139,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
-    from autobits.cli import add_budget_args, add_model_args
+    from autobits.cli import add_budget_args
+    from autobits.commands.search import add_prepare_args
 
     p = sub.add_parser("train-policy",
                        help="train a SAC allocation policy across models and budgets")
@@ -155,14 +161,13 @@ def register(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     p.add_argument("--sde", action="store_true", help="explore with gSDE noise")
     p.add_argument("--gradient-steps", type=int, default=64,
                    help="SAC updates per episode (default 64)")
-    _add_measure_args(p, windows=False)
+    _add_measure_args(p)
 
     p = sub.add_parser("allocate",
                        help="allocate a model's formats with a trained policy (no search)")
     p.add_argument("--policy", required=True, help="policy file from train-policy")
-    add_model_args(p)
+    add_prepare_args(p)
     add_budget_args(p, required=True)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out metrics")
-    _add_measure_args(p, windows=True)
     return {"train-policy": cmd_train_policy, "allocate": cmd_allocate}
