@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--reward-windows", type=int, default=2)
     ap.add_argument("--reward-ctx", type=int, default=256)
+    ap.add_argument("--cache-gb", type=float, default=0.0,
+                    help="bound the dequantized-weight cache (GB, LRU); 0 keeps every candidate")
     ap.add_argument("--out", default=None, help="folder for the allocations")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: autobits' choice, the CPU count; 1 helps on a "
@@ -82,7 +84,8 @@ def main(argv=None) -> int:
     from autobits.commands.agents import parse_bpw_range
     from autobits.envs import AllocTask
     from autobits.errors import AutobitsError
-    from autobits.pipeline import prepare
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from sac_vs_greedy import lean_prepare
     from autobits.solvers import solve
 
     payload: dict = {"train": args.train, "target": args.target, "results": {}}
@@ -91,7 +94,7 @@ def main(argv=None) -> int:
     else:
         tasks, t0 = [], time.perf_counter()
         for name in [m for m in args.train.split(",") if m]:
-            prep = prepare(_config(name, args))
+            prep = lean_prepare(_config(name, args), cache_gb=args.cache_gb)
             ev = prep.reward if args.kld_episodes else None
             tasks.append(AllocTask(prep.table, prep.features, evaluate=ev, name=name))
             if not args.kld_episodes:
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     formats = args.formats.split(",") if args.formats else None
-    prep = prepare(_config(args.target, args, formats=formats))
+    prep = lean_prepare(_config(args.target, args, formats=formats), cache_gb=args.cache_gb)
     payload["target_prepare_seconds"] = round(time.perf_counter() - t0, 1)
     payload["target_timings"] = prep.timings
     rows = []
