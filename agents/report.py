@@ -44,6 +44,9 @@ def _write_atomic(path: Path, write: Callable[[io.IOBase], None], *, binary: boo
     try:
         with os.fdopen(fd, "wb" if binary else "w") as fh:
             write(fh)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a normal file's mode, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -121,10 +124,10 @@ def _plot_bits(alloc: Allocation, specs: Sequence[TensorSpec], path: Path) -> Pa
         )
         if not pts:
             continue
-        dy = (k - (len(roles) - 1) / 2) * 0.04  # small offset so equal lines stay visible
+        dx = (k - (len(roles) - 1) / 2) * 0.06  # shift roles sideways: equal lines stay visible
         x, y = zip(*pts)
-        ax.plot(x, [v + dy for v in y], marker="o", ms=3, lw=1, label=role)
-    ax.set_xlabel("block (token_embd at -1, output after the last block)")
+        ax.plot([v + dx for v in x], y, marker="o", ms=3, lw=1, alpha=0.85, label=role)
+    ax.set_xlabel("block (token_embd at -1, output after the last block; roles shifted apart)")
     ax.set_ylabel("bits per weight of the format")
     ax.set_title(f"bits per tensor over depth: {alloc.bpw:.3f} bpw file")
     ax.grid(alpha=0.3)
@@ -154,7 +157,8 @@ def _plot_pareto(result: SearchResult, heldout: Metrics | None,
         fx = [pts[i][1] / 1e6 for i in front]
         fy = [pts[i][2] for i in front]
         ax.step(fx, fy, where="post", color="tab:blue", alpha=0.5, lw=1, label="Pareto front")
-        if all(k > 0 for _, _, k in pts):
+        klds = [k for _, _, k in pts]
+        if min(klds) > 0 and max(klds) / min(klds) > 10:
             ax.set_yscale("log")
         ax.legend(fontsize=8)
     else:
@@ -246,7 +250,9 @@ def _markdown(result: SearchResult, heldout: Metrics | None,
             beaten = [n for n, (_, m) in baselines.items()
                       if heldout.kld <= m.kld and heldout.bytes <= m.bytes]
             lines += ["", f"{result.agent} has a held-out KLD at most that of "
-                      f"{', '.join(sorted(beaten)) or 'none'} at equal or smaller size."]
+                      f"{', '.join(sorted(beaten))} at equal or smaller size." if beaten else
+                      f"{result.agent} does not reach the held-out KLD of any baseline at equal "
+                      f"or smaller size."]
         lines.append("")
     lines += ["## Plots", ""]
     captions = {"best_kld": "Best KLD versus evaluations", "bits_by_depth": "Bits per tensor over depth",
