@@ -141,8 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reward-windows", type=int, default=2)
     ap.add_argument("--reward-ctx", type=int, default=256)
     ap.add_argument("--ctx", type=int, default=256, help="calibration window length (default 256)")
-    ap.add_argument("--formats", default="F16,Q8_0,Q4_0,Q4_K",
-                    help="candidate formats (default F16,Q8_0,Q4_0,Q4_K: the evaluation cost does "
+    ap.add_argument("--formats", default="F16,Q4_0",
+                    help="candidate formats (default F16,Q4_0: the evaluation cost does "
                     "not depend on them, the cache size does; the note extrapolates the put to "
                     "the default set; 'default' = every default candidate)")
     ap.add_argument("--calib-windows", type=int, default=2,

@@ -196,6 +196,15 @@ EvaluatorActor = ray.remote(_EvaluatorActorImpl)
 
 
 # ------------------------------------------------------------------------ the pool
+def _lost(error: BaseException) -> bool:
+    """An actor lost to the system (process killed, node lost, out of memory), as opposed to
+    an exception raised by our own code (its constructor or an evaluation)."""
+    if isinstance(error, ray.exceptions.RayActorError):
+        return not error.actor_init_failed
+    return isinstance(error, (ray.exceptions.OutOfMemoryError, ray.exceptions.WorkerCrashedError,
+                              ray.exceptions.NodeDiedError))
+
+
 @dataclass
 class PoolStats:
     """Counters and timings of a pool (per completed evaluation: wall = dispatch to result,
@@ -316,10 +325,21 @@ class EvaluatorPool:
                  cache=self._refs["cache"], **self._init_kw)
 
     def _ready(self, slots: list[int]) -> list[dict]:
-        try:
-            return ray.get([self._actors[s].info.remote() for s in slots])
-        except ray.exceptions.RayError as e:
-            raise AutobitsError(f"evaluator actors failed to start: {e}") from None
+        """Wait for the actors in ``slots``; one lost at start (killed, out of memory) is
+        replaced like one lost mid-search; an exception in its constructor is raised."""
+        out: dict[int, dict] = {}
+        while len(out) < len(slots):
+            todo = [s for s in slots if s not in out]
+            refs = {self._actors[s].info.remote(): s for s in todo}
+            for ref, s in refs.items():
+                actor = self._actors[s]
+                try:
+                    out[s] = ray.get(ref)
+                except Exception as e:
+                    if not _lost(e):
+                        raise AutobitsError(f"evaluator actor failed to start: {e}") from None
+                    self._replace(s, actor, e)
+        return [out[s] for s in slots]
 
     @property
     def actors(self) -> list[Any]:
@@ -345,8 +365,8 @@ class EvaluatorPool:
             except Exception:  # already gone
                 pass
             self._actors[slot] = self._spawn(slot)
-        log.warning("evaluator actor in slot %d died (%s); replaced (%d so far), retrying its "
-                    "evaluation", slot, type(error).__name__, self.stats.replacements)
+        log.warning("evaluator actor in slot %d lost (%s); replaced (%d so far)", slot,
+                    type(error).__name__, self.stats.replacements)
 
     # -------------------------------------------------------- evaluation
     def evaluate(self, allocation):
@@ -382,13 +402,19 @@ class EvaluatorPool:
                 slot, i, actor, t0 = inflight.pop(ref)
                 try:
                     m = ray.get(ref)
-                except ray.exceptions.RayActorError as e:
+                except Exception as e:
+                    if not _lost(e):
+                        self._idle.put(slot)
+                        for s, *_ in inflight.values():  # let the others finish
+                            self._idle.put(s)
+                        raise
                     try:
                         self._replace(slot, actor, e)
                     finally:
                         self._idle.put(slot)
                     with self._lock:
                         self.stats.retries += 1
+                    log.warning("retrying evaluation %d of the batch on the new actor", i)
                     pending.append(i)
                     continue
                 except BaseException:

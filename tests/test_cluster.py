@@ -76,6 +76,17 @@ def test_cluster_args_and_no_ray_mode():
         cluster_evaluate_factory(None, p.parse_args(["--workers", "-1"]))
 
 
+def test_lost_actor_classification():
+    """System losses are replaced and retried; our own exceptions are raised."""
+    from ray import exceptions as rx
+
+    from autobits.cluster.actors import _lost
+
+    assert _lost(rx.ActorDiedError()) and _lost(rx.OutOfMemoryError("low memory"))
+    assert _lost(rx.ActorUnavailableError("restarting", None))
+    assert not _lost(ValueError("bad allocation")) and not _lost(rx.RayTaskError("f", "tb", ValueError()))
+
+
 def test_evaluation_batcher_batches_terminal_steps_in_env_order():
     """Three environments ending at different steps: the evaluations requested in one
     vectorised step reach evaluate_many together, in environment order."""
@@ -296,15 +307,13 @@ def test_search_through_address_survives_a_killed_actor(local_cluster, tiny_lm, 
     import ray
 
     from autobits.agents import SearchProblem
+    from autobits.agents.optuna_agent import OptunaAgent
     from autobits.cluster import cluster_evaluate_factory
-    from autobits.cluster.agents import BatchOptunaAgent
     from autobits.commands.search import prepare_config_from_args
     from autobits.errors import AutobitsError
     from autobits.pipeline import prepare
     from autobits.solvers import solve
 
-    if BatchOptunaAgent is None:
-        pytest.skip("the optuna agent is not built")
     args = _search_args(tiny_folder, "--address", local_cluster.address)
     prepared = prepare(prepare_config_from_args(args), lm=tiny_lm)
     table = prepared.table
@@ -315,12 +324,12 @@ def test_search_through_address_survives_a_killed_actor(local_cluster, tiny_lm, 
     warm = solve("greedy", table, limit_bytes=limit)
     evals = 9
 
-    def problem(evaluate_many):
+    def problem(evaluate_many, evaluate=prepared.reward):
         return SearchProblem(table=table, features=prepared.features, limit_bytes=limit,
-                             evaluate=prepared.reward, warm_start=warm, evaluate_many=evaluate_many)
+                             evaluate=evaluate, warm_start=warm, evaluate_many=evaluate_many)
 
-    # the undisturbed reference: the same batch search evaluated in this process
-    local = BatchOptunaAgent(sampler="random", space="categorical", batch=3).search(
+    # the undisturbed reference: the same batched search, evaluated in this process
+    local = OptunaAgent(sampler="random", space="categorical", batch=3).search(
         problem(lambda allocs: [prepared.reward(a) for a in allocs]), evals=evals, seed=1)
 
     many, close = cluster_evaluate_factory(prepared, args)
@@ -333,14 +342,14 @@ def test_search_through_address_survives_a_killed_actor(local_cluster, tiny_lm, 
 
         def kill_mid_evaluation(pool, slot, index):
             dispatched.append(index)
-            if len(dispatched) == 5 and not killed:  # second round, the evaluation is running
+            if len(dispatched) == 5 and not killed:  # the 5th evaluation was just sent: running
                 pid = pool.info[slot]["pid"]
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
 
         pool.on_dispatch = kill_mid_evaluation
-        result = BatchOptunaAgent(sampler="random", space="categorical", batch=3).search(
-            problem(many), evals=evals, seed=1)
+        result = OptunaAgent(sampler="random", space="categorical", batch=3).search(
+            problem(many, evaluate=lambda a: many([a])[0]), evals=evals, seed=1)
         stats = pool.stats
         with pytest.raises(AutobitsError, match="need 10 CPUs, the Ray cluster has 3"):
             type(pool).from_prepared(prepared, workers=10)
