@@ -303,9 +303,17 @@ class SACAgent:
             model, vec = make_sac(env, seed=seed, **self.sac_kw)
         stats: dict[str, Any] = {"pretrain_seconds": 0.0, "episodes": 0, "over_budget": 0}
 
+        recent: list[float] = []
+
         def on_episode(info: dict) -> None:
             stats["episodes"] += 1
             stats["over_budget"] += bool(info.get("over_budget"))
+            recent.append(float(info.get("quality", np.nan)) - float(info.get("penalty", 0.0)))
+            if stats["episodes"] % 25 == 0:
+                log.info("sac: %d KLD episodes, %d/%d evaluations used (%d repeats), mean reward "
+                         "of the last 25 %.4f (0 = greedy), %.0fs", stats["episodes"],
+                         counter.used, evals, counter.calls - counter.used,
+                         float(np.nanmean(recent[-25:])), time.perf_counter() - t_start)
 
         # 2. proxy pretraining (free)
         pre = self.pretrain_episodes if saved is None else 0
