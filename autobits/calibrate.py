@@ -458,7 +458,10 @@ def calibrate(
                             hg.mul_(dcap[0].square())
                         hg = hg.sum(0).double()
                         head_gain = hg if head_gain is None else head_gain + hg
-                        y = torch.multinomial(p, 1, generator=gen)
+                        # inverse-CDF sampling of y_hat ~ p (torch.multinomial is ~20x slower)
+                        cdf = p.cumsum(-1)
+                        u = torch.rand(p.shape[0], 1, generator=gen) * cdf[:, -1:]
+                        y = torch.searchsorted(cdf, u).clamp_max_(p.shape[-1] - 1)
                     loss = logp.gather(1, y).sum()
                     loss.backward()
                 fisher_tokens += ids.numel()

@@ -65,7 +65,8 @@ def proxies(calib: Calibration, name: str, w, wq) -> dict[str, float]:
         w32 = w.float()
         # the head's signal energy plus the lookup rows' (frequency-weighted)
         sig = float(row_errors(w32, calib.head_hessian()).sum()) if calib.tied else 0.0
-        sig += float((w32.double().square().sum(1) * torch.from_numpy(calib.token_frequency())).sum())
+        freq = torch.from_numpy(calib.token_frequency())
+        sig += float((w32.double().square().sum(1) * freq).sum())
         out["relative"] = out["plain"] / sig
         diag = TensorProxy(calib, name, w)  # no off-diagonal form for the embedding rows
         out["fisher_diag"] = diag(wq) if not calib.tied else _embd_diag(calib, w, wq)
@@ -73,7 +74,7 @@ def proxies(calib: Calibration, name: str, w, wq) -> dict[str, float]:
         h = calib.hessian(name)
         out["relative"] = out["plain"] / float(row_errors(w.float(), h).sum())
         r = row_errors(dw.float(), np.ascontiguousarray(np.diag(h)))
-        out["fisher_diag"] = 0.5 * float((torch.from_numpy(calib.gain(name)) * r).sum())
+        out["fisher_diag"] = 0.5 * float((torch.from_numpy(calib.gain(name).copy()) * r).sum())
     return out
 
 
@@ -83,7 +84,7 @@ def _embd_diag(calib: Calibration, w, wq) -> float:
     hd = np.ascontiguousarray(np.diag(calib.head_hessian()))
     return embedding_proxy_error(
         w, wq, calib.token_frequency(), gain=calib.gain("token_embd.weight"), head_h=hd,
-        head_gain=torch.from_numpy(calib.head_gain), embed_scale=calib.embed_scale,
+        head_gain=torch.from_numpy(calib.head_gain.copy()), embed_scale=calib.embed_scale,
     )
 
 
