@@ -21,12 +21,14 @@
    against the F32 reference's logits (computed once).
 
 Prints one table; ``--json`` writes every number.  Files stay in ``--out`` (reused on a
-rerun when present: delete the folder to start over).
+rerun when present, as are the calibration, the candidate tables and every finished
+row: delete the folder to start over).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -105,40 +107,57 @@ def main(argv=None) -> int:
     log.info("reference: ppl %.4f on windows %d..%d (%.0fs)", ref.ppl, split.eval_ids[0],
              split.eval_ids[-1], ref.seconds)
 
-    from autobits.calibrate import calibrate
+    from autobits.calibrate import Calibration, calibrate
 
     calib_split = make_windows(load_text(args.text), lm.tokenizer, ctx=args.ctx).split(
         calib=args.calib_windows, eval=0)
     if calib_split.n_windows - args.calib_windows < args.windows:
         raise SystemExit("calibration and held-out windows would overlap")
-    calib = calibrate(lm, calib_split.calib, progress=False)
+    calib_path = out / f"calibration-{args.calib_windows}x{args.ctx}.npz"
+    if calib_path.is_file():
+        calib = Calibration.load(calib_path, lm=lm)
+    else:
+        calib = calibrate(lm, calib_split.calib, progress=False)
+        calib.save(calib_path)
     importance = {s.name: v for s in lm.quantizable if (v := calib.importance(s.name)) is not None}
 
     rows: list[dict] = []
+    done_path = out / "rows.json"  # finished rows, reused on a rerun with the same settings
+    done = json.loads(done_path.read_text()) if done_path.is_file() else {}
 
     def record(name: str, path: Path, kind: str, alloc: Allocation | None = None) -> None:
-        res = judge(path, windows=split.eval, reference=ref, flash_attn=args.flash_attn)
+        if name in done and done[name]["file_bytes"] == path.stat().st_size:
+            rows.append(done[name])
+            return
+        if kind == "reference":  # its own logits: nothing to compare
+            ppl, kld, top1, secs = ref.ppl, 0.0, 1.0, ref.seconds
+        else:
+            res = judge(path, windows=split.eval, reference=ref, flash_attn=args.flash_attn)
+            ppl, kld, top1, secs = res.ppl, res.kld, res.top1, res.seconds
         tb = tensor_bytes(path)
         row = {"name": name, "kind": kind, "file": str(path), "file_bytes": path.stat().st_size,
-               "tensor_bytes": tb, "bpw": tb * 8 / params, "ppl": res.ppl,
-               "ppl_increase": res.ppl / ref.ppl - 1, "kld": res.kld, "top1": res.top1,
-               "seconds": res.seconds}
+               "tensor_bytes": tb, "bpw": tb * 8 / params, "ppl": ppl,
+               "ppl_increase": ppl / ref.ppl - 1, "kld": kld, "top1": top1, "seconds": secs}
         if alloc is not None:
             row["types"] = sorted(set(alloc.tensors.values()))
             row["meta"] = {k: v for k, v in alloc.meta.items() if k != "details"}
         rows.append(row)
+        done[name] = row
+        write_json_atomic(done_path, done)
         log.info("%s: %s", name, {k: row[k] for k in ("file_bytes", "bpw", "ppl", "kld", "top1")})
 
-    record("F32 (reference)", ref_path, "reference")
     tables = {}
     if not args.no_autobits:
-        from autobits.evaluate import WeightCache
+        from autobits.candidates import CandidateTable
         from autobits.features import build_candidates
 
-        for im in (False, True):
-            cache = WeightCache(lm, importance=importance if im else None)
-            tables[im] = build_candidates(lm, calib, imatrix=im, cache=cache, progress=False)
-            del cache
+        for im in (False, True):  # no weight cache: it would hold every candidate (~6 GB)
+            tpath = out / f"candidates{'-imatrix' if im else ''}.json"
+            if tpath.is_file():
+                tables[im] = CandidateTable.from_json(json.loads(tpath.read_text()), lm.specs)
+            else:
+                tables[im] = build_candidates(lm, calib, imatrix=im, progress=False)
+                write_json_atomic(tpath, tables[im].to_json())
     for preset in presets:
         for im in (False, True):
             tag = f"{preset}{'-imatrix' if im else ''}"
@@ -149,9 +168,14 @@ def main(argv=None) -> int:
             if args.no_autobits:
                 continue
             limit = tensor_bytes(p)
+            a_out = out / f"autobits-{tag}.gguf"
+            name = f"autobits {args.solver} @{tag}"
+            if name in done and a_out.is_file():
+                rows.append(done[name])
+                continue
             a_path, alloc = autobits_file(lm, tables[im], args.solver, limit, p.stat().st_size,
-                                          out / f"autobits-{tag}.gguf", importance if im else None)
-            record(f"autobits {args.solver} @{tag}", a_path, "autobits", alloc)
+                                          a_out, importance if im else None)
+            record(name, a_path, "autobits", alloc)
     header = ["file", "file bytes", "bpw", "PPL", "dPPL", "KLD", "top-1"]
     table = [[r["name"], f"{r['file_bytes']:,}", f"{r['bpw']:.3f}", f"{r['ppl']:.4f}",
               f"{100 * r['ppl_increase']:+.2f}%", f"{r['kld']:.5f}", f"{r['top1']:.4f}"] for r in rows]
