@@ -127,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         log.info("Scale Folding: %d groups folded, calibration error %.4g -> %.4g",
                  report.folded, report.error_before, report.error_after)
     t0 = time.perf_counter()
-    ev = Evaluator(lm, split.eval)
+    ev = Evaluator(lm, split.eval, llama_numerics=args.llama_numerics)
     ref_s = time.perf_counter() - t0
     m = ev.evaluate(alloc)
     label = Path(args.allocation).name if args.allocation else alloc.meta["rule"]
@@ -137,10 +137,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ["allocation", "KLD", "PPL", "ref PPL", "top-1", "bytes", "bpw", "seconds"],
     ))
     print(f"\n{lm.name}, {m.windows} held-out windows x {args.ctx} tokens of {corpus.name} "
-          f"(windows {split.eval_ids[0]}..{split.eval_ids[-1]}), reference pass {ref_s:.1f}s")
+          f"(windows {split.eval_ids[0]}..{split.eval_ids[-1]}), reference pass {ref_s:.1f}s"
+          + (", llama.cpp activation rounding" if args.llama_numerics else ""))
     if args.json:
         payload = {**m.to_json(), "model": lm.name, "allocation": label,
-                   "text": split.to_json()}
+                   "llama_numerics": bool(args.llama_numerics), "text": split.to_json()}
         write_json_atomic(args.json, payload)
         print(f"metrics written to {args.json}")
     return 0
@@ -201,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply Scale Folding (calibrated on the start of the text) first")
     p.add_argument("--calib-windows", type=int, default=8,
                    help="calibration windows for --fold (default 8)")
+    p.add_argument("--llama-numerics", action="store_true",
+                   help="round activations as llama.cpp's CPU matmuls do (8-bit blocks per the "
+                   "weight's format), to match `autobits judge --kv-type f32`")
     p.add_argument("--json", help="write the metrics as JSON here")
 
     import importlib

@@ -96,7 +96,13 @@ class WeightCache:
 
 
 class Evaluator:
-    """Measures allocations of one model on a fixed set of token windows."""
+    """Measures allocations of one model on a fixed set of token windows.
+
+    ``llama_numerics=True`` also rounds every linear layer's input the way llama.cpp's CPU
+    matmul does for the weight's format (8-bit activation blocks, see
+    :mod:`autobits.numerics`), so that perplexities match llama.cpp's; the reference
+    distributions stay those of the float model.
+    """
 
     def __init__(
         self,
@@ -106,6 +112,7 @@ class Evaluator:
         score_from: int | None = None,
         cache: WeightCache | None = None,
         batch_size: int = 1,
+        llama_numerics: bool = False,
     ):
         import torch
 
@@ -120,6 +127,12 @@ class Evaluator:
         self.tokens = torch.tensor(np.array(windows, dtype=np.int64))
         self.cache = cache if cache is not None else WeightCache(lm)
         self.batch_size = max(1, int(batch_size))
+        self.llama_numerics = bool(llama_numerics)
+        self._act = None
+        if self.llama_numerics:
+            from autobits.numerics import ActivationQuantizer
+
+            self._act = ActivationQuantizer(lm)
         self._reference()
 
     # -------------------------------------------------------------- forward
@@ -169,6 +182,8 @@ class Evaluator:
         self.lm.restore()
         for name, fmt in tensors.items():
             self.lm.set_weight(name, self.cache.get(name, fmt))
+        if self._act is not None:
+            self._act.set(tensors)
 
     def evaluate(self, allocation: Allocation) -> Metrics:
         """KLD, perplexity and top-1 agreement of ``allocation`` against the reference."""
@@ -190,6 +205,8 @@ class Evaluator:
                     nll -= lp.gather(-1, target.unsqueeze(-1)).sum().item()
         finally:
             self.lm.restore()
+            if self._act is not None:
+                self._act.clear()
         n = self.n_scored
         return Metrics(
             kld=max(kl_sum / n, 0.0),

@@ -136,12 +136,18 @@ def test_cli_judge(capsys, tiny_files, tmp_path):
 @pytest.mark.slow
 def test_smollm2_llama_cpp_agrees_with_evaluator(smollm2, tmp_path):
     """SmolLM2: uniform Q8_0, uniform Q4_0 and a mixed allocation (four types, Q4_K/Q6_K on
-    ffn_down), in llama.cpp and in our evaluator, on the same two held-out windows."""
+    ffn_down), in llama.cpp and in our evaluator, on the same six held-out windows.
+
+    With llama.cpp's activation rounding emulated (``llama_numerics``) and an F32 KV cache in
+    llama.cpp, the two agree within 1%. Perplexity over a few thousand tokens is itself
+    noisy at that level: flipping how a Q8_0 activation code is rounded (fp32 vs fp16 scale)
+    moves the mixed allocation's perplexity by 0.7% (its KLD by 0.05%); on two windows
+    llama.cpp's default F16 KV cache moved it by 1.6%, so six windows are used."""
     lm = smollm2
     llm = open_llama(lm.gguf.path, ctx=512)
-    windows = llama_windows(llm, "stdlib", ctx=512, n=2).eval
+    windows = llama_windows(llm, "stdlib", ctx=512, n=6).eval
     del llm
-    ev = Evaluator(lm, windows)
+    ev = Evaluator(lm, windows, llama_numerics=True)
     mixed = {s.name: ("Q6_K" if s.block % 2 else "Q4_K") if s.role == "ffn_down" else
              "Q8_0" if s.role in ("token_embd", "attn_v") else "Q5_0" if s.role == "attn_output"
              else "Q4_0" for s in lm.quantizable}
@@ -150,14 +156,19 @@ def test_smollm2_llama_cpp_agrees_with_evaluator(smollm2, tmp_path):
         "Q4_0": Allocation.uniform(lm.name, lm.specs, "Q4_0"),
         "mixed": Allocation.build(lm.name, lm.specs, mixed),
     }
-    for kind, alloc in allocs.items():
-        path = export_gguf(lm, alloc, tmp_path / f"{kind}.gguf")
-        res = judge(path, windows=windows)
-        ours = ev.evaluate(alloc)
-        # llama.cpp quantizes the activations of every quantized matmul to 8 bits (Q8_0 /
-        # Q8_1 / Q8_K blocks): on SmolLM2 that alone adds about 1% to its perplexity
-        assert res.ppl == pytest.approx(ours.ppl, rel=0.02), (kind, res.ppl, ours.ppl)
-        path.unlink()
+    try:
+        for kind, alloc in allocs.items():
+            path = export_gguf(lm, alloc, tmp_path / f"{kind}.gguf")
+            exact = judge(path, windows=windows, kv_type="f32")
+            default = judge(path, windows=windows)
+            ours = ev.evaluate(alloc)
+            assert exact.kv_type == "f32" and default.kv_type == "f16"
+            assert exact.ppl == pytest.approx(ours.ppl, rel=0.01), (kind, exact.ppl, ours.ppl)
+            assert default.ppl == pytest.approx(ours.ppl, rel=0.02), (kind, default.ppl, ours.ppl)
+            print(f"{kind}: llama.cpp {exact.ppl:.4f} (F16 KV {default.ppl:.4f}), ours {ours.ppl:.4f}")
+            path.unlink()
+    finally:
+        ev._act.remove()
 
 
 @pytest.mark.parametrize("preset", ["Q4_K_M", "Q2_K"])

@@ -109,10 +109,10 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
     if args.windows < 1:
         raise AutobitsError(f"--windows must be at least 1, got {args.windows}")
-    llm = open_llama(args.gguf, ctx=args.ctx, flash_attn=args.flash_attn)
+    llm = open_llama(args.gguf, ctx=args.ctx, flash_attn=args.flash_attn, kv_type=args.kv_type)
     split = llama_windows(llm, args.text, ctx=args.ctx, n=args.windows)
     res = judge(args.gguf, windows=split.eval, reference=args.reference,
-                flash_attn=args.flash_attn, llm=llm)
+                flash_attn=args.flash_attn, llm=llm, kv_type=args.kv_type)
 
     def f(x, spec):
         return "-" if x is None else format(x, spec)
@@ -124,7 +124,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
     ))
     print(f"\nllama.cpp, {res.windows} held-out windows x {res.ctx} tokens of {split.corpus} "
           f"(windows {split.eval_ids[0]}..{split.eval_ids[-1]}), flash attention "
-          f"{'on' if res.flash_attn else 'off'}")
+          f"{'on' if res.flash_attn else 'off'}, KV cache {res.kv_type}")
     if args.json:
         write_json_atomic(args.json, {**res.to_json(), "text": split.to_json()})
         print(f"results written to {args.json}")
@@ -155,5 +155,7 @@ def register(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     add_text_args(p)
     p.add_argument("--flash-attn", action="store_true",
                    help="flash attention on (both files); llama-perplexity's default is on")
+    p.add_argument("--kv-type", choices=("f16", "f32", "q8_0"), default="f16",
+                   help="KV cache type (default f16, llama.cpp's; f32 to compare with autobits eval)")
     p.add_argument("--json", help="write the results as JSON here")
     return {"export": cmd_export, "judge": cmd_judge}
