@@ -31,11 +31,12 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Ray (distributed evaluation)")
     g.add_argument("--address", default=None,
                    help="Ray cluster to run the evaluations on (host:port of its head, or "
-                   "'auto'); default: $RAY_ADDRESS inside a Ray job, else an embedded local "
-                   "Ray (no dashboard) that stops when the search ends")
+                   "'auto'); default: $RAY_ADDRESS inside a Ray job; with only --workers N, "
+                   "an embedded local Ray (no dashboard) that stops when the search ends")
     g.add_argument("--workers", type=int, default=None,
-                   help="evaluator actors (default: the cluster's CPUs // --worker-threads; "
-                   "0: evaluate in this process, no Ray)")
+                   help="evaluator actors (default with --address or in a Ray job: the "
+                   "cluster's CPUs // --worker-threads; without: none, the search evaluates "
+                   "in this process; 0: never Ray)")
     g.add_argument("--worker-threads", type=int, default=1,
                    help="torch threads (and Ray CPUs) per evaluator actor (default 1)")
 

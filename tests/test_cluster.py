@@ -370,6 +370,32 @@ def test_search_through_address_survives_a_killed_actor(local_cluster, tiny_lm, 
 
 @pytest.mark.ray
 @pytest.mark.timeout(400)
+def test_cli_search_through_address(local_cluster, tiny_folder, tmp_path, capsys, caplog):
+    """`autobits search --agent optuna --address ...`: the evaluations run on the cluster's
+    actors, in batches of its 3 CPUs, and the run directory is complete."""
+    import logging
+
+    import ray
+
+    from autobits.cli import main
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="autobits.commands.search"):
+        code = main(["search", "--model", str(tiny_folder), "--ctx", "64", "--calib-windows", "2",
+                     "--windows", "1", "--reward-windows", "1", "--reward-ctx", "64",
+                     "--target-bpw", "6", "--agent", "optuna", "--evals", "6", "--sampler", "tpe",
+                     "--address", local_cluster.address, "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    assert "evaluating on Ray: 3 evaluator actors" in caplog.text
+    assert not ray.is_initialized()  # the search disconnected when it ended
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["agent"] == "optuna" and metrics["bpw"] <= 6.0
+    assert (out / "report.md").is_file() and "optuna" in printed.out
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
 def test_submit_search_as_job_and_list_it(local_cluster, tiny_folder, tmp_path, capsys):
     from autobits.cli import main
 

@@ -63,6 +63,31 @@ def _baselines(prepared, limit: int, skip: str) -> dict:
     return out
 
 
+def _uses_ray(args: argparse.Namespace) -> bool:
+    """Ray evaluates when asked for: ``--address``, ``--workers N>0``, or inside a Ray job
+    (``RAY_ADDRESS`` set). Otherwise the search evaluates in this process."""
+    import os
+
+    workers = getattr(args, "workers", None)
+    if workers == 0:
+        return False
+    return bool(getattr(args, "address", None) or workers or os.environ.get("RAY_ADDRESS"))
+
+
+def _evaluators(prepared, args: argparse.Namespace):
+    """``(evaluate_many, close)``: evaluator actors on Ray when :func:`_uses_ray`, else
+    ``(None, no-op)``."""
+    if not _uses_ray(args):
+        return None, lambda: None
+    from autobits.cluster import cluster_evaluate_factory
+
+    many, close = cluster_evaluate_factory(prepared, args)
+    if many is not None:
+        pool = many.__self__
+        log.info("evaluating on Ray: %d evaluator actors", pool.workers)
+    return many, close
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from autobits.allocation import write_json_atomic
     from autobits.cli import budget_from_args, format_table
@@ -93,12 +118,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         if args.agent not in AGENTS:
             raise AutobitsError(f"agent {args.agent!r} is not available; built: {sorted(AGENTS)}")
         warm = solve("greedy", prepared.table, limit_bytes=limit)
-        problem = SearchProblem(table=prepared.table, features=prepared.features,
-                                limit_bytes=limit, evaluate=prepared.reward, warm_start=warm)
-        options = {"sampler": args.sampler} if args.agent == "optuna" else {}
-        agent = AGENTS[args.agent](**options)
-        result = agent.search(problem, evals=args.evals, seed=args.seed, out_dir=out,
-                              resume=args.resume)
+        many, close = _evaluators(prepared, args)
+        try:
+            problem = SearchProblem(table=prepared.table, features=prepared.features,
+                                    limit_bytes=limit, evaluate=prepared.reward, warm_start=warm,
+                                    evaluate_many=many)
+            options = {"sampler": args.sampler} if args.agent == "optuna" else {}
+            agent = AGENTS[args.agent](**options)
+            result = agent.search(problem, evals=args.evals, seed=args.seed, out_dir=out,
+                                  resume=args.resume)
+        finally:
+            close()
         best = result.best
 
     m = prepared.heldout(best)
@@ -142,4 +172,7 @@ def register(sub) -> dict:
                    help="Optuna sampler (default tpe)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--out", required=True, help="run directory")
+    from autobits.cluster import add_cluster_args
+
+    add_cluster_args(p)
     return {"search": cmd_search}
