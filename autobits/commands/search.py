@@ -100,6 +100,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise AutobitsError(f"--evals must be at least 1, got {args.evals}")
     cfg = prepare_config_from_args(args)
     out = Path(args.out)
+    if args.gguf and not Path(args.gguf).parent.is_dir():  # before the slow part
+        raise AutobitsError(f"--gguf: output folder {str(Path(args.gguf).parent)!r} does not exist")
     from autobits.model import load_model
 
     lm = load_model(cfg.model)
@@ -131,6 +133,14 @@ def cmd_search(args: argparse.Namespace) -> int:
             close()
         best = result.best
 
+    if result is None:  # a solver: one measurement of its answer, for the report
+        from autobits.agents import Evaluation, SearchResult
+
+        rm = prepared.reward(best)
+        result = SearchResult(agent=args.agent, best=best, best_metrics=rm, history=[
+            Evaluation(index=0, kld=rm.kld, bytes=best.bytes, bpw=best.bpw,
+                       feasible=best.bytes <= limit, seconds=rm.seconds)],
+            meta={"solver": args.agent, "evals": 1})
     m = prepared.heldout(best)
     best.save(out / "allocation.json")
     payload = {**m.to_json(), "model": lm.name, "agent": args.agent, "budget": budget.describe(),
@@ -139,21 +149,31 @@ def cmd_search(args: argparse.Namespace) -> int:
     write_json_atomic(out / "metrics.json", payload)
     rows = [[args.agent, f"{m.kld:.5f}", f"{m.ppl:.4f}", f"{m.top1:.4f}", f"{m.bytes:,}",
              f"{m.bpw:.4f}"]]
-    if result is not None:
-        from autobits.agents.report import write_report
+    gguf_path = None
+    if args.gguf is not None:
+        from autobits.exports.gguf import export_gguf
 
-        baselines = _baselines(prepared, limit, skip=args.agent)
-        for name, (a, bm) in baselines.items():
-            rows.append([name, f"{bm.kld:.5f}", f"{bm.ppl:.4f}", f"{bm.top1:.4f}",
-                         f"{bm.bytes:,}", f"{bm.bpw:.4f}"])
-        write_report(result, out, heldout=m, baselines=baselines, specs=lm.specs)
+        gguf_path = export_gguf(prepared.lm, best, Path(args.gguf) if args.gguf else
+                                out / f"{Path(lm.name).name}-{best.bpw:.2f}bpw.gguf",
+                                importance=prepared.importance())
+        payload["gguf"] = str(gguf_path)
+        write_json_atomic(out / "metrics.json", payload)
+    from autobits.agents.report import write_report
+
+    baselines = _baselines(prepared, limit, skip=args.agent)
+    for name, (a, bm) in baselines.items():
+        rows.append([name, f"{bm.kld:.5f}", f"{bm.ppl:.4f}", f"{bm.top1:.4f}",
+                     f"{bm.bytes:,}", f"{bm.bpw:.4f}"])
+    write_report(result, out, heldout=m, baselines=baselines, specs=lm.specs)
     print(format_table(rows, ["allocation", "KLD", "PPL", "top-1", "bytes", "bpw"]))
     print(f"\nbudget {budget.describe()} = {limit:,} bytes; held-out: {m.windows} windows x "
           f"{cfg.ctx} tokens (reference PPL {m.ref_ppl:.4f})")
     print(f"run directory: {out}\n  allocation: {out / 'allocation.json'}\n"
           f"  metrics:    {out / 'metrics.json'}")
-    if result is not None:
-        print(f"  report:     {out / 'report.md'}")
+    print(f"  report:     {out / 'report.md'}")
+    if gguf_path is not None:
+        print(f"  GGUF:       {gguf_path} ({gguf_path.stat().st_size:,} bytes; "
+              f"llama.cpp loads it as is)")
     return 0
 
 
@@ -172,6 +192,9 @@ def register(sub) -> dict:
                    help="Optuna sampler (default tpe)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--gguf", nargs="?", const="", default=None, metavar="PATH",
+                   help="also export the allocation as a GGUF file (default path: "
+                   "OUT/<model>-<bpw>bpw.gguf)")
     from autobits.cluster import add_cluster_args
 
     add_cluster_args(p)
