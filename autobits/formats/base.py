@@ -80,6 +80,17 @@ del _bits, _group
 _REGISTRY: dict[str, "Format"] = {}
 
 
+class NonFiniteInput(FormatError):
+    """Raised by a format's ``_quantize_blocks`` that checks finiteness itself (see
+    :attr:`Format.checks_finite`); :meth:`Format.quantize` turns it into its usual error."""
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    from autobits.formats._lanes import all_finite  # the fast check lives with the fast paths
+
+    return all_finite(x)
+
+
 class Format:
     """One storage format.  Subclass with ``name = "Q4_K"`` to register it."""
 
@@ -89,6 +100,9 @@ class Format:
     ggml_type: ClassVar[int | None]
     #: True when an importance vector changes the bytes (imatrix-aware rounding).
     uses_importance: ClassVar[bool] = False
+    #: True when ``_quantize_blocks`` without importance raises :class:`NonFiniteInput` on
+    #: NaN/Inf input itself (from its own per-block reductions), sparing a pass over the data.
+    checks_finite: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -134,13 +148,15 @@ class Format:
         if x.ndim == 0:
             raise FormatError(f"{self.name} needs at least one axis, got a scalar")
         self.check_fits(x.shape, tensor)
-        if not np.isfinite(x).all():
-            what = f"tensor {tensor!r}" if tensor else "input tensor"
-            raise FormatError(f"{what} contains NaN or Inf; cannot quantize to {self.name}")
+        what = f"tensor {tensor!r}" if tensor else "input tensor"
+        not_finite = f"{what} contains NaN or Inf; cannot quantize to {self.name}"
+        with_imp = importance is not None and self.uses_importance
+        if (with_imp or not self.checks_finite) and not _all_finite(x):
+            raise FormatError(not_finite)
         row = x.shape[-1]
         blocks = x.reshape(-1, self.block_size)
         imp = None
-        if importance is not None and self.uses_importance:
+        if with_imp:
             imp = np.ascontiguousarray(importance, dtype=np.float32)
             if imp.shape != (row,):
                 raise FormatError(
@@ -151,7 +167,10 @@ class Format:
                 raise FormatError("importance vector must be finite and non-negative")
             nrows = blocks.shape[0] * self.block_size // row
             imp = np.broadcast_to(imp, (nrows, row)).reshape(-1, self.block_size)
-        out = self._quantize_blocks(blocks, imp)
+        try:
+            out = self._quantize_blocks(blocks, imp)
+        except NonFiniteInput:
+            raise FormatError(not_finite) from None
         return out.reshape(*x.shape[:-1], row // self.block_size * self.type_size)
 
     def dequantize(self, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from autobits.formats import _lanes as lanes
 from autobits.formats.base import Format
 
 __all__ = ["F32", "F16", "BF16", "fp32_to_bf16_bits", "bf16_bits_to_fp32"]
@@ -33,6 +34,17 @@ def fp32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     if nan.any():
         out[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)
     return out
+
+
+def _bf16_bits_finite(x: np.ndarray) -> np.ndarray:
+    """:func:`fp32_to_bf16_bits` for finite input (the NaN rule is not needed), fewer passes:
+    the rounded word's high half is taken straight from a uint16 view."""
+    u = np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32)
+    r = u >> np.uint32(16)
+    r &= np.uint32(1)
+    r += np.uint32(0x7FFF)
+    r += u  # no overflow: the largest finite word is 0xFF7FFFFF
+    return r.view(np.uint16)[1::2].copy() if np.little_endian else r.view(np.uint16)[0::2].copy()
 
 
 def bf16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:
@@ -60,8 +72,8 @@ class F16(Format):
     name = "F16"
 
     def _quantize_blocks(self, blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        h = np.ascontiguousarray(blocks, dtype=np.float32).astype("<f2")
-        return h.view(np.uint8).reshape(h.shape[0], 2)
+        h = lanes.fp16_bits(np.ascontiguousarray(blocks, dtype=np.float32).reshape(-1))
+        return h.astype("<u2", copy=False).view(np.uint8).reshape(-1, 2)
 
     def _dequantize_blocks(self, data: np.ndarray) -> np.ndarray:
         d = np.ascontiguousarray(data, dtype=np.uint8)
@@ -74,8 +86,8 @@ class BF16(Format):
     name = "BF16"
 
     def _quantize_blocks(self, blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        b = fp32_to_bf16_bits(blocks).astype("<u2")
-        return b.view(np.uint8).reshape(b.shape[0], 2)
+        b = _bf16_bits_finite(blocks).astype("<u2", copy=False)  # quantize() checked finiteness
+        return b.view(np.uint8).reshape(-1, 2)
 
     def _dequantize_blocks(self, data: np.ndarray) -> np.ndarray:
         d = np.ascontiguousarray(data, dtype=np.uint8)

@@ -32,6 +32,7 @@ import contextvars
 
 import numpy as np
 
+from autobits.formats import _lanes as lanes
 from autobits.formats.base import Format
 
 __all__ = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "fp16_bytes", "fp16_from_bytes", "seq_sum"]
@@ -49,7 +50,7 @@ _ROW_LENGTH: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 # ------------------------------------------------------------------ shared helpers
 def fp16_bytes(v: np.ndarray) -> np.ndarray:
     """float32 (n,) -> uint8 (n, 2): ``GGML_FP32_TO_FP16`` (round-to-nearest-even)."""
-    return np.ascontiguousarray(np.asarray(v, dtype=F32).astype("<f2")).view(np.uint8).reshape(-1, 2)
+    return lanes.fp16_bits(np.asarray(v, dtype=F32).reshape(-1)).astype("<u2").view(np.uint8).reshape(-1, 2)
 
 
 def fp16_from_bytes(b: np.ndarray) -> np.ndarray:
@@ -61,12 +62,10 @@ def seq_sum(terms: np.ndarray, axis: int = 1) -> np.ndarray:
     """Float32 sum along ``axis`` in C loop order: ``((0 + t0) + t1) + ...``.
 
     Vectorised over the other axis; numpy's own (pairwise) summation would round differently.
+    (``_kmath.seqsum``: a sequential ``np.add.reduce`` over the leading axis, checked at import.)
     """
     t = np.moveaxis(np.asarray(terms, dtype=F32), axis, 0)
-    acc = np.zeros(t.shape[1:], dtype=F32)
-    for k in range(t.shape[0]):
-        acc += t[k]
-    return acc
+    return _kmath().seqsum(t)
 
 
 def first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,8 +99,7 @@ def safe_inverse(d: np.ndarray) -> np.ndarray:
     """``d ? 1.0f/d : 0.0f`` elementwise in float32."""
     d = np.asarray(d, dtype=F32)
     out = np.zeros_like(d)
-    nz = d != 0
-    out[nz] = F32(1) / d[nz]
+    np.divide(F32(1), d, out=out, where=d != 0)
     return out
 
 
@@ -175,6 +173,8 @@ def _qkx3_min(x: np.ndarray, d: np.ndarray, the_min: np.ndarray, nmax: int) -> n
 class _RowAware(Format):
     """Remembers the row length of the tensor being quantized (for per-row statistics)."""
 
+    checks_finite = True  # the plain path's block max/min reductions see every NaN and Inf
+
     def quantize(self, array, importance=None, *, tensor=None):  # noqa: D102 - see Format
         shape = np.shape(array)
         token = _ROW_LENGTH.set(int(shape[-1]) if len(shape) else None)
@@ -184,10 +184,82 @@ class _RowAware(Format):
             _ROW_LENGTH.reset(token)
 
 
-def _trunc_u8(v: np.ndarray) -> np.ndarray:
-    """C's float -> uint8 conversion (truncation toward zero); ``v`` is non-negative here
-    (every caller adds at least 0.5 to a value >= -0.5 ulp), where numpy's cast is the same."""
-    return v.astype(np.uint8)
+# Plain (no importance) quantization of each legacy format, in the lanes layout:
+# (symmetric, nmax, cap of the truncated code or None, block fields (name, dtype, offset)).
+_PLAIN = {
+    "Q4_0": (True, 8, 15, [("d", "<u2", 0), ("qs", "(4,)<u4", 2)]),
+    "Q4_1": (False, 15, 15, [("d", "<u2", 0), ("m", "<u2", 2), ("qs", "(4,)<u4", 4)]),
+    "Q5_0": (True, 16, 31, [("d", "<u2", 0), ("qh", "<u4", 2), ("qs", "(4,)<u4", 6)]),
+    "Q5_1": (False, 31, None, [("d", "<u2", 0), ("m", "<u2", 2), ("qh", "<u4", 4),
+                               ("qs", "(4,)<u4", 8)]),
+}
+
+
+def _plain_codes(x: np.ndarray, sym: bool, nmax: int, cap: int | None):
+    """``(d, m or None, codes uint8 lanes (8, n, 4))`` of ``quantize_row_q*_ref`` for blocks ``x``."""
+    n = x.shape[0]
+    y = lanes.to_lanes(x)  # our own copy: the arithmetic below runs in place on it
+    hi, lo = lanes.lanes_max(y), lanes.lanes_min(y)
+    yf = y.reshape(8, 4 * n)
+    if sym:
+        # ggml keeps the first value of largest |x|: hi if hi >= -lo else lo (the sign of
+        # hi + lo is exact); hi == -lo (+a and -a both present, or an all-zero block, whose
+        # max stays +0.0) needs a look at the block
+        neg = -lo
+        amax = np.maximum(hi, neg)
+        lanes.require_finite(amax)
+        mx = np.copysign(amax, hi + lo)
+        rare = np.flatnonzero(hi == neg)
+        if rare.size:
+            mx[rare] = first_absmax(x[rare])[1]
+        d = mx / F32(-nmax)
+        # a zero or subnormal d (|d| < 2**-126) takes the careful path below
+        tiny = bool(amax.min() < F32(2 * nmax) * _F32_TINY)
+    else:
+        m, mx = lo, hi
+        with np.errstate(over="ignore", invalid="ignore"):
+            rng = hi - lo
+        lanes.require_finite(rng, hi, lo)
+        z = np.flatnonzero((lo == 0) | (hi == 0))  # a zero's sign is the first zero's
+        if z.size:
+            m[z], mx[z] = first_min_max(x[z])
+            rng = mx - m
+        d = rng / F32(nmax)
+        tiny = bool(d.min() < _F32_TINY)
+        np.subtract(yf, lanes.repeat4(m), out=yf)  # x - min
+    np.multiply(yf, lanes.repeat4(safe_inverse(d) if tiny else F32(1) / d), out=yf)
+    yf += F32(nmax + 0.5) if sym else F32(0.5)  # x*id + 8.5f (16.5f), (x - min)*id + 0.5f
+    if cap is not None and tiny:
+        # MIN(cap, (int)v) == (int)MIN(v, cap) for v >= 0 (only non-finite or >= 256
+        # values, undefined behaviour in C, could tell them apart)
+        np.minimum(yf, lanes.const(cap, yf.shape), out=yf)
+    # C truncates to an integer: values are >= 0 (up to rounding of -0.5 ulp + 0.5)
+    q = yf.astype(np.uint8).reshape(8, n, 4)
+    if sym and not tiny:
+        # with a normal d, |x*id| <= nmax*(1 + 3 ulp): codes are at most 2*nmax, and reach
+        # it (x close to -max) often.  Asymmetric codes stay <= nmax: (x - min) <= (max - min)
+        # in float, so (x - min)*id + 0.5 < nmax + 1 and C's MIN never bites.
+        lanes.cap_codes(q, cap.bit_length())
+    return d, (None if sym else m), q
+
+
+_F32_TINY = np.finfo(F32).tiny  # smallest normal float32
+
+
+def _quantize_plain(x: np.ndarray, name: str) -> np.ndarray:
+    sym, nmax, cap, layout = _PLAIN[name]
+    n = x.shape[0]
+    out = lanes.block_output(n, layout)
+    for s in range(0, n, lanes.LANES_CHUNK):
+        d, m, q = _plain_codes(x[s : s + lanes.LANES_CHUNK], sym, nmax, cap)
+        o = out[s : s + lanes.LANES_CHUNK]
+        o["d"] = lanes.fp16_bits(d)
+        if m is not None:
+            o["m"] = lanes.fp16_bits(m)
+        if "qh" in out.dtype.names:
+            o["qh"] = lanes.high_bits_lanes(q)
+        lanes.put_lanes_u32(o["qs"], lanes.pack_nibbles_lanes(q))
+    return out.view(np.uint8).reshape(n, -1)
 
 
 # ------------------------------------------------------------------ formats
@@ -200,14 +272,10 @@ class Q4_0(_RowAware):
     def _quantize_blocks(self, blocks, importance):
         x = np.asarray(blocks, dtype=F32)
         if importance is None:
-            _, mx = first_absmax(x)
-            d = mx / F32(-8)
-            idv = safe_inverse(d)
-            q = np.minimum(15, _trunc_u8(x * idv[:, None] + F32(8.5)))
-        else:
-            w = imatrix_weights(x, importance)
-            d, q = _kmath().make_qx_quants(x, 8, 1, w)
-            d = np.asarray(d, dtype=F32)
+            return _quantize_plain(x, self.name)
+        w = imatrix_weights(x, importance)
+        d, q = _kmath().make_qx_quants(x, 8, 1, w)
+        d = np.asarray(d, dtype=F32)
         return np.concatenate([fp16_bytes(d), pack_nibbles(q)], axis=1)
 
     def _dequantize_blocks(self, data):
@@ -225,16 +293,11 @@ class Q4_1(_RowAware):
     def _quantize_blocks(self, blocks, importance):
         x = np.asarray(blocks, dtype=F32)
         if importance is None:
-            mn, mx = first_min_max(x)
-            d = (mx - mn) / F32(15)
-            idv = safe_inverse(d)
-            q = np.minimum(15, _trunc_u8((x - mn[:, None]) * idv[:, None] + F32(0.5)))
-            m = mn
-        else:
-            w = imatrix_weights(x, importance)
-            d, the_min, q = _kmath().make_qkx3_quants(x, w, 15, -0.9, 0.05, 36, False)
-            d = np.asarray(d, dtype=F32)
-            m = _qkx3_min(x, d, the_min, 15)
+            return _quantize_plain(x, self.name)
+        w = imatrix_weights(x, importance)
+        d, the_min, q = _kmath().make_qkx3_quants(x, w, 15, -0.9, 0.05, 36, False)
+        d = np.asarray(d, dtype=F32)
+        m = _qkx3_min(x, d, the_min, 15)
         return np.concatenate([fp16_bytes(d), fp16_bytes(m), pack_nibbles(q)], axis=1)
 
     def _dequantize_blocks(self, data):
@@ -253,14 +316,10 @@ class Q5_0(_RowAware):
     def _quantize_blocks(self, blocks, importance):
         x = np.asarray(blocks, dtype=F32)
         if importance is None:
-            _, mx = first_absmax(x)
-            d = mx / F32(-16)
-            idv = safe_inverse(d)
-            q = np.minimum(31, _trunc_u8(x * idv[:, None] + F32(16.5)))
-        else:
-            w = imatrix_weights(x, importance)
-            d, q = _kmath().make_qx_quants(x, 16, 1, w)
-            d = np.asarray(d, dtype=F32)
+            return _quantize_plain(x, self.name)
+        w = imatrix_weights(x, importance)
+        d, q = _kmath().make_qx_quants(x, 16, 1, w)
+        d = np.asarray(d, dtype=F32)
         return np.concatenate([fp16_bytes(d), pack_high_bits(q), pack_nibbles(q)], axis=1)
 
     def _dequantize_blocks(self, data):
@@ -278,16 +337,11 @@ class Q5_1(_RowAware):
     def _quantize_blocks(self, blocks, importance):
         x = np.asarray(blocks, dtype=F32)
         if importance is None:
-            mn, mx = first_min_max(x)
-            d = (mx - mn) / F32(31)
-            idv = safe_inverse(d)
-            q = _trunc_u8((x - mn[:, None]) * idv[:, None] + F32(0.5))
-            m = mn
-        else:
-            w = imatrix_weights(x, importance)
-            d, the_min, q = _kmath().make_qkx3_quants(x, w, 31, -0.9, 0.05, 36, False)
-            d = np.asarray(d, dtype=F32)
-            m = _qkx3_min(x, d, the_min, 31)
+            return _quantize_plain(x, self.name)
+        w = imatrix_weights(x, importance)
+        d, the_min, q = _kmath().make_qkx3_quants(x, w, 31, -0.9, 0.05, 36, False)
+        d = np.asarray(d, dtype=F32)
+        m = _qkx3_min(x, d, the_min, 31)
         return np.concatenate(
             [fp16_bytes(d), fp16_bytes(m), pack_high_bits(q), pack_nibbles(q)], axis=1
         )

@@ -1,0 +1,222 @@
+"""``make_q3_quants`` (Q3_K's sub-block search) vectorised over sub-blocks, bit-exact.
+
+Split out of :mod:`autobits.formats.kquants_low`, which re-exports :func:`make_q3_quants` and
+:func:`make_q3_quants_t`.  Layout and exactness rules are those of that module: sub-blocks
+are the columns of ``(16, S)`` arrays, every step is float32 in C's order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from autobits.formats._kmath import nearest_int
+from autobits.formats._lanes import const
+
+__all__ = ["make_q3_quants", "make_q3_quants_t"]
+
+_GROUP_MAX_EPS = np.float32(1e-15)
+_F0 = np.float32(0.0)
+_SAFE_ABS = np.float32(4194000.0)  # below 2**22 with margin: rint == nearest_int
+
+
+# --------------------------------------------------------------------- make_q3_quants
+def _signed_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of ``x (k, n)``: ``(amax, max)`` with ``max`` the value at the FIRST index of
+    the largest ``|x|`` (C's ``if (ax > amax) { amax = ax; max = x[i]; }``).
+
+    The winner is the column's largest or smallest value, whichever is larger in magnitude;
+    only exact ties ``+a`` / ``-a`` need the position, and those few columns are resolved
+    explicitly.
+    """
+    hi = x.max(axis=0)
+    lo = x.min(axis=0)
+    amax = np.maximum(hi, -lo)
+    mx = np.where(hi >= -lo, hi, lo)
+    tie = np.flatnonzero((hi == -lo) & (hi > _F0))
+    if tie.size:
+        sub = x[:, tie]
+        first = np.argmax(np.abs(sub) == amax[tie], axis=0)
+        mx[tie] = sub[first, np.arange(tie.size)]
+    return amax, mx
+
+
+def make_q3_quants_t(
+    xt: np.ndarray, nmax: int, do_rmse: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised ``make_q3_quants`` on transposed input ``xt (k, n)`` (column = one sub-block).
+
+    Symmetric codes in ``[-nmax, nmax-1]``.  Returns ``(scale float32 (n,), L int8 (k, n))``
+    with ``L`` offset by ``+nmax`` (all-zero columns: scale 0 and ``L`` 0), as ggml.  With
+    ``do_rmse`` the codes are refined by ggml's coordinate descent on the ``x**2``-weighted
+    error in the same element order (see :func:`_q3_descent`).
+    """
+    xt = np.ascontiguousarray(xt, dtype=np.float32)
+    scale, levels = _q3_search(xt, nmax, do_rmse)
+    return scale, levels.codes(np.arange(xt.shape[1]))
+
+
+class _Q3Levels:
+    """The levels found by :func:`_q3_search`, resolved on demand.
+
+    The quantizer needs them only for sub-blocks whose final scale is zero, so instead of
+    writing every later sweep's levels back into the full array, each sweep's working set
+    is kept (``history``: column indices, sorted, and their levels) and looked up here.
+    """
+
+    def __init__(self, n: int, nmax: int, live: np.ndarray, lf: np.ndarray, history: list):
+        self.n, self.nmax, self.live, self.lf, self.history = n, nmax, live, lf, history
+
+    def codes(self, cols: np.ndarray) -> np.ndarray:
+        """Levels (offset by ``+nmax``) of columns ``cols``: int8 ``(k, len(cols))``."""
+        cols = np.asarray(cols, dtype=np.intp)
+        out = np.zeros((self.lf.shape[0], cols.size), dtype=np.int8)
+        where = np.full(self.n, -1, dtype=np.intp)
+        where[self.live] = np.arange(self.live.size)
+        pos = where[cols]
+        ok = pos >= 0  # all-zero columns keep L = 0
+        p = pos[ok]
+        vals = np.take(self.lf, p, axis=1)
+        for act, la in self.history:  # nested working sets: the last hit wins
+            j = np.minimum(np.searchsorted(act, p), act.size - 1)
+            hit = act[j] == p
+            if hit.any():
+                vals[:, hit] = np.take(la, j[hit], axis=1)
+        out[:, ok] = vals + np.float32(self.nmax)
+        return out
+
+
+def _q3_search(xt: np.ndarray, nmax: int, do_rmse: bool) -> tuple[np.ndarray, _Q3Levels]:
+    """``make_q3_quants`` over the columns of ``xt (k, n)``: ``(scale (n,), levels)``."""
+    k, n = xt.shape
+    amax, mx = _signed_absmax(xt)
+    live = np.flatnonzero(amax >= _GROUP_MAX_EPS)  # ggml: all-zero -> scale 0, L 0
+    x = xt if live.size == n else np.take(xt, live, axis=1)
+    mx = mx if live.size == n else mx[live]
+    lf = np.empty(x.shape, dtype=np.float32)
+    history: list = []
+    with np.errstate(all="ignore"):
+        iscale = np.float32(-nmax) / mx
+        # |iscale * x| <= nmax (1 + 2 ulp) < 2**22: there rint is exactly nearest_int
+        np.multiply(iscale, x, out=lf)
+        np.rint(lf, out=lf)
+        np.clip(lf, np.float32(-nmax), np.float32(nmax - 1), out=lf)
+        if do_rmse:
+            sc = _q3_descent(x, lf, nmax, history)
+        else:
+            sc = np.float32(1) / iscale
+    scale = np.zeros(n, dtype=np.float32)
+    scale[live] = sc
+    return scale, _Q3Levels(n, nmax, live, lf, history)
+
+
+def _q3_descent(x: np.ndarray, lf: np.ndarray, nmax: int, history: list) -> np.ndarray:
+    """The ``do_rmse`` part of ``make_q3_quants``: up to 5 sweeps of coordinate descent.
+
+    ``x (k, m)`` values, ``lf (k, m)`` initial levels (float32, no offset), refined in
+    place by the first sweep.  A column whose sweep changes nothing is final (the next
+    sweep would repeat it exactly), so each later sweep runs on the columns that changed
+    in the previous one; their levels go to ``history`` (see :class:`_Q3Levels`).
+    Returns the scales ``(m,)``.
+    """
+    k, m = x.shape
+    w = x * x  # C: w = x[i]*x[i]
+    wx = w * x
+    sums = np.zeros((2, m), dtype=np.float32)  # C's sumlx, suml2
+    t = np.empty(m, dtype=np.float32)
+    for i in range(k):  # C: sumlx += w*x[i]*l; suml2 += w*l*l
+        li = lf[i]
+        np.multiply(wx[i], li, out=t)
+        sums[0] += t
+        np.multiply(w[i], li, out=t)
+        t *= li
+        sums[1] += t
+    changed = np.zeros(m, dtype=bool)
+    _q3_sweep(x, w, wx, lf, sums, changed, nmax)
+    act = np.flatnonzero(changed)
+    if act.size:
+        xa, wa, wxa, la, sa = (np.take(v, act, axis=1) for v in (x, w, wx, lf, sums))
+        for sweep in range(4):
+            changed = np.zeros(act.size, dtype=bool)
+            _q3_sweep(xa, wa, wxa, la, sa, changed, nmax)
+            sums[0, act], sums[1, act] = sa
+            history.append((act, la))
+            keep = np.flatnonzero(changed)
+            if keep.size == 0 or sweep == 3:
+                break
+            act = act[keep]
+            xa, wa, wxa, la, sa = (np.take(v, keep, axis=1) for v in (xa, wa, wxa, la, sa))
+    sumlx, suml2 = sums
+    scale = sumlx / suml2
+    scale[~(suml2 > _F0)] = 0
+    return scale
+
+
+def _clamp(a: np.ndarray, lo, hi) -> np.ndarray:
+    """In-place ``MAX(lo, MIN(hi, a))`` (np.clip's wrapper costs more; NumPy's min/max are
+    much faster against an array than against a scalar)."""
+    if a.dtype == np.float32 and a.size > 4096:  # (small arrays: the lookup costs more)
+        lo, hi = const(lo, a.shape), const(hi, a.shape)
+    np.maximum(a, lo, out=a)
+    return np.minimum(a, hi, out=a)
+
+
+def _q3_sweep(x, w, wx, la, sums, changed, nmax) -> None:
+    """One sweep of ``make_q3_quants``'s coordinate descent over the columns given, in place.
+
+    For each position ``i`` in order: drop ``L[i]`` from the sums, re-round
+    ``x[i] * sl2 / slx`` and keep the new level if it raises ``slx**2 / sl2``.  ``la``
+    (levels), ``sums`` (rows ``sumlx``, ``suml2``) and ``changed`` are updated in place;
+    ``w = x*x`` and ``wx = w*x`` are given.
+    """
+    m = sums.shape[1]
+    slx, sl2 = sums
+    lo, hi = np.float32(-nmax), np.float32(nmax - 1)
+    # per row: w, w*x, sl20, slx0 (C's sl2 and slx without L[i]), v = x*sl2/slx, rint(v)
+    buf = np.empty((6, m), dtype=np.float32)
+    _, _, sl20, slx0, v, r = buf
+    cand = np.empty(m, dtype=bool)
+    for i in range(x.shape[0]):
+        xi, li = x[i], la[i]
+        buf[0] = w[i]
+        np.multiply(wx[i], li, out=v)
+        buf[1] = wx[i]
+        np.subtract(slx, v, out=slx0)  # slx = sumlx - w*x[i]*L[i]
+        np.multiply(buf[0], li, out=v)
+        v *= li
+        np.subtract(sl2, v, out=sl20)  # sl2 = suml2 - w*L[i]*L[i]
+        np.multiply(xi, sl20, out=v)
+        v /= slx0  # x[i] * sl2 / slx
+        # rint(v) == L[i] implies nearest_int(v) == L[i] (no change); the other columns
+        # (a few percent; NaN, inf and out-of-range v included) get the exact test
+        np.rint(v, out=r)
+        idx = np.flatnonzero(np.not_equal(r, li, out=cand))
+        if idx.size == 0:
+            continue
+        g = np.take(buf, idx, axis=1)  # (faster than buf[:, idx])
+        if np.abs(g[5]).max() < _SAFE_ABS:  # |v| < 2**22: rint is nearest_int (NaN fails)
+            nl = _clamp(g[5], lo, hi)
+        else:
+            nl = _clamp(nearest_int(g[4]), np.int32(lo), np.int32(hi)).astype(np.float32)
+        s0 = g[3]
+        g[0] *= nl  # w*l
+        g[:2] *= nl  # [w*l*l, w*x*l]
+        g[:2] += g[2:4]  # [sl2 + w*l*l, slx + w*x*l] = [sl21, slx1]
+        sl21, slx1 = g[0], g[1]
+        so = np.take(sums, idx, axis=1)
+        ok = (slx1 * slx1) * so[1] > (so[0] * so[0]) * sl21
+        ok &= np.minimum(s0, sl21) > _F0  # C: slx > 0 before, sl2 > 0 after
+        ok &= nl != li.take(idx)
+        sel = np.flatnonzero(ok)
+        if sel.size:
+            idx = idx[sel]
+            li[idx] = nl[sel]
+            slx[idx] = slx1[sel]
+            sl2[idx] = sl21[sel]
+            changed[idx] = True
+
+
+def make_q3_quants(x: np.ndarray, nmax: int, do_rmse: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """ggml ``make_q3_quants`` for each row of ``x (n, k)``: returns ``(scale (n,), L int8
+    (n, k))`` with ``L`` offset by ``+nmax`` (see :func:`make_q3_quants_t`)."""
+    scale, L = make_q3_quants_t(np.asarray(x, dtype=np.float32).T, nmax, do_rmse)
+    return scale, np.ascontiguousarray(L.T)
