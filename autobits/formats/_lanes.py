@@ -48,7 +48,7 @@ _V16 = np.dtype("V16")
 _F16_MIN_NORMAL = np.uint32(0x38800000)  # 2**-14
 _F16_OVERFLOW = np.uint32(0x477FF000)  # 65520: rounds to infinity
 _F16_REBASE = np.uint32((0xFFF - 0x38000000) & 0xFFFFFFFF)
-_SMALL = 1 << 15  # below this many values NumPy's own cast is as fast
+_SMALL = 8192  # below this many values NumPy's own cast is as fast
 
 
 def all_finite(x: np.ndarray) -> bool:

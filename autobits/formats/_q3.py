@@ -17,6 +17,7 @@ __all__ = ["make_q3_quants", "make_q3_quants_t"]
 _GROUP_MAX_EPS = np.float32(1e-15)
 _F0 = np.float32(0.0)
 _SAFE_ABS = np.float32(4194000.0)  # below 2**22 with margin: rint == nearest_int
+_SMALL_SWEEP = 8192  # fewer columns than this: sweep without the candidate filter
 
 
 # --------------------------------------------------------------------- make_q3_quants
@@ -160,6 +161,31 @@ def _clamp(a: np.ndarray, lo, hi) -> np.ndarray:
     return np.minimum(a, hi, out=a)
 
 
+def _q3_sweep_small(x, w, wx, la, sums, changed, nmax) -> None:
+    """:func:`_q3_sweep` for few columns: every column takes the full test (fewer NumPy
+    calls than filtering candidates first, which matters when calls dominate)."""
+    slx, sl2 = sums
+    lo, hi = np.float32(-nmax), np.float32(nmax - 1)
+    for i in range(x.shape[0]):
+        xi, li, wi, wxi = x[i], la[i], w[i], wx[i]
+        slx0 = slx - wxi * li  # slx = sumlx - w*x[i]*L[i]
+        sl20 = sl2 - (wi * li) * li  # sl2 = suml2 - w*L[i]*L[i]
+        v = (xi * sl20) / slx0
+        nl = np.rint(v)
+        if not np.abs(nl).max() < _SAFE_ABS:  # nearest_int's garbage beyond 2**22 (or NaN)
+            nl = nearest_int(v).astype(np.float32)
+        _clamp(nl, lo, hi)
+        slx1 = slx0 + wxi * nl
+        sl21 = sl20 + (wi * nl) * nl
+        ok = (slx1 * slx1) * sl2 > (slx * slx) * sl21
+        ok &= np.minimum(slx0, sl21) > _F0  # C: slx > 0 before, sl2 > 0 after
+        ok &= nl != li
+        np.copyto(li, nl, where=ok)
+        np.copyto(slx, slx1, where=ok)
+        np.copyto(sl2, sl21, where=ok)
+        changed |= ok
+
+
 def _q3_sweep(x, w, wx, la, sums, changed, nmax) -> None:
     """One sweep of ``make_q3_quants``'s coordinate descent over the columns given, in place.
 
@@ -169,6 +195,8 @@ def _q3_sweep(x, w, wx, la, sums, changed, nmax) -> None:
     ``w = x*x`` and ``wx = w*x`` are given.
     """
     m = sums.shape[1]
+    if m < _SMALL_SWEEP:
+        return _q3_sweep_small(x, w, wx, la, sums, changed, nmax)
     slx, sl2 = sums
     lo, hi = np.float32(-nmax), np.float32(nmax - 1)
     # per row: w, w*x, sl20, slx0 (C's sl2 and slx without L[i]), v = x*sl2/slx, rint(v)

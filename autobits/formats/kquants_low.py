@@ -128,12 +128,16 @@ def _fp16_bytes(bits: np.ndarray) -> np.ndarray:
 
 
 def _pack_2bit(L: np.ndarray) -> np.ndarray:
-    """Pack 2-bit codes ``(n, 256)`` as ggml: ``qs[32h + l] = sum_s L[128h + 32s + l] << 2s``."""
-    q = np.asarray(L, dtype=np.uint8).reshape(-1, 2, 4, 32)
-    out = q[:, :, 0] & np.uint8(3)
+    """Pack 2-bit codes ``(n, 256)`` as ggml: ``qs[32h + l] = sum_s L[128h + 32s + l] << 2s``.
+
+    Eight codes per uint64 word (NumPy's uint8 shifts are not vectorised); masked codes
+    shifted by at most 6 stay inside their byte."""
+    q = np.ascontiguousarray(L, dtype=np.uint8).reshape(-1, 2, 4, 32).view(np.uint64)
+    m = np.uint64(0x0303030303030303)
+    out = q[:, :, 0] & m
     for s in (1, 2, 3):
-        out |= (q[:, :, s] & np.uint8(3)) << np.uint8(2 * s)
-    return out.reshape(-1, 64)
+        out |= (q[:, :, s] & m) << np.uint64(2 * s)
+    return out.view(np.uint8).reshape(-1, 64)
 
 
 def _unpack_2bit(qs: np.ndarray) -> np.ndarray:
@@ -169,10 +173,12 @@ def _pack_q3_codes(L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     The high bit of value ``j`` goes to bit ``j // 32`` of ``hmask[j % 32]``.
     """
-    hi = (np.asarray(L, dtype=np.uint8) >> np.uint8(2)).reshape(-1, 8, 32)
+    q = np.ascontiguousarray(L, dtype=np.uint8).reshape(-1, 8, 32).view(np.uint64)
+    hi = (q >> np.uint64(2)) & np.uint64(0x0101010101010101)  # (as _pack_2bit, per word)
     hmask = hi[:, 0].copy()
     for b in range(1, 8):
-        hmask |= hi[:, b] << np.uint8(b)
+        hmask |= hi[:, b] << np.uint64(b)
+    hmask = hmask.view(np.uint8).reshape(-1, 32)
     return hmask, _pack_2bit(L)
 
 

@@ -253,9 +253,10 @@ def _quantize_plain(x: np.ndarray, name: str) -> np.ndarray:
     for s in range(0, n, lanes.LANES_CHUNK):
         d, m, q = _plain_codes(x[s : s + lanes.LANES_CHUNK], sym, nmax, cap)
         o = out[s : s + lanes.LANES_CHUNK]
-        o["d"] = lanes.fp16_bits(d)
-        if m is not None:
-            o["m"] = lanes.fp16_bits(m)
+        if m is None:
+            o["d"] = lanes.fp16_bits(d)
+        else:  # one conversion for both
+            o["d"], o["m"] = lanes.fp16_bits(np.stack([d, m])).reshape(2, -1)
         if "qh" in out.dtype.names:
             o["qh"] = lanes.high_bits_lanes(q)
         lanes.put_lanes_u32(o["qs"], lanes.pack_nibbles_lanes(q))
