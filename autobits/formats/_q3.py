@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from autobits.formats._kmath import nearest_int
+from autobits.formats._kmath import nearest_int, seqsum
 from autobits.formats._lanes import const
 
 __all__ = ["make_q3_quants", "make_q3_quants_t"]
@@ -17,7 +17,8 @@ __all__ = ["make_q3_quants", "make_q3_quants_t"]
 _GROUP_MAX_EPS = np.float32(1e-15)
 _F0 = np.float32(0.0)
 _SAFE_ABS = np.float32(4194000.0)  # below 2**22 with margin: rint == nearest_int
-_SMALL_SWEEP = 8192  # fewer columns than this: sweep without the candidate filter
+_SMALL_SWEEP = 8192
+_EVENTS = 1024  # at most this many columns left: the remaining sweeps by _q3_events  # fewer columns than this: sweep without the candidate filter
 
 
 # --------------------------------------------------------------------- make_q3_quants
@@ -122,25 +123,28 @@ def _q3_descent(x: np.ndarray, lf: np.ndarray, nmax: int, history: list) -> np.n
     k, m = x.shape
     w = x * x  # C: w = x[i]*x[i]
     wx = w * x
-    sums = np.zeros((2, m), dtype=np.float32)  # C's sumlx, suml2
-    t = np.empty(m, dtype=np.float32)
-    for i in range(k):  # C: sumlx += w*x[i]*l; suml2 += w*l*l
-        li = lf[i]
-        np.multiply(wx[i], li, out=t)
-        sums[0] += t
-        np.multiply(w[i], li, out=t)
-        t *= li
-        sums[1] += t
+    sums = np.empty((2, m), dtype=np.float32)  # C's sumlx, suml2
+    t = wx * lf  # C: sumlx += w*x[i]*l; suml2 += w*l*l (in order: seqsum)
+    sums[0] = seqsum(t)
+    np.multiply(w, lf, out=t)
+    t *= lf
+    sums[1] = seqsum(t)
     changed = np.zeros(m, dtype=bool)
     _q3_sweep(x, w, wx, lf, sums, changed, nmax)
     act = np.flatnonzero(changed)
     if act.size:
         xa, wa, wxa, la, sa = (np.take(v, act, axis=1) for v in (x, w, wx, lf, sums))
         for sweep in range(4):
-            changed = np.zeros(act.size, dtype=bool)
-            _q3_sweep(xa, wa, wxa, la, sa, changed, nmax)
+            small = act.size <= _EVENTS
+            if small:  # all the sweeps left at once (see _q3_events)
+                _q3_events(xa, wa, wxa, la, sa, nmax, 4 - sweep)
+            else:
+                changed = np.zeros(act.size, dtype=bool)
+                _q3_sweep(xa, wa, wxa, la, sa, changed, nmax)
             sums[0, act], sums[1, act] = sa
             history.append((act, la))
+            if small:
+                break
             keep = np.flatnonzero(changed)
             if keep.size == 0 or sweep == 3:
                 break
@@ -150,6 +154,78 @@ def _q3_descent(x: np.ndarray, lf: np.ndarray, nmax: int, history: list) -> np.n
     scale = sumlx / suml2
     scale[~(suml2 > _F0)] = 0
     return scale
+
+
+def _q3_events(x, w, wx, lf, sums, nmax: int, sweeps: int) -> None:
+    """Up to ``sweeps`` sweeps of :func:`_q3_descent` for every column, change by change.
+
+    Within a sweep the sums stay put until a level changes, so testing every remaining
+    position of a column at once against the current sums gives C's results up to and
+    including its first change; that change is applied and the column goes on from the
+    next position (or starts its next sweep, or stops).  Each step is vectorised over
+    the positions and the columns still running: a few steps instead of 16 positions
+    per sweep, which pays off once the columns are few (NumPy calls dominate).
+    ``lf`` (levels) and ``sums`` (rows ``sumlx``, ``suml2``) are updated in place.
+    """
+    k = x.shape[0]
+    lo, hi = np.float32(-nmax), np.float32(nmax - 1)
+    cols = np.arange(x.shape[1])
+    xa, wa, wxa, la = x, w, wx, lf
+    slx, sl2 = sums[0].copy(), sums[1].copy()
+    pos = np.zeros(cols.size, dtype=np.intp)  # next position of the current sweep
+    left = np.full(cols.size, sweeps, dtype=np.intp)  # sweeps left, the current included
+    chg = np.zeros(cols.size, dtype=bool)  # changed in the current sweep
+    rows = np.arange(k)[:, None]
+    fin: list = []  # (columns, levels, slx, sl2) of the finished columns
+    while cols.size:
+        t = wxa * la
+        s0x = slx - t  # C: slx = sumlx - w*x[i]*L[i]
+        np.multiply(wa, la, out=t)
+        t *= la
+        s0l = sl2 - t  # sl2 = suml2 - w*L[i]*L[i]
+        v = xa * s0l
+        v /= s0x
+        nl = np.rint(v)
+        if not np.abs(nl).max() < _SAFE_ABS:  # nearest_int's garbage beyond 2**22 (or NaN)
+            nl = nearest_int(v).astype(np.float32)
+        _clamp(nl, lo, hi)
+        np.multiply(wxa, nl, out=t)
+        n1x = s0x + t
+        np.multiply(wa, nl, out=t)
+        t *= nl
+        n1l = s0l + t
+        ok = (n1x * n1x) * sl2 > (slx * slx) * n1l
+        ok &= np.minimum(s0x, n1l) > _F0  # C: slx > 0 before, sl2 > 0 after
+        ok &= nl != la
+        ok &= rows >= pos
+        first = np.argmax(ok, axis=0)
+        j = np.arange(cols.size)
+        hit = ok[first, j]
+        h = np.flatnonzero(hit)
+        if h.size:
+            fh = first[h]
+            la[fh, h] = nl[fh, h]
+            slx[h] = n1x[fh, h]
+            sl2[h] = n1l[fh, h]
+            chg[h] = True
+            pos[h] = fh + 1
+        end = ~hit  # no change left in the current sweep
+        left[end & chg] -= 1
+        again = end & chg & (left > 0)
+        pos[again] = 0
+        chg[again] = False
+        done = end & ~again
+        if done.any():  # finished columns leave the working set (written back once)
+            d = np.flatnonzero(done)
+            fin.append((cols[d], np.take(la, d, axis=1), slx[d], sl2[d]))
+            keep = np.flatnonzero(~done)
+            cols = cols[keep]
+            xa, wa, wxa, la = (np.take(v, keep, axis=1) for v in (xa, wa, wxa, la))
+            slx, sl2, pos, left, chg = (v[keep] for v in (slx, sl2, pos, left, chg))
+    c, lv, sx, s2 = (np.concatenate(p, axis=-1) for p in zip(*fin))
+    lf[:, c] = lv
+    sums[0, c] = sx
+    sums[1, c] = s2
 
 
 def _clamp(a: np.ndarray, lo, hi) -> np.ndarray:

@@ -33,6 +33,7 @@ import contextvars
 import numpy as np
 
 from autobits.formats import _lanes as lanes
+from autobits.formats._asym import quantize_plain_asym
 from autobits.formats.base import Format
 
 __all__ = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "fp16_bytes", "fp16_from_bytes", "seq_sum"]
@@ -184,79 +185,60 @@ class _RowAware(Format):
             _ROW_LENGTH.reset(token)
 
 
-# Plain (no importance) quantization of each legacy format, in the lanes layout:
-# (symmetric, nmax, cap of the truncated code or None, block fields (name, dtype, offset)).
+# Plain (no importance) quantization of the symmetric legacy formats, in the lanes layout:
+# (symmetric, nmax, cap of the truncated code, block fields (name, dtype, offset)).  The
+# asymmetric ones (Q4_1, Q5_1) have their own path in :mod:`autobits.formats._asym`.
 _PLAIN = {
     "Q4_0": (True, 8, 15, [("d", "<u2", 0), ("qs", "(4,)<u4", 2)]),
-    "Q4_1": (False, 15, 15, [("d", "<u2", 0), ("m", "<u2", 2), ("qs", "(4,)<u4", 4)]),
     "Q5_0": (True, 16, 31, [("d", "<u2", 0), ("qh", "<u4", 2), ("qs", "(4,)<u4", 6)]),
-    "Q5_1": (False, 31, None, [("d", "<u2", 0), ("m", "<u2", 2), ("qh", "<u4", 4),
-                               ("qs", "(4,)<u4", 8)]),
 }
 
 
-def _plain_codes(x: np.ndarray, sym: bool, nmax: int, cap: int | None):
-    """``(d, m or None, codes uint8 lanes (8, n, 4))`` of ``quantize_row_q*_ref`` for blocks ``x``."""
+def _plain_codes(x: np.ndarray, nmax: int, cap: int):
+    """``(d, codes uint8 lanes (8, n, 4))`` of ``quantize_row_q{4,5}_0_ref`` for blocks ``x``."""
     n = x.shape[0]
     y = lanes.to_lanes(x)  # our own copy: the arithmetic below runs in place on it
     hi, lo = lanes.lanes_max(y), lanes.lanes_min(y)
     yf = y.reshape(8, 4 * n)
-    if sym:
-        # ggml keeps the first value of largest |x|: hi if hi >= -lo else lo (the sign of
-        # hi + lo is exact); hi == -lo (+a and -a both present, or an all-zero block, whose
-        # max stays +0.0) needs a look at the block
-        neg = -lo
-        amax = np.maximum(hi, neg)
-        lanes.require_finite(amax)
-        mx = np.copysign(amax, hi + lo)
-        rare = np.flatnonzero(hi == neg)
-        if rare.size:
-            mx[rare] = first_absmax(x[rare])[1]
-        d = mx / F32(-nmax)
-        # a zero or subnormal d (|d| < 2**-126) takes the careful path below
-        tiny = bool(amax.min() < F32(2 * nmax) * _F32_TINY)
-    else:
-        m, mx = lo, hi
-        with np.errstate(over="ignore", invalid="ignore"):
-            rng = hi - lo
-        lanes.require_finite(rng, hi, lo)
-        z = np.flatnonzero((lo == 0) | (hi == 0))  # a zero's sign is the first zero's
-        if z.size:
-            m[z], mx[z] = first_min_max(x[z])
-            rng = mx - m
-        d = rng / F32(nmax)
-        tiny = bool(d.min() < _F32_TINY)
-        np.subtract(yf, lanes.repeat4(m), out=yf)  # x - min
+    # ggml keeps the first value of largest |x|: hi if hi >= -lo else lo (the sign of
+    # hi + lo is exact); hi == -lo (+a and -a both present, or an all-zero block, whose
+    # max stays +0.0) needs a look at the block
+    neg = -lo
+    amax = np.maximum(hi, neg)
+    lanes.require_finite(amax)
+    mx = np.copysign(amax, hi + lo)
+    rare = np.flatnonzero(hi == neg)
+    if rare.size:
+        mx[rare] = first_absmax(x[rare])[1]
+    d = mx / F32(-nmax)
+    # a zero or subnormal d (|d| < 2**-126) takes the careful path below
+    tiny = bool(amax.min() < F32(2 * nmax) * _F32_TINY)
     np.multiply(yf, lanes.repeat4(safe_inverse(d) if tiny else F32(1) / d), out=yf)
-    yf += F32(nmax + 0.5) if sym else F32(0.5)  # x*id + 8.5f (16.5f), (x - min)*id + 0.5f
-    if cap is not None and tiny:
+    yf += F32(nmax + 0.5)  # x*id + 8.5f (16.5f)
+    if tiny:
         # MIN(cap, (int)v) == (int)MIN(v, cap) for v >= 0 (only non-finite or >= 256
         # values, undefined behaviour in C, could tell them apart)
         np.minimum(yf, lanes.const(cap, yf.shape), out=yf)
     # C truncates to an integer: values are >= 0 (up to rounding of -0.5 ulp + 0.5)
     q = yf.astype(np.uint8).reshape(8, n, 4)
-    if sym and not tiny:
+    if not tiny:
         # with a normal d, |x*id| <= nmax*(1 + 3 ulp): codes are at most 2*nmax, and reach
-        # it (x close to -max) often.  Asymmetric codes stay <= nmax: (x - min) <= (max - min)
-        # in float, so (x - min)*id + 0.5 < nmax + 1 and C's MIN never bites.
+        # it (x close to -max) often
         lanes.cap_codes(q, cap.bit_length())
-    return d, (None if sym else m), q
+    return d, q
 
 
 _F32_TINY = np.finfo(F32).tiny  # smallest normal float32
 
 
 def _quantize_plain(x: np.ndarray, name: str) -> np.ndarray:
-    sym, nmax, cap, layout = _PLAIN[name]
+    _, nmax, cap, layout = _PLAIN[name]
     n = x.shape[0]
     out = lanes.block_output(n, layout)
     for s in range(0, n, lanes.LANES_CHUNK):
-        d, m, q = _plain_codes(x[s : s + lanes.LANES_CHUNK], sym, nmax, cap)
+        d, q = _plain_codes(x[s : s + lanes.LANES_CHUNK], nmax, cap)
         o = out[s : s + lanes.LANES_CHUNK]
-        if m is None:
-            o["d"] = lanes.fp16_bits(d)
-        else:  # one conversion for both
-            o["d"], o["m"] = lanes.fp16_bits(np.stack([d, m])).reshape(2, -1)
+        o["d"] = lanes.fp16_bits(d)
         if "qh" in out.dtype.names:
             o["qh"] = lanes.high_bits_lanes(q)
         lanes.put_lanes_u32(o["qs"], lanes.pack_nibbles_lanes(q))
@@ -294,7 +276,7 @@ class Q4_1(_RowAware):
     def _quantize_blocks(self, blocks, importance):
         x = np.asarray(blocks, dtype=F32)
         if importance is None:
-            return _quantize_plain(x, self.name)
+            return quantize_plain_asym(x, 15)
         w = imatrix_weights(x, importance)
         d, the_min, q = _kmath().make_qkx3_quants(x, w, 15, -0.9, 0.05, 36, False)
         d = np.asarray(d, dtype=F32)
@@ -338,7 +320,7 @@ class Q5_1(_RowAware):
     def _quantize_blocks(self, blocks, importance):
         x = np.asarray(blocks, dtype=F32)
         if importance is None:
-            return _quantize_plain(x, self.name)
+            return quantize_plain_asym(x, 31)
         w = imatrix_weights(x, importance)
         d, the_min, q = _kmath().make_qkx3_quants(x, w, 31, -0.9, 0.05, 36, False)
         d = np.asarray(d, dtype=F32)

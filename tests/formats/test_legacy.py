@@ -188,6 +188,26 @@ def test_equals_llama_cpp_random(name, with_importance):
 @judge
 @needs_oracle
 @pytest.mark.parametrize("name", LEGACY)
+def test_equals_llama_cpp_edge_blocks(name):
+    """Blocks the fast plain paths hand to their careful branches: zero extremes and their
+    signs, constant and all-zero blocks, scales below fp16's normal range, huge values."""
+    x = synthetic_rows(3, nrows=16, row=256)
+    x[0] = 0.0
+    x[1, ::2], x[1, 1::2] = -0.0, 0.0  # all-zero blocks, mixed zero signs
+    x[2] = np.abs(x[2])
+    x[2, 5], x[2, 40] = -0.0, 0.0  # minimum zero, first one negative
+    x[3] = 3.0  # constant blocks
+    x[4] *= np.float32(1e-6)  # d and m below 2**-14 (subnormal halves)
+    x[5] *= np.float32(1e5)  # beyond fp16's range
+    x[6] = -np.abs(x[6])
+    x[6, 7] = 0.0  # maximum zero
+    x[7] = np.round(x[7] * 4) / 4  # ties
+    assert np.array_equal(get_format(name).quantize(x), ggml_quantize(x, get_format(name).ggml_type))
+
+
+@judge
+@needs_oracle
+@pytest.mark.parametrize("name", LEGACY)
 @pytest.mark.parametrize("tensor,rows", SMOL_TENSORS)
 def test_equals_llama_cpp_smollm2(name, tensor, rows):
     fmt = get_format(name)
