@@ -23,7 +23,7 @@ distribution (seeded).  By the second-order expansion of the KL divergence,
 ``KL(ref || perturbed) ~ 1/2 sum_j F_j E[dy_j^2]``, so ``1/2 sum_j F_j (dW H dW^T)_jj`` is an
 estimate, in nats per token, of the KLD that quantizing this tensor adds: errors of
 different tensors become comparable contributions to the output loss (see
-:func:`autobits.features.proxy_error`).  The output head's Fisher is exact and needs no
+:func:`autobits.proxy.proxy_error`).  The output head's Fisher is exact and needs no
 backward: ``E[p_v (1 - p_v)]`` over the vocabulary (times the soft-cap derivative squared).
 """
 
@@ -40,6 +40,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from autobits.errors import AutobitsError
+from autobits.threads import thread_map
 
 __all__ = [
     "CALIBRATION_VERSION", "HEAD_SITE", "Calibration", "CalibrationError", "SiteStats",
@@ -306,8 +307,16 @@ class Calibration:
 
 
 # ---------------------------------------------------------------------- pass
+#: Row strip of the symmetric ``x^T x`` (only the upper triangle is multiplied).
+_H_STRIP = 128
+
+
 class _SiteAcc:
-    """float64 running sums of one input site."""
+    """float64 running sums of one input site.
+
+    ``h`` holds ``sum x^T x`` in its upper triangle only (row strips of :data:`_H_STRIP`:
+    about 0.6 of the full product's work); :meth:`finish` mirrors it.
+    """
 
     def __init__(self, d: int):
         import torch
@@ -327,16 +336,66 @@ class _SiteAcc:
         self.x4 += sq.square_().sum(0).double()
         self.ab += ab.sum(0).double()
         torch.maximum(self.mx, ab.amax(0), out=self.mx)
-        self.h += x.T @ x
+        for i in range(0, x.shape[1], _H_STRIP):
+            self.h[i : i + _H_STRIP, i:] += x[:, i : i + _H_STRIP].T @ x[:, i:]
         self.n += x.shape[0]
 
+    def merge(self, other: _SiteAcc) -> None:
+        """Add the sums of ``other`` (another worker's windows)."""
+        import torch
+
+        self.n += other.n
+        for k in ("sq", "ab", "x4", "h"):
+            getattr(self, k).add_(getattr(other, k))
+        torch.maximum(self.mx, other.mx, out=self.mx)
+
     def finish(self) -> SiteStats:
-        n = self.n
-        # out of place: the sums may be inference tensors (filled under inference_mode)
+        n, s = self.n, _H_STRIP
         h = self.h / n
-        h = ((h + h.T) * 0.5).float().numpy()
+        for i in range(0, h.shape[0], s):  # diagonal blocks (B + B^T) / 2, the rest mirrored
+            b = h[i : i + s, i : i + s]
+            b.copy_((b + b.T) * 0.5)
+            h[i + s :, i : i + s] = h[i : i + s, i + s :].T
         return SiteStats(n=n, sq_mean=(self.sq / n).numpy(), abs_mean=(self.ab / n).numpy(),
-                         abs_max=self.mx.double().numpy(), x4_mean=(self.x4 / n).numpy(), h=h)
+                         abs_max=self.mx.double().numpy(), x4_mean=(self.x4 / n).numpy(),
+                         h=h.float().numpy())
+
+
+class _Worker:
+    """What one calibration thread accumulates over its windows (merged in worker order).
+
+    ``accs``: a fresh accumulator per input site (``site_d``: site -> channels), created
+    here, outside inference mode, so that every thread and mode may update it in place.
+    """
+
+    def __init__(self, site_d: Mapping[str, int]):
+        self.accs = {site: _SiteAcc(d) for site, d in site_d.items()}
+        self.seen: dict[str, Any] = {}  # site -> the input tensor already measured this window
+        self.gain_sum: dict[str, Any] = {}
+        self.head_gain = None
+        self.fisher_tokens = 0
+
+    def merge_gains(self, other: _Worker) -> None:
+        for k, g in other.gain_sum.items():
+            self.gain_sum[k] = self.gain_sum[k] + g if k in self.gain_sum else g
+        if other.head_gain is not None:
+            self.head_gain = (other.head_gain if self.head_gain is None
+                              else self.head_gain + other.head_gain)
+        self.fisher_tokens += other.fisher_tokens
+
+
+def _assign(n_windows: int, n_fisher: int, workers: int) -> list[list[int]]:
+    """Windows per worker, balanced by cost (a Fisher window ~3 plain ones); deterministic."""
+    load, out = [0] * workers, [[] for _ in range(workers)]
+    for i in range(n_windows):
+        k = min(range(workers), key=lambda j: (load[j], j))
+        out[k].append(i)
+        load[k] += 3 if i < n_fisher else 1
+    return [o for o in out if o]
+
+
+#: Memory the per-worker H accumulators may take before calibration uses fewer threads.
+PARALLEL_BYTES = 4 << 30
 
 
 def _check_windows(lm, windows) -> np.ndarray:
@@ -365,15 +424,22 @@ def _head_logits(model, hidden):
 
 
 def calibrate(
-    lm, windows: np.ndarray, *, fisher_windows: int = 4, seed: int = 0, progress: bool = True
+    lm, windows: np.ndarray, *, fisher_windows: int = 4, seed: int = 0, progress: bool = True,
+    workers: int | None = None,
 ) -> Calibration:
     """Run the calibration pass of ``lm`` over ``windows`` (int token array ``(n, ctx)``).
 
     The first ``min(fisher_windows, n)`` windows also run backward for the output Fisher
-    (0 disables it; the proxy is then unweighted).  Windows run one at a time; memory is
-    the model, the per-site accumulators (``sum d_in^2`` float64) and one window's
-    activations (and their gradients).  Deterministic for a given ``seed`` and thread count.
+    (0 disables it; the proxy is then unweighted).  Windows are spread over ``workers``
+    threads (default: the CPU count, fewer when their accumulators would exceed
+    :data:`PARALLEL_BYTES`), each with its own accumulators and torch's thread count 1
+    meanwhile (one window per core beats splitting every small op over the cores, above
+    all on a shared machine).  Memory is the model, per worker the per-site accumulators
+    (``sum d_in^2`` float64) and one window's activations (and their gradients).
+    Deterministic for a given ``seed`` and worker count (one worker: and torch thread count).
     """
+    import threading
+
     import torch
     from tqdm.auto import tqdm
 
@@ -390,20 +456,22 @@ def calibrate(
     tied = not any(s.role == "output" for s in specs)
     tensor_site = {s.name: site_of(s) for s in specs if s.role != "token_embd"}
     linear = [s for s in specs if s.role not in ("token_embd", "output")]
-    accs: dict[str, _SiteAcc] = {}
-    seen: dict[str, Any] = {}  # site -> the input tensor already measured in this window
-    gain_sum: dict[str, Any] = {}
+    emb = model.get_input_embeddings()
+    site_d = {tensor_site[s.name]: s.row_length for s in linear}
+    site_d[HEAD_SITE] = int(emb.weight.shape[1])
+    acc_bytes = 8 * sum(d * d for d in site_d.values())
+    n_workers = max(1, min(int(workers or os.cpu_count() or 1), w.shape[0],
+                           max(1, PARALLEL_BYTES // acc_bytes)))
+    local = threading.local()  # .state: the _Worker of the thread running a window
     handles = []
 
     def pre_hook(site: str, name: str):
         def hook(module, args):
-            x = args[0]
-            prev = seen.get(site)
+            x, st = args[0], local.state
+            prev = st.seen.get(site)
             if prev is None:
-                seen[site] = x
-                if site not in accs:
-                    accs[site] = _SiteAcc(x.shape[-1])
-                accs[site].add(x)
+                st.seen[site] = x
+                st.accs[site].add(x)
             elif prev is not x:
                 raise CalibrationError(
                     f"tensor {name!r} does not read the same input as the other tensors of "
@@ -411,83 +479,109 @@ def calibrate(
                 )
         return hook
 
-    def grad_acc(key: str):
+    def grad_acc(st: _Worker, key: str):  # bound at forward time: backward may run elsewhere
         def hook(g):
             s = g.detach().reshape(-1, g.shape[-1]).square().sum(0).double()
-            gain_sum[key] = gain_sum[key] + s if key in gain_sum else s
+            st.gain_sum[key] = st.gain_sum[key] + s if key in st.gain_sum else s
         return hook
 
     def out_hook(name: str):
         def hook(module, args, out):
             if out.requires_grad:
-                out.register_hook(grad_acc(name))
+                out.register_hook(grad_acc(local.state, name))
         return hook
 
     def emb_hook(module, args, out):
         if torch.is_grad_enabled():
             out = out.detach().requires_grad_(True)
-            out.register_hook(grad_acc("token_embd.weight"))
+            out.register_hook(grad_acc(local.state, "token_embd.weight"))
             return out
         return None
 
-    emb = model.get_input_embeddings()
     embed_scale = float(getattr(emb, "embed_scale", 1.0))
     for s in linear:
         mod = model.get_submodule(s.hf_name.removesuffix(".weight"))
         handles.append(mod.register_forward_pre_hook(pre_hook(tensor_site[s.name], s.name)))
         handles.append(mod.register_forward_hook(out_hook(s.name)))
     handles.append(emb.register_forward_hook(emb_hook))
+    # the uniforms of y_hat ~ p, drawn in window order whatever thread runs the window
     gen = torch.Generator().manual_seed(int(seed))
-    head_acc = _SiteAcc(int(emb.weight.shape[1]))
-    head_gain = None
-    fisher_tokens = 0
+    uniforms = [torch.rand(w.shape[1], 1, generator=gen) for _ in range(n_fisher)]
+    bar = tqdm(total=w.shape[0], desc="calibration", unit="window", disable=not progress)
+
+    def run(st: _Worker, i: int) -> None:
+        ids = torch.from_numpy(w[i : i + 1])
+        st.seen.clear()
+        if i < n_fisher:
+            with torch.enable_grad():
+                hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+                st.accs[HEAD_SITE].add(hidden)
+                logits, dcap = _head_logits(model, hidden)
+                logp = torch.log_softmax(logits[0], dim=-1)
+                with torch.no_grad():
+                    p = logp.exp()
+                    hg = p - p.square()
+                    if dcap is not None:
+                        hg.mul_(dcap[0].square())
+                    hg = hg.sum(0).double()
+                    st.head_gain = hg if st.head_gain is None else st.head_gain + hg
+                    # inverse-CDF sampling of y_hat ~ p (torch.multinomial is ~20x slower)
+                    cdf = p.cumsum(-1)
+                    y = torch.searchsorted(cdf, uniforms[i] * cdf[:, -1:])
+                    y = y.clamp_max_(p.shape[-1] - 1)
+                loss = logp.gather(1, y).sum()
+                loss.backward()
+            st.fisher_tokens += ids.numel()
+        else:
+            with torch.inference_mode():
+                hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+                st.accs[HEAD_SITE].add(hidden)
+        st.seen.clear()
+        bar.update()
+
+    def worker(idx: list[int]) -> _Worker:
+        local.state = st = _Worker(site_d)
+        try:
+            for i in idx:
+                run(st, i)
+        finally:
+            del local.state
+        return st
+
+    plan = _assign(w.shape[0], n_fisher, n_workers)
     try:
-        for i in tqdm(range(w.shape[0]), desc="calibration", unit="window", disable=not progress):
-            ids = torch.from_numpy(w[i : i + 1])
-            seen.clear()
-            if i < n_fisher:
-                with torch.enable_grad():
-                    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
-                    head_acc.add(hidden)
-                    logits, dcap = _head_logits(model, hidden)
-                    logp = torch.log_softmax(logits[0], dim=-1)
-                    with torch.no_grad():
-                        p = logp.exp()
-                        hg = p - p.square()
-                        if dcap is not None:
-                            hg.mul_(dcap[0].square())
-                        hg = hg.sum(0).double()
-                        head_gain = hg if head_gain is None else head_gain + hg
-                        # inverse-CDF sampling of y_hat ~ p (torch.multinomial is ~20x slower)
-                        cdf = p.cumsum(-1)
-                        u = torch.rand(p.shape[0], 1, generator=gen) * cdf[:, -1:]
-                        y = torch.searchsorted(cdf, u).clamp_max_(p.shape[-1] - 1)
-                    loss = logp.gather(1, y).sum()
-                    loss.backward()
-                fisher_tokens += ids.numel()
-            else:
-                with torch.inference_mode():
-                    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
-                    head_acc.add(hidden)
+        done = list(thread_map(worker, plan, len(plan), "calibration"))
     finally:
         for h in handles:
             h.remove()
-        seen.clear()
-    missing = sorted(set(tensor_site.values()) - set(accs) - {HEAD_SITE})
+        bar.close()
+    missing = sorted(k for k in site_d if not any(st.accs[k].n for st in done))
     if missing:
         raise CalibrationError(f"the forward pass never reached input sites {missing[:5]}")
-    sites = {k: a.finish() for k, a in accs.items()}
-    sites[HEAD_SITE] = head_acc.finish()
-    gains = {k: (v / fisher_tokens).numpy() for k, v in gain_sum.items()} if fisher_tokens else {}
+
+    def reduce(site: str) -> SiteStats:
+        acc = done[0].accs[site]
+        for st in done[1:]:
+            acc.merge(st.accs[site])
+        return acc.finish()
+
+    # as the windows: one site per core, torch's threads 1 (finish is memory-bound)
+    sites = dict(zip(site_d, thread_map(reduce, list(site_d), len(plan), "calibration")))
+    total = done[0]
+    for st in done[1:]:
+        total.merge_gains(st)
+    fisher_tokens = total.fisher_tokens
+    gains = ({k: (v / fisher_tokens).numpy() for k, v in total.gain_sum.items()}
+             if fisher_tokens else {})
+    head_gain = None if total.head_gain is None else (total.head_gain / fisher_tokens).numpy()
     vocab = int(emb.weight.shape[0])
     calib = Calibration(
         model=lm.name, ctx=int(w.shape[1]), n_windows=int(w.shape[0]), sites=sites,
         tensor_site=tensor_site, token_counts=np.bincount(w.ravel(), minlength=vocab),
-        tied=tied, gains=gains,
-        head_gain=None if head_gain is None else (head_gain / fisher_tokens).numpy(),
-        fisher_tokens=fisher_tokens, embed_scale=embed_scale, seed=int(seed),
-        seconds=time.perf_counter() - t0,
+        tied=tied, gains=gains, head_gain=head_gain, fisher_tokens=fisher_tokens,
+        embed_scale=embed_scale, seed=int(seed), seconds=time.perf_counter() - t0,
     )  # fmt: skip
-    log.info("calibration of %s: %d windows x %d tokens (%d with Fisher), %d input sites, %.1fs",
-             lm.name, w.shape[0], w.shape[1], n_fisher, len(sites), calib.seconds)
+    log.info("calibration of %s: %d windows x %d tokens (%d with Fisher), %d input sites, "
+             "%d threads, %.1fs", lm.name, w.shape[0], w.shape[1], n_fisher, len(sites),
+             len(plan), calib.seconds)
     return calib

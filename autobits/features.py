@@ -1,9 +1,10 @@
-"""Proxy error, the candidate table, and per-tensor sensitivity features (the observation).
+"""The candidate table and per-tensor sensitivity features (the observation).
 
-:func:`proxy_error` is the GPTQ/HAWQ quadratic form ``tr(dW H dW^T)`` of a weight
-perturbation, optionally weighted per output channel by the output Fisher (then an
-estimate of the KLD it adds, see :mod:`autobits.calibrate`); :class:`TensorProxy` applies
-it to one tensor of a calibrated model (the token embedding included).
+:func:`proxy_error` (from :mod:`autobits.proxy`, re-exported here) is the GPTQ/HAWQ
+quadratic form ``tr(dW H dW^T)`` of a weight perturbation, optionally weighted per output
+channel by the output Fisher (then an estimate of the KLD it adds, see
+:mod:`autobits.calibrate`); :class:`TensorProxy` applies it to one tensor of a calibrated
+model (the token embedding included).
 
 :func:`build_candidates` quantizes every quantizable tensor to every valid candidate format
 once, records the exact bytes and the proxy error (:class:`TensorProxy`:
@@ -55,7 +56,7 @@ import io
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -65,12 +66,17 @@ from autobits.calibrate import Calibration, CalibrationError
 from autobits.candidates import Candidate, CandidateTable
 from autobits.errors import AllocationError
 from autobits.formats import get_format
+from autobits.proxy import (
+    WEIGHTINGS, TensorProxy, embedding_proxy_error, hessian_factor, proxy_error,
+    row_errors,
+)  # fmt: skip
 from autobits.specs import DEFAULT_CANDIDATES, QUANTIZABLE_ROLES
+from autobits.threads import thread_map
 
 __all__ = [
     "FEATURE_NAMES", "FEATURE_RANGES", "FEATURE_SPEC_VERSION", "WEIGHTINGS", "FeatureTable",
     "TensorProxy", "build_candidates", "embedding_proxy_error", "extract_features",
-    "proxy_error", "row_errors",
+    "hessian_factor", "proxy_error", "row_errors",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -175,134 +181,6 @@ class FeatureTable:
         return text
 
 
-# --------------------------------------------------------------------- proxy
-#: How the quadratic forms are weighted: ``fisher`` (per output channel by the output
-#: Fisher, times 1/2: an estimate of the added KLD in nats per token) or ``none`` (the plain
-#: expected squared output error per token, ``tr(dW H dW^T)``).
-WEIGHTINGS = ("fisher", "none")
-
-
-def _t(a, dtype=None):
-    import torch
-
-    if not isinstance(a, torch.Tensor):
-        a = np.ascontiguousarray(a)
-        a = torch.from_numpy(a if a.flags.writeable else a.copy())
-    t = a
-    return t.detach().to(dtype or torch.float32)
-
-
-def row_errors(dw, h, *, chunk: int = 8192):
-    """``(dW H dW^T)_jj`` for every row ``j`` of ``dw`` (torch float64, clamped at 0).
-
-    ``h`` is ``(d, d)``, or 1-D for a diagonal ``H``.  Products are float32 matmuls over
-    row chunks (memory ``chunk x d``), sums float64; cost ``rows x d^2`` multiply-adds.
-    """
-    import torch
-
-    dw, hh = _t(dw), _t(h)
-    if hh.ndim == 1:
-        return (dw.square() * hh).sum(1, dtype=torch.float64)
-    out = torch.empty(dw.shape[0], dtype=torch.float64)
-    for i in range(0, dw.shape[0], chunk):
-        part = dw[i : i + chunk]
-        out[i : i + chunk] = ((part @ hh) * part).sum(1, dtype=torch.float64)
-    return out.clamp_min_(0.0)
-
-
-def proxy_error(w, wq, h, *, gain=None) -> float:
-    """The GPTQ/HAWQ proxy error of replacing weight ``w`` (rows = output channels) by ``wq``.
-
-    Without ``gain``: ``tr(dW H dW^T)``, the expected squared error added to the tensor's
-    output per token (``H = E[x x^T]`` of its input).  With ``gain`` (the output Fisher
-    diagonal, one value per row): ``1/2 sum_j gain_j (dW H dW^T)_jj``, the second-order
-    estimate of the KL divergence (nats per token) the perturbation adds to the model's
-    next-token distribution, which makes tensors comparable with one another.
-    """
-    import torch
-
-    dw = _t(wq) - _t(w)
-    r = row_errors(dw, h)
-    if gain is None:
-        return float(r.sum())
-    g = _t(gain, torch.float64)
-    if g.shape != r.shape:
-        raise ValueError(f"gain has shape {tuple(g.shape)}, expected ({r.shape[0]},), one per row")
-    return float(0.5 * (g * r).sum())
-
-
-def embedding_proxy_error(
-    e, eq, freq, *, gain=None, head_h=None, head_gain=None, embed_scale: float = 1.0
-) -> float:
-    """Proxy error of the token embedding table ``e`` (``vocab x d``) replaced by ``eq``.
-
-    As a lookup, row ``t`` is the output for token ``t`` (one-hot input, ``H`` the diagonal
-    of token frequencies): ``sum_t freq_t ||dE_t||^2``.  When the table is also the output
-    head (tied) pass ``head_h`` (``E[h h^T]`` of the final hidden state) to add the head's
-    ``tr(dE H_head dE^T)``.  With the Fisher gains (``gain`` per hidden channel of the
-    embedding output, ``head_gain`` per vocabulary entry) both terms are weighted and halved
-    as in :func:`proxy_error` (a KLD estimate); ``embed_scale`` is the factor the model
-    multiplies embeddings by (Gemma: sqrt(d)).
-    """
-    import torch
-
-    de = _t(eq) - _t(e)
-    f = _t(freq, torch.float64)
-    if gain is None:
-        total = float((de.square().sum(1, dtype=torch.float64) * f).sum())
-    else:
-        g = _t(gain) * float(embed_scale) ** 2
-        total = 0.5 * float(((de.square() * g).sum(1, dtype=torch.float64) * f).sum())
-    if head_h is not None:
-        r = row_errors(de, head_h)
-        if gain is None:
-            total += float(r.sum())
-        else:
-            total += 0.5 * float((_t(head_gain, torch.float64) * r).sum())
-    return total
-
-
-class TensorProxy:
-    """The proxy error of one tensor of a calibrated model, ready for many candidates.
-
-    ``TensorProxy(calib, name, w)(wq)`` is the error of replacing reference weight ``w`` by
-    ``wq``: :func:`proxy_error` for linear tensors, :func:`embedding_proxy_error` (with the
-    head term when tied) for ``token_embd``.  ``weighting`` is one of :data:`WEIGHTINGS`.
-    """
-
-    def __init__(self, calib: Calibration, name: str, w, *, weighting: str = "fisher"):
-        import torch
-
-        if weighting not in WEIGHTINGS:
-            raise CalibrationError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        if weighting == "fisher" and not calib.has_fisher:
-            raise CalibrationError("weighting='fisher' needs a calibration with fisher_windows > 0")
-        self.name, self.weighting, self.calib = name, weighting, calib
-        self.w = _t(w)
-        fisher = weighting == "fisher"
-        if name == "token_embd.weight":
-            self.kind = "embedding"
-            self.freq = torch.from_numpy(calib.token_frequency())
-            self.gain = _t(calib.gain(name)) if fisher else None
-            self.head_h = _t(calib.head_hessian()) if calib.tied else None
-            self.head_gain = _t(calib.head_gain, torch.float64) if fisher and calib.tied else None
-        else:
-            self.kind = "linear"
-            self.h = _t(calib.hessian(name))
-            self.gain = _t(calib.gain(name), torch.float64) if fisher else None
-            if self.h.shape[0] != self.w.shape[1]:
-                raise CalibrationError(f"tensor {name!r} has rows of {self.w.shape[1]}, its "
-                                       f"calibration site has {self.h.shape[0]} channels")
-
-    def __call__(self, wq) -> float:
-        if self.kind == "embedding":
-            return embedding_proxy_error(
-                self.w, wq, self.freq, gain=self.gain, head_h=self.head_h,
-                head_gain=self.head_gain, embed_scale=self.calib.embed_scale,
-            )  # fmt: skip
-        return proxy_error(self.w, wq, self.h, gain=self.gain)
-
-
 # --------------------------------------------------------------- candidates
 def _check_cache_importance(cache, lm, calib: Calibration, imatrix: bool) -> None:
     for s in lm.quantizable:
@@ -332,7 +210,8 @@ def build_candidates(
     and weights it already holds are not quantized again.  ``weighting`` is ``"fisher"``
     (default when the calibration has a Fisher pass) or ``"none"``.  Tensors are spread over
     ``workers`` threads (default: the CPU count; numpy and torch release the GIL in the heavy
-    loops); torch's own thread count is 1 meanwhile.  ``meta["timing"]`` holds the seconds
+    loops); torch's own thread count is 1 meanwhile.  The threads share one Cholesky factor
+    of each input site's ``H`` (:class:`TensorProxy`).  ``meta["timing"]`` holds the seconds
     spent per format quantizing and in the proxy, elapsed and CPU (``*_cpu``), summed over
     the threads, and the wall time.
     """
@@ -352,6 +231,7 @@ def build_candidates(
     n_workers = max(1, int(workers or os.cpu_count() or 1))
     t_quant = {f: [0.0, 0.0] for f in fmts}  # format -> [thread wall, thread CPU] seconds
     t_proxy = [0.0, 0.0]
+    factors: dict = {}  # Cholesky factors of the input sites' H, shared by the threads
 
     def collect(tq: dict[str, tuple[float, float]], tp: list[float]) -> None:
         for f, (w, c) in tq.items():
@@ -364,8 +244,10 @@ def build_candidates(
         w = lm.reference_weight(spec.name).detach()
         arr = w.cpu().numpy()
         imp = calib.importance(spec.name) if imatrix else None
-        proxy = TensorProxy(calib, spec.name, w, weighting=weighting)
-        out, tq, tp = [], {}, [0.0, 0.0]
+        c0, t0 = time.thread_time(), time.perf_counter()
+        proxy = TensorProxy(calib, spec.name, w, weighting=weighting, factors=factors)
+        out, tq = [], {}
+        tp = [time.perf_counter() - t0, time.thread_time() - c0]
         for fmt in valid[spec.name]:
             f = get_format(fmt)
             c0, t0 = time.thread_time(), time.perf_counter()
@@ -384,28 +266,16 @@ def build_candidates(
         return spec.name, tuple(out), tq, tp
 
     t0 = time.perf_counter()
-    threads = torch.get_num_threads()
     options: dict[str, tuple[Candidate, ...]] = {}
     # the largest tensors first, so that the threads finish together
     order = sorted(specs, key=lambda s: -s.numel * len(valid[s.name]))
-    bar = tqdm(total=len(order), desc="candidates", unit="tensor", disable=not progress)
-    try:
-        if n_workers > 1:
-            torch.set_num_threads(1)
-            with ThreadPoolExecutor(n_workers, thread_name_prefix="candidates") as pool:
-                for name, opts, tq, tp in pool.map(job, order):
-                    options[name] = opts
-                    collect(tq, tp)
-                    bar.update()
-        else:
-            for s in order:
-                name, opts, tq, tp = job(s)
-                options[name] = opts
-                collect(tq, tp)
-                bar.update()
-    finally:
-        torch.set_num_threads(threads)
-        bar.close()
+    results = closing(thread_map(job, order, n_workers, "candidates"))
+    with results as it, tqdm(total=len(order), desc="candidates", unit="tensor",
+                             disable=not progress) as bar:
+        for name, opts, tq, tp in it:
+            options[name] = opts
+            collect(tq, tp)
+            bar.update()
     wall = time.perf_counter() - t0
     meta = {
         "weighting": weighting, "imatrix": bool(imatrix), "formats": fmts, "workers": n_workers,
@@ -467,8 +337,13 @@ def _act_stats(st) -> dict[str, float]:
             "h_trace": float(np.trace(st.h, dtype=np.float64))}
 
 
-def extract_features(lm, calib: Calibration, candidates: CandidateTable) -> FeatureTable:
-    """The :class:`FeatureTable` of ``lm`` (feature definitions in the module docstring)."""
+def extract_features(
+    lm, calib: Calibration, candidates: CandidateTable, *, workers: int | None = None
+) -> FeatureTable:
+    """The :class:`FeatureTable` of ``lm`` (feature definitions in the module docstring).
+
+    The weight statistics run on ``workers`` threads (default: the CPU count).
+    """
     calib.check_model(lm)
     specs = lm.quantizable
     names = tuple(s.name for s in specs)
@@ -479,10 +354,13 @@ def extract_features(lm, calib: Calibration, candidates: CandidateTable) -> Feat
     n_blocks = max(blocks) + 1 if blocks else 1
     mean_numel = float(np.mean([s.numel for s in specs]))
     raw: dict[str, dict[str, Any]] = {}
-    for s in specs:
+    n_workers = max(1, int(workers or os.cpu_count() or 1))
+    wstats = list(thread_map(lambda s: _weight_stats(lm.reference_weight(s.name)), specs, n_workers,
+                             "features"))
+    for s, ws in zip(specs, wstats):
         r: dict[str, Any] = {"role": s.role, "block": s.block, "numel": s.numel,
                              "rows": int(s.shape[0]), "row_length": s.row_length}
-        r.update(_weight_stats(lm.reference_weight(s.name)))
+        r.update(ws)
         if s.role == "token_embd":
             emb_part = 1.0  # tr of the one-hot H: the frequencies sum to 1
             g = calib.gain(s.name)

@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--calib-windows", type=int, default=8)
     ap.add_argument("--fisher-windows", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=None, help="candidate threads (default: CPUs)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="threads of each step (default: CPUs)")
     ap.add_argument("--imatrix", action="store_true", help="quantize with importance vectors")
     ap.add_argument("--no-cache", action="store_true", help="do not keep dequantized weights")
     ap.add_argument("--json", help="write the timings here")
@@ -52,28 +53,33 @@ def main(argv=None) -> int:
     split = windows.split(calib=args.calib_windows, eval=0)
 
     cpu0, t0 = time.process_time(), time.perf_counter()
-    calib = calibrate(lm, split.calib, fisher_windows=args.fisher_windows, progress=False)
-    t_calib = time.perf_counter() - t0
+    calib = calibrate(lm, split.calib, fisher_windows=args.fisher_windows, progress=False,
+                      workers=args.workers)
+    t_calib, c_calib = time.perf_counter() - t0, time.process_time() - cpu0
     cache = None if args.no_cache else WeightCache(lm)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     table = build_candidates(lm, calib, imatrix=args.imatrix, cache=cache,
                              workers=args.workers, progress=False)
-    t_cand = time.perf_counter() - t
-    t = time.perf_counter()
-    feats = extract_features(lm, calib, table)
-    t_feat = time.perf_counter() - t
+    t_cand, c_cand = time.perf_counter() - t, time.process_time() - c
+    t, c = time.perf_counter(), time.process_time()
+    feats = extract_features(lm, calib, table, workers=args.workers)
+    t_feat, c_feat = time.perf_counter() - t, time.process_time() - c
     total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
 
     timing = table.meta["timing"]
     rows = [["calibration pass", f"{t_calib:.1f}",
-             f"{args.calib_windows} x {args.ctx} tokens, {calib.fisher_tokens} with Fisher"]]
+             f"{args.calib_windows} x {args.ctx} tokens, {calib.fisher_tokens} with Fisher; "
+             f"CPU {c_calib:.1f}s"]]
     for fmt, s in timing["quantize"].items():
-        rows.append([f"  quantize {fmt}", f"{s:.1f}", "thread-seconds"])
-    rows.append(["  proxy error", f"{timing['proxy']:.1f}", "thread-seconds"])
+        rows.append([f"  quantize {fmt}", f"{s:.1f}",
+                     f"thread-seconds, CPU {timing['quantize_cpu'][fmt]:.1f}s"])
+    rows.append(["  proxy error", f"{timing['proxy']:.1f}",
+                 f"thread-seconds, CPU {timing['proxy_cpu']:.1f}s"])
     rows.append(["candidate table", f"{t_cand:.1f}",
                  f"{len(table.tensors)} tensors, {sum(map(len, table.options.values()))} "
-                 f"candidates, {table.meta['workers']} threads"])
-    rows.append(["feature table", f"{t_feat:.1f}", f"{len(feats)} x {len(feats.feature_names)}"])
+                 f"candidates, {table.meta['workers']} threads; CPU {c_cand:.1f}s"])
+    rows.append(["feature table", f"{t_feat:.1f}",
+                 f"{len(feats)} x {len(feats.feature_names)}; CPU {c_feat:.1f}s"])
     rows.append(["total", f"{total:.1f}", f"CPU {cpu:.1f}s, cores {os.cpu_count()}, "
                                           f"load avg {os.getloadavg()[0]:.2f}"])
     print(format_table(rows, ["step", "seconds", "notes"]))
@@ -82,6 +88,8 @@ def main(argv=None) -> int:
     if args.json:
         payload = {"model": lm.name, "calibration": t_calib, "candidates": t_cand,
                    "features": t_feat, "total": total, "cpu": total and cpu,
+                   "cpu_split": {"calibration": c_calib, "candidates": c_cand,
+                                 "features": c_feat},
                    "candidate_timing": timing, "calib_windows": args.calib_windows,
                    "fisher_windows": args.fisher_windows, "ctx": args.ctx,
                    "imatrix": args.imatrix, "load_avg": os.getloadavg()[0]}

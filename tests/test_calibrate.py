@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from autobits.calibrate import HEAD_SITE, Calibration, CalibrationError, calibrate, site_of
-from autobits.features import TensorProxy, embedding_proxy_error, proxy_error, row_errors
+from autobits.features import (
+    TensorProxy,
+    embedding_proxy_error,
+    hessian_factor,
+    proxy_error,
+    row_errors,
+)
 from autobits.formats import get_format
 from autobits.text import load_text, make_windows
 
@@ -134,6 +140,49 @@ def test_proxy_formulas():
     assert embedding_proxy_error(e, e + de, freq) == pytest.approx(lookup, rel=1e-5)
     both = embedding_proxy_error(e, e + de, freq, head_h=h)
     assert both == pytest.approx(lookup + np.trace(de @ h @ de.T), rel=1e-5)
+
+
+def test_proxy_cholesky_factor_same_value(tiny_lm, calib):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((500, 200)) * rng.lognormal(0, 2, 200)  # outlier channels
+    h = x.T @ x / 500
+    w = rng.standard_normal((300, 200))
+    dw = 0.01 * rng.standard_normal((300, 200))
+    low = hessian_factor(h)
+    assert low.dtype == torch.float32 and bool((low.triu(1) == 0).all())
+    want = np.einsum("ij,jk,ik->i", dw, h, dw)
+    np.testing.assert_allclose(row_errors(dw, h, factor=low).numpy(), want, rtol=1e-5)
+    gain = rng.uniform(0, 2, 300)
+    assert proxy_error(w, w + dw, h, gain=gain, factor=low) == pytest.approx(
+        proxy_error(w, w + dw, h, gain=gain), rel=1e-5)
+    assert hessian_factor(x[:50].T @ x[:50]) is None  # rank 50 < 200: the plain product
+    # tensors reading one input share one factor; the tied embedding gets the head's
+    factors: dict = {}
+    q, k = (TensorProxy(calib, n, tiny_lm.reference_weight(n), factors=factors)
+            for n in ("blk.0.attn_q.weight", "blk.0.attn_k.weight"))
+    assert q.factor is not None and q.factor is k.factor
+    emb = tiny_lm.reference_weight("token_embd.weight")
+    e = TensorProxy(calib, "token_embd.weight", emb, factors=factors)
+    assert e.factor is not None and len(factors) == 2
+    de = 0.01 * torch.from_numpy(rng.standard_normal(emb.shape).astype(np.float32))
+    plain = embedding_proxy_error(emb, emb + de, e.freq, gain=e.gain, head_h=e.head_h,
+                                  head_gain=e.head_gain, embed_scale=calib.embed_scale)
+    assert e(emb + de) == pytest.approx(plain, rel=1e-5)
+
+
+def test_workers_same_statistics(tiny_lm, windows):
+    one = calibrate(tiny_lm, windows, fisher_windows=2, progress=False, workers=1)
+    three = calibrate(tiny_lm, windows, fisher_windows=2, progress=False, workers=3)
+    assert three.fisher_tokens == one.fisher_tokens and three.n_tokens == one.n_tokens
+    for k, st in one.sites.items():
+        assert three.sites[k].n == st.n
+        np.testing.assert_allclose(three.sites[k].h, st.h, rtol=1e-5, atol=1e-6 * np.abs(st.h).max())
+        np.testing.assert_allclose(three.sites[k].x4_mean, st.x4_mean, rtol=1e-5)
+        np.testing.assert_array_equal(three.sites[k].abs_max, st.abs_max)
+    for k, g in one.gains.items():
+        np.testing.assert_allclose(three.gains[k], g, rtol=1e-5)
+    np.testing.assert_allclose(three.head_gain, one.head_gain, rtol=1e-5)
+    np.testing.assert_array_equal(three.token_counts, one.token_counts)
 
 
 def test_save_load_roundtrip(tiny_lm, calib, tmp_path):
