@@ -5,8 +5,10 @@
 :class:`~autobits.cluster.actors.EvaluatorPool` and returns ``(evaluate_many, close)``:
 ``evaluate_many(list[Allocation]) -> list[Metrics]`` measures on the actors exactly what
 ``prepared.reward`` measures in the driver, and ``close()`` kills the actors and stops the
-embedded Ray (or disconnects from the cluster).  ``--workers 0`` means no Ray at all:
-``(None, close)`` with a no-op ``close``, and the agents evaluate in the driver.
+embedded Ray (or disconnects from the cluster).  Ray is used only when asked for:
+``--address``, ``--workers N`` (N > 0), or inside a Ray job (``RAY_ADDRESS`` set);
+otherwise, and always with ``--workers 0``, the factory returns ``(None, close)`` with a
+no-op ``close``, and the agents evaluate in the driver.
 
 The pool is reachable from the returned callable as ``evaluate_many.__self__`` (tests use
 it to kill an actor mid-search).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from contextlib import ExitStack
 from typing import Callable
 
@@ -44,12 +47,8 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
 def open_pool(prepared, *, address: str | None = None, workers: int | None = None,
               threads: int = 1, num_cpus: int | None = None, on_dispatch=None):
     """``(pool, close)``: a Ray session plus an EvaluatorPool over ``prepared``'s reward."""
-    from autobits.cluster.actors import EvaluatorPool
+    from autobits.cluster.actors import EvaluatorPool, store_bytes
     from autobits.cluster.runtime import ray_session
-
-    import os
-
-    from autobits.cluster.actors import store_bytes
 
     store = None
     if not (address or os.environ.get("RAY_ADDRESS")):
@@ -72,8 +71,9 @@ def cluster_evaluate_factory(prepared, args: argparse.Namespace
                              ) -> tuple[Callable | None, Callable[[], None]]:
     """``(evaluate_many, close)`` for a search, from the options of :func:`add_cluster_args`.
 
-    ``evaluate_many`` is None with ``--workers 0``.  Always call ``close()`` (in a
-    ``finally``): it stops the embedded Ray.
+    ``evaluate_many`` is None with ``--workers 0``, or with neither ``--address``,
+    ``--workers`` nor ``RAY_ADDRESS``.  Always call ``close()`` (in a ``finally``): it
+    stops the embedded Ray.
     """
     workers = getattr(args, "workers", None)
     threads = int(getattr(args, "worker_threads", 1) or 1)
@@ -84,7 +84,10 @@ def cluster_evaluate_factory(prepared, args: argparse.Namespace
         if address:
             raise AutobitsError(f"--workers 0 evaluates without Ray; it cannot use --address {address}")
         return None, lambda: None
+    if not (address or workers or os.environ.get("RAY_ADDRESS")):
+        return None, lambda: None
     if threads < 1:
         raise AutobitsError(f"--worker-threads must be at least 1, got {threads}")
     pool, close = open_pool(prepared, address=address, workers=workers, threads=threads)
+    log.info("evaluating on Ray: %d evaluator actors", pool.workers)
     return pool.evaluate_many, close

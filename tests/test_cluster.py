@@ -380,7 +380,7 @@ def test_cli_search_through_address(local_cluster, tiny_folder, tmp_path, capsys
     from autobits.cli import main
 
     out = tmp_path / "run"
-    with caplog.at_level(logging.INFO, logger="autobits.commands.search"):
+    with caplog.at_level(logging.INFO, logger="autobits.cluster.search"):
         code = main(["search", "--model", str(tiny_folder), "--ctx", "64", "--calib-windows", "2",
                      "--windows", "1", "--reward-windows", "1", "--reward-ctx", "64",
                      "--target-bpw", "6", "--agent", "optuna", "--evals", "6", "--sampler", "tpe",

@@ -63,31 +63,6 @@ def _baselines(prepared, limit: int, skip: str) -> dict:
     return out
 
 
-def _uses_ray(args: argparse.Namespace) -> bool:
-    """Ray evaluates when asked for: ``--address``, ``--workers N>0``, or inside a Ray job
-    (``RAY_ADDRESS`` set). Otherwise the search evaluates in this process."""
-    import os
-
-    workers = getattr(args, "workers", None)
-    if workers == 0:
-        return False
-    return bool(getattr(args, "address", None) or workers or os.environ.get("RAY_ADDRESS"))
-
-
-def _evaluators(prepared, args: argparse.Namespace):
-    """``(evaluate_many, close)``: evaluator actors on Ray when :func:`_uses_ray`, else
-    ``(None, no-op)``."""
-    if not _uses_ray(args):
-        return None, lambda: None
-    from autobits.cluster import cluster_evaluate_factory
-
-    many, close = cluster_evaluate_factory(prepared, args)
-    if many is not None:
-        pool = many.__self__
-        log.info("evaluating on Ray: %d evaluator actors", pool.workers)
-    return many, close
-
-
 def cmd_search(args: argparse.Namespace) -> int:
     from autobits.allocation import write_json_atomic
     from autobits.cli import budget_from_args, format_table
@@ -108,19 +83,26 @@ def cmd_search(args: argparse.Namespace) -> int:
     limit = budget.check_feasible(lm.specs, cfg.formats)
     prepared = prepare(cfg, lm=lm)
 
-    result = None
+    from autobits.solvers import solve
+
     if args.agent in SOLVER_NAMES:
-        from autobits.solvers import solve
+        from autobits.agents import Evaluation, SearchResult
 
         best = solve(args.agent, prepared.table, limit_bytes=limit)
+        # one measurement of the solver's answer, for the report
+        rm = prepared.reward(best)
+        result = SearchResult(agent=args.agent, best=best, best_metrics=rm, history=[
+            Evaluation(index=0, kld=rm.kld, bytes=best.bytes, bpw=best.bpw,
+                       feasible=best.bytes <= limit, seconds=rm.seconds)],
+            meta={"solver": args.agent, "evals": 1})
     else:
         from autobits.agents import AGENTS, SearchProblem
-        from autobits.solvers import solve
+        from autobits.cluster import cluster_evaluate_factory
 
         if args.agent not in AGENTS:
             raise AutobitsError(f"agent {args.agent!r} is not available; built: {sorted(AGENTS)}")
         warm = solve("greedy", prepared.table, limit_bytes=limit)
-        many, close = _evaluators(prepared, args)
+        many, close = cluster_evaluate_factory(prepared, args)
         try:
             problem = SearchProblem(table=prepared.table, features=prepared.features,
                                     limit_bytes=limit, evaluate=prepared.reward, warm_start=warm,
@@ -133,22 +115,11 @@ def cmd_search(args: argparse.Namespace) -> int:
             close()
         best = result.best
 
-    if result is None:  # a solver: one measurement of its answer, for the report
-        from autobits.agents import Evaluation, SearchResult
-
-        rm = prepared.reward(best)
-        result = SearchResult(agent=args.agent, best=best, best_metrics=rm, history=[
-            Evaluation(index=0, kld=rm.kld, bytes=best.bytes, bpw=best.bpw,
-                       feasible=best.bytes <= limit, seconds=rm.seconds)],
-            meta={"solver": args.agent, "evals": 1})
     m = prepared.heldout(best)
     best.save(out / "allocation.json")
     payload = {**m.to_json(), "model": lm.name, "agent": args.agent, "budget": budget.describe(),
                "limit_bytes": limit, "text": prepared.split.to_json(),
                "timings": prepared.timings}
-    write_json_atomic(out / "metrics.json", payload)
-    rows = [[args.agent, f"{m.kld:.5f}", f"{m.ppl:.4f}", f"{m.top1:.4f}", f"{m.bytes:,}",
-             f"{m.bpw:.4f}"]]
     gguf_path = None
     if args.gguf is not None:
         from autobits.exports.gguf import export_gguf
@@ -157,7 +128,9 @@ def cmd_search(args: argparse.Namespace) -> int:
                                 out / f"{Path(lm.name).name}-{best.bpw:.2f}bpw.gguf",
                                 importance=prepared.importance())
         payload["gguf"] = str(gguf_path)
-        write_json_atomic(out / "metrics.json", payload)
+    write_json_atomic(out / "metrics.json", payload)
+    rows = [[args.agent, f"{m.kld:.5f}", f"{m.ppl:.4f}", f"{m.top1:.4f}", f"{m.bytes:,}",
+             f"{m.bpw:.4f}"]]
     from autobits.agents.report import write_report
 
     baselines = _baselines(prepared, limit, skip=args.agent)
