@@ -51,6 +51,21 @@ def test_cache_reused_and_model_restored(tiny_lm, tiny_eval):
         assert tiny_lm.parameter(s.name).data_ptr() == tiny_lm.reference_weight(s.name).data_ptr()
 
 
+def test_parallel_windows_match_serial(tiny_lm, stdlib_windows):
+    """Windows measured on 2 threads give the metrics of one thread, summed in window order."""
+    windows = stdlib_windows.split(calib=0, eval=4).eval
+    a = Allocation.uniform(tiny_lm.name, tiny_lm.specs, "Q4_0")
+    serial = Evaluator(tiny_lm, windows, workers=1)
+    parallel = Evaluator(tiny_lm, windows, workers=2)
+    assert parallel.ref_ppl == pytest.approx(serial.ref_ppl, rel=1e-6)
+    s, p = serial.evaluate(a), parallel.evaluate(a)
+    assert s.kld > 1e-4
+    assert p.kld == pytest.approx(s.kld, rel=1e-5) and p.top1 == s.top1
+    assert p.ppl == pytest.approx(s.ppl, rel=1e-6)
+    with pytest.raises(ValueError, match="workers"):
+        Evaluator(tiny_lm, windows, workers=0)
+
+
 def test_bad_windows(tiny_lm):
     with pytest.raises(ValueError, match="windows"):
         Evaluator(tiny_lm, np.zeros((0, 64), dtype=np.int64))
