@@ -21,7 +21,11 @@ from autobits.allocation import Allocation
 from autobits.candidates import CandidateTable
 from autobits.evaluate import Metrics
 
-__all__ = ["SearchProblem", "Evaluation", "SearchResult", "Agent", "AGENTS", "register_agent"]
+__all__ = ["SearchProblem", "Evaluation", "SearchResult", "Agent", "AGENTS", "register_agent",
+           "TOP_CANDIDATES"]
+
+#: How many of the best allocations a search keeps for the selection step.
+TOP_CANDIDATES = 8
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,10 @@ class SearchResult:
     best_metrics: Metrics
     history: list[Evaluation] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    #: The best distinct feasible allocations evaluated, by calibration KLD (best first, at
+    #: most :data:`TOP_CANDIDATES`); :func:`autobits.agents.selection.select` re-measures
+    #: them on a larger slice, since the reward slice is short and a search overfits it.
+    candidates: list[tuple[Allocation, Metrics]] = field(default_factory=list)
 
     def best_so_far(self) -> list[float]:
         """Best feasible calibration KLD after each evaluation (inf before the first)."""

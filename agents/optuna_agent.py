@@ -63,7 +63,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from autobits.agents.base import Evaluation, SearchProblem, SearchResult, register_agent
+from autobits.agents.base import (
+    TOP_CANDIDATES,
+    Evaluation,
+    SearchProblem,
+    SearchResult,
+    register_agent,
+)
 from autobits.allocation import Allocation
 from autobits.candidates import CandidateTable
 from autobits.evaluate import Metrics
@@ -532,8 +538,14 @@ class OptunaAgent:
         }
         if self.space == "groups":
             meta["best_params"] = {k[2:]: v for k, v in best.params.items()}
+        top = sorted(seen.values(), key=lambda r: r.kld)[:TOP_CANDIDATES]
+        candidates = [(best_alloc, _metrics(best.metrics))] + [
+            (problem.table.allocation(p.choice(np.array(r.key)), meta={
+                "method": "optuna", "trial": r.number, "calib_kld": r.kld, "limit_bytes": limit}),
+             _metrics(r.metrics)) for r in top + ([warm] if warm and warm not in top else [])
+            if r is not best]
         return SearchResult(agent="optuna", best=best_alloc, best_metrics=_metrics(best.metrics),
-                            history=history, meta=meta)
+                            history=history, meta=meta, candidates=candidates)
 
 
 @dataclasses.dataclass(frozen=True)

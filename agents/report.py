@@ -254,6 +254,18 @@ def _markdown(result: SearchResult, heldout: Metrics | None,
                       f"{result.agent} does not reach the held-out KLD of any baseline at equal "
                       f"or smaller size."]
         lines.append("")
+    sel = result.meta.get("selection")
+    if sel:
+        lines += ["## Selection", "", f"The best allocations of the search were re-measured on "
+                  f"the selection slice (calibration windows disjoint from the reward slice); "
+                  f"chosen: **{sel['chosen']}**.", "",
+                  "| allocation | reward KLD | selection KLD | bytes | bpw |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in sel["rows"]:
+            rk = "-" if r["reward_kld"] is None else f"{r['reward_kld']:.5f}"
+            lines.append(f"| {r['label']} | {rk} | {r['selection_kld']:.5f} | {r['bytes']:,} "
+                         f"| {r['bpw']:.4f} |")
+        lines.append("")
     lines += ["## Plots", ""]
     captions = {"best_kld": "Best KLD versus evaluations", "bits_by_depth": "Bits per tensor over depth",
                 "pareto": "Pareto points of solvers and agents"}

@@ -35,7 +35,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from autobits.agents.base import Evaluation, SearchProblem, SearchResult, register_agent
+from autobits.agents.base import (
+    TOP_CANDIDATES,
+    Evaluation,
+    SearchProblem,
+    SearchResult,
+    register_agent,
+)
 from autobits.allocation import Allocation
 from autobits.envs import AllocTask, BitAllocEnv
 
@@ -53,6 +59,7 @@ class CountingEvaluator:
         self.evaluate, self.limit, self.total = evaluate, int(limit_bytes), int(total)
         self.label, self.log_every = label, max(1, int(log_every))
         self.cache: dict[tuple, Any] = {}
+        self.feasible: dict[tuple, Allocation] = {}
         self.history: list[Evaluation] = []
         self.best: tuple[Allocation, Any] | None = None
         self.calls = 0
@@ -74,6 +81,8 @@ class CountingEvaluator:
         seconds = time.perf_counter() - t0
         self.cache[key] = m
         feasible = allocation.bytes <= self.limit
+        if feasible:
+            self.feasible[key] = allocation
         self.history.append(Evaluation(index=self.used, kld=float(m.kld), bytes=allocation.bytes,
                                        bpw=allocation.bpw, feasible=feasible, seconds=seconds))
         new_best = feasible and (self.best is None or m.kld < self.best[1].kld)
@@ -85,6 +94,11 @@ class CountingEvaluator:
                      self.total, m.kld, allocation.bpw, " (new best)" if new_best else "",
                      f"{b.kld:.6f} at {b.bpw:.4f} bpw" if b else "none")
         return m
+
+    def top(self, k: int) -> list[tuple[Allocation, Any]]:
+        """The ``k`` best distinct feasible allocations measured, best first."""
+        keys = sorted(self.feasible, key=lambda key: self.cache[key].kld)[:k]
+        return [(self.feasible[key], self.cache[key]) for key in keys]
 
 
 class StopCallback:
@@ -214,6 +228,18 @@ def deterministic_index(model, vec, env: BitAllocEnv, *,
         act, _ = model.predict(vec.normalize_obs(obs[None]), deterministic=True)
         obs, _, done, _, info = env.step(act[0])
     return info["index"], info
+
+
+def _candidates(best: Allocation, best_m, best_alloc: Allocation, counter: CountingEvaluator,
+                warm: Allocation) -> list[tuple[Allocation, Any]]:
+    """The selection candidates: the best (with the result's meta), the next best, and the
+    warm start wherever it ranks."""
+    top = [c for c in counter.top(TOP_CANDIDATES) if c[0] is not best_alloc]
+    out = [(best, best_m)] + top[: TOP_CANDIDATES - 1]
+    warm_key = tuple(sorted(warm.tensors.items()))
+    if all(tuple(sorted(a.tensors.items())) != warm_key for a, _ in out):
+        out.append((warm, counter.cache[warm_key]))
+    return out
 
 
 @register_agent("sac")
@@ -379,4 +405,5 @@ class SACAgent:
                                  for k, v in self.sac_kw.items()}, **env_kw,
                               "policy": None if init is None else str(init)},
                   **stats},
+            candidates=_candidates(best, best_m, best_alloc, counter, greedy_alloc),
         )

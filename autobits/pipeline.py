@@ -38,6 +38,9 @@ class PrepareConfig:
     eval_windows: int = 8
     reward_windows: int = 2
     reward_ctx: int = 256
+    #: calibration windows (after the reward ones, full ``ctx``) on which a search's best
+    #: allocations are re-measured before one is chosen (:mod:`autobits.agents.selection`)
+    select_windows: int = 4
     fold: bool = False
     imatrix: bool = False
     formats: tuple[str, ...] = DEFAULT_CANDIDATES
@@ -59,6 +62,8 @@ class PrepareConfig:
             raise AutobitsError(
                 f"reward_ctx must be in [16, ctx], got reward_ctx={self.reward_ctx}, ctx={self.ctx}"
             )
+        if self.select_windows < 0:
+            raise AutobitsError(f"select_windows must be >= 0, got select_windows={self.select_windows}")
 
 
 @dataclass
@@ -76,6 +81,7 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
     _reward: Evaluator | None = None
     _heldout: Evaluator | None = None
+    _select: Evaluator | None = None
 
     @property
     def reward_evaluator(self) -> Evaluator:
@@ -92,6 +98,21 @@ class Prepared:
         if self._heldout is None:
             self._heldout = Evaluator(self.lm, self.split.eval, cache=self.cache)
         return self._heldout
+
+    @property
+    def select_evaluator(self) -> Evaluator:
+        """Evaluator on the selection slice: the calibration windows after the reward ones
+        (all of them when none are left), at full length; never held-out."""
+        if self._select is None:
+            c = self.config
+            calib = self.split.calib
+            rest = calib[c.reward_windows:]
+            windows = (rest if len(rest) else calib)[: max(1, c.select_windows)]
+            self._select = Evaluator(self.lm, windows, cache=self.cache)
+        return self._select
+
+    def select(self, allocation: Allocation) -> Metrics:
+        return self.select_evaluator.evaluate(allocation)
 
     def reward(self, allocation: Allocation) -> Metrics:
         return self.reward_evaluator.evaluate(allocation)

@@ -71,7 +71,7 @@ class _Reloaded:
         self.split = windows.split(calib=cfg.calib_windows, eval=cfg.eval_windows)
         self.features, self.timings = None, {"reloaded": 1.0}
         self._cfg, self._cache = cfg, WeightCache(self.lm)
-        self._reward = self._heldout = None
+        self._reward = self._heldout = self._select = None
 
     def reward(self, allocation):
         from autobits.evaluate import Evaluator
@@ -81,6 +81,16 @@ class _Reloaded:
             self._reward = Evaluator(self.lm, self.split.calib[: c.reward_windows, : c.reward_ctx],
                                      cache=self._cache)
         return self._reward.evaluate(allocation)
+
+    def select(self, allocation):
+        from autobits.evaluate import Evaluator
+
+        if self._select is None:
+            c = self._cfg
+            rest = self.split.calib[c.reward_windows:]
+            self._select = Evaluator(self.lm, (rest if len(rest) else self.split.calib)
+                                     [: max(1, c.select_windows)], cache=self._cache)
+        return self._select.evaluate(allocation)
 
     def heldout(self, allocation):
         from autobits.evaluate import Evaluator
@@ -115,6 +125,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows")
     ap.add_argument("--reward-windows", type=int, default=2)
     ap.add_argument("--reward-ctx", type=int, default=256)
+    ap.add_argument("--select-windows", type=int, default=4,
+                    help="re-measure the search's best allocations on this many further "
+                         "calibration windows and keep the best there (0: trust the reward)")
     ap.add_argument("--baselines", action="store_true", help="also uniform, llamacpp and ilp")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--timeout-minutes", type=float, default=None,
@@ -129,7 +142,8 @@ def main(argv=None) -> int:
 
     cfg = PrepareConfig(model=args.model, text=args.text, ctx=args.ctx,
                         calib_windows=args.calib_windows, eval_windows=args.eval_windows,
-                        reward_windows=args.reward_windows, reward_ctx=args.reward_ctx)
+                        reward_windows=args.reward_windows, reward_ctx=args.reward_ctx,
+                        select_windows=args.select_windows)
     t = time.perf_counter()
     prepared = _prepare(cfg, out / "candidates.json")
     t_prepare = time.perf_counter() - t
@@ -163,9 +177,19 @@ def main(argv=None) -> int:
         reward_greedy = result.meta["warm_kld"]
         t_eval = float(np.median([e.seconds for e in result.history]))
 
+    reward_best = result
+    t_select = 0.0
+    if args.select_windows > 0:
+        from autobits.agents.selection import select
+
+        t = time.perf_counter()
+        result = select(result, measure=prepared.select, warm_start=greedy)
+        t_select = time.perf_counter() - t
     t = time.perf_counter()
     held = {"optuna": (result.best, prepared.heldout(result.best)),
             "greedy": (greedy, prepared.heldout(greedy))}
+    if args.select_windows > 0:
+        held["optuna (reward best)"] = (reward_best.best, prepared.heldout(reward_best.best))
     if args.baselines:
         for method in ("uniform", "llamacpp", "ilp"):
             try:
@@ -179,7 +203,8 @@ def main(argv=None) -> int:
 
     rows = []
     for name, (a, m) in held.items():
-        calib = result.best_metrics.kld if name == "optuna" else (
+        calib = result.best_metrics.kld if name == "optuna" else reward_best.best_metrics.kld if (
+            name == "optuna (reward best)") else (
             reward_greedy if name == "greedy" else float("nan"))
         rows.append([name, f"{calib:.5f}", f"{m.kld:.5f}", f"{m.ppl:.4f}", f"{m.top1:.4f}",
                      f"{m.bytes:,}", f"{m.bpw:.4f}"])
@@ -197,7 +222,7 @@ def main(argv=None) -> int:
         "kld_change_vs_greedy": o.kld / g.kld - 1 if g.kld > 0 else None,
         "seconds": {"prepare": t_prepare, "search": t_search, "search_cpu": c_search,
                     "evaluations_total": eval_total,
-                    "heldout": t_heldout, "total": time.perf_counter() - t_all,
+                    "selection": t_select, "heldout": t_heldout, "total": time.perf_counter() - t_all,
                     "total_cpu": time.process_time() - cpu_all},
         "loadavg": {"start": load0, "end": os.getloadavg()},
         "timings": prepared.timings, "search_meta": {k: v for k, v in result.meta.items()
@@ -219,6 +244,11 @@ def main(argv=None) -> int:
           f"({args.reward_windows}x{args.reward_ctx} tokens); load average {load0[0]:.1f}")
     print(f"optuna vs greedy held-out KLD: {o.kld:.5f} vs {g.kld:.5f} "
           f"({(o.kld / g.kld - 1) * 100:+.1f}%), bytes {o.bytes:,} vs {g.bytes:,}")
+    sel = result.meta.get("selection")
+    if sel:
+        print(f"selection ({args.select_windows} calibration windows x {args.ctx} tokens, "
+              f"{t_select:.0f}s): chose {sel['chosen']} of {len(sel['rows'])}; whole run "
+              f"{summary['seconds']['total'] / 60:.1f} min")
     print(json.dumps({"out": str(out)}))
     return 0
 

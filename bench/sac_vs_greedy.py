@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -100,6 +101,8 @@ def lean_prepare(cfg, *, cache_gb: float):
     return SimpleNamespace(
         config=cfg, lm=lm, split=split, calib=calib, table=table, features=features, cache=cache,
         timings=timings, reward=lazy("reward", split.calib[: cfg.reward_windows, : cfg.reward_ctx]),
+        select=lazy("select", (split.calib[cfg.reward_windows:] if cfg.calib_windows >
+                               cfg.reward_windows else split.calib)[: max(1, cfg.select_windows)]),
         heldout=lazy("heldout", split.eval))
 
 
@@ -116,6 +119,9 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=8, help="held-out windows")
     ap.add_argument("--reward-windows", type=int, default=2)
     ap.add_argument("--reward-ctx", type=int, default=256)
+    ap.add_argument("--select-windows", type=int, default=4,
+                    help="re-measure SAC's best allocations on this many further calibration "
+                         "windows and keep the best there (0: trust the reward)")
     ap.add_argument("--cache-gb", type=float, default=0.0,
                     help="bound the dequantized-weight cache to this many GB (LRU, re-quantizes "
                          "on a miss); 0 (default) keeps every candidate as the pipeline does")
@@ -145,7 +151,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     cfg = PrepareConfig(model=args.model, text=args.text, ctx=args.ctx,
                         calib_windows=args.calib_windows, eval_windows=args.windows,
-                        reward_windows=args.reward_windows, reward_ctx=args.reward_ctx)
+                        reward_windows=args.reward_windows, reward_ctx=args.reward_ctx,
+                        select_windows=args.select_windows)
     prep = lean_prepare(cfg, cache_gb=args.cache_gb)
     limit = Budget(target_bpw=args.target_bpw).check_feasible(prep.lm.specs, cfg.formats)
     log.info("prepared %s in %.0fs: %s", args.model, time.perf_counter() - t0, prep.timings)
@@ -163,10 +170,15 @@ def main(argv=None) -> int:
     t1 = time.perf_counter()
     res = AGENTS["sac"](**options).search(problem, evals=args.evals, seed=args.seed, out_dir=out)
     sac_s = time.perf_counter() - t1
+    if args.select_windows > 0:
+        from autobits.agents.selection import select
+
+        allocs["sac (reward best)"] = res.best
+        res = select(res, measure=prep.select, warm_start=allocs["greedy"])
     allocs["sac"] = res.best
     if out is not None:
         for name, a in allocs.items():
-            a.save(out / f"{name}.json")
+            a.save(out / (re.sub(r"\W+", "_", name).strip("_") + ".json"))
 
     rows, payload = [], {"model": args.model, "target_bpw": args.target_bpw, "limit_bytes": limit,
                          "evals": args.evals, "seed": args.seed, "sac_options": options,

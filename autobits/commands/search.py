@@ -31,6 +31,10 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    help="calibration windows the search reward is measured on (default 2)")
     p.add_argument("--reward-ctx", type=int, default=256,
                    help="tokens of each reward window (default 256)")
+    p.add_argument("--select-windows", type=int, default=4,
+                   help="calibration windows (after the reward ones, full --ctx) on which an "
+                        "agent's best allocations are re-measured before one is chosen; 0 "
+                        "trusts the reward slice alone (default 4)")
     p.add_argument("--fold", action="store_true", help="apply Scale Folding before quantizing")
     p.add_argument("--imatrix", action="store_true",
                    help="quantize with calibration importance vectors (llama.cpp's imatrix)")
@@ -43,6 +47,7 @@ def prepare_config_from_args(args: argparse.Namespace):
         model=args.model, text=args.text, ctx=args.ctx, calib_windows=args.calib_windows,
         eval_windows=args.windows, reward_windows=args.reward_windows,
         reward_ctx=min(args.reward_ctx, args.ctx), fold=args.fold, imatrix=args.imatrix,
+        select_windows=getattr(args, "select_windows", 4),
     )
 
 
@@ -113,6 +118,10 @@ def cmd_search(args: argparse.Namespace) -> int:
                                   resume=args.resume)
         finally:
             close()
+        if cfg.select_windows > 0:
+            from autobits.agents.selection import select
+
+            result = select(result, measure=prepared.select, warm_start=warm)
         best = result.best
 
     m = prepared.heldout(best)
