@@ -3,6 +3,7 @@
     python bench/transfer.py                       # train on smollm2-135m, allocate gemma3-270m
     python bench/transfer.py --policy policy.zip   # reuse a trained policy
     python bench/transfer.py --budgets 4.75,5.5 --steps 60000 --kld-episodes 40
+    python bench/transfer.py --policy policy.zip --optuna-evals 300   # + target-specific optuna
 
 Trains (unless ``--policy``) across ``--bpw-range`` on the training model, then measures the
 target model and, at each budget, compares the policy's zero-shot allocation (no evaluation
@@ -30,7 +31,7 @@ def _config(model: str, args, *, formats=None):
     kw = {} if formats is None else {"formats": tuple(formats)}
     return PrepareConfig(model=model, text=args.text, ctx=args.ctx, calib_windows=args.calib_windows,
                          eval_windows=args.windows, reward_windows=args.reward_windows,
-                         reward_ctx=args.reward_ctx, **kw)
+                         reward_ctx=args.reward_ctx, select_windows=args.select_windows, **kw)
 
 
 def _pin_threads(n: int) -> None:
@@ -41,6 +42,23 @@ def _pin_threads(n: int) -> None:
 
     torch.set_num_threads(n)
     autobits.model._configure_torch = lambda: torch.set_num_threads(n)
+
+
+def _optuna(prep, limit: int, greedy, args):
+    """The target-specific search the zero-shot policy is compared with: ``optuna`` with
+    ``--optuna-evals`` evaluations warm-started from greedy, then the selection step."""
+    from autobits.agents import AGENTS, SearchProblem
+    from autobits.agents.selection import select
+
+    t = time.perf_counter()
+    problem = SearchProblem(table=prep.table, features=prep.features, limit_bytes=limit,
+                            evaluate=prep.reward, warm_start=greedy)
+    result = AGENTS["optuna"]().search(problem, evals=args.optuna_evals, seed=args.seed)
+    if args.select_windows > 0:
+        result = select(result, measure=prep.select, warm_start=greedy)
+    log.info("optuna at %d bytes: %d evaluations, %.0fs, chose %s", limit, len(result.history),
+             time.perf_counter() - t, result.meta.get("selection", {}).get("chosen", "reward best"))
+    return result.best, time.perf_counter() - t
 
 
 def main(argv=None) -> int:
@@ -58,6 +76,10 @@ def main(argv=None) -> int:
                     help="use these policies (comma-separated files) instead of training one")
     ap.add_argument("--save-policy", default=None, help="write the trained policy here")
     ap.add_argument("--formats", default=None, help="candidate formats of the target (comma list)")
+    ap.add_argument("--optuna-evals", type=int, default=0,
+                    help="also run a target-specific optuna search of N evaluations per budget")
+    ap.add_argument("--select-windows", type=int, default=4,
+                    help="selection windows for the optuna search (0: trust its reward)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--text", default="stdlib")
     ap.add_argument("--ctx", type=int, default=512)
@@ -131,6 +153,8 @@ def main(argv=None) -> int:
                 seconds[method] = time.perf_counter() - t
             except AutobitsError as e:
                 log.info("%s at %g bpw skipped: %s", method, bpw, e)
+        if args.optuna_evals > 0:
+            allocs["optuna"], seconds["optuna"] = _optuna(prep, limit, allocs["greedy"], args)
         res = {}
         for name, a in allocs.items():
             m = prep.heldout(a)
@@ -149,7 +173,7 @@ def main(argv=None) -> int:
               f"budget {policy.meta.get('bpw_range') or policy.meta.get('limit_bytes')})")
         for b, res in payload["results"].items():
             ratios = ", ".join(f"/{k} {res[label]['kld'] / res[k]['kld']:.4f}"
-                               for k in ("greedy", "uniform", "llamacpp") if k in res)
+                               for k in ("greedy", "optuna", "uniform", "llamacpp") if k in res)
             print(f"  {b} bpw: held-out KLD ratio {ratios}")
     print(f"target {args.target} prepared in {payload['target_prepare_seconds']:.0f}s ({timings})")
     if args.json:
