@@ -3,9 +3,11 @@
 
 For each format: throughput in MB of float32 input per second (median of ``--repeats`` runs,
 summed over the real SmolLM2-135M tensors whose rows fit the format), ours and the C oracle
-(``ggml_quantize_chunk`` from llama-cpp-python, when installed), their ratio, whether the bytes
-are identical, for plain quantization and with an importance vector; and the relative RMS
-error ``sqrt(mean((dequant - x)**2) / mean(x**2))`` averaged over the tensors.
+(``ggml_quantize_chunk`` from llama-cpp-python, when installed), and their ratio: the runs
+are interleaved (ours, C, ours, C, ... on the same tensor) and the ratio is the median of
+the per-repeat ratios, so load from other processes moves both sides of a pair alike;
+whether the bytes are identical, for plain quantization and with an importance vector; and
+the relative RMS error ``sqrt(mean((dequant - x)**2) / mean(x**2))`` averaged over the tensors.
 
 The SmolLM2 GGUF stores its weights quantized (Q4_1, token_embd Q8_0); by default they are
 dithered off that grid (uniform noise within +-0.45 of the block's grid step) so errors are
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,18 +78,12 @@ def importance_for(row_len: int) -> np.ndarray:
     return imp
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up) and its result."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
-
-
 def bench_format(name: str, tensors, repeats: int, use_oracle: bool) -> dict:
+    """One format, per mode (plain, imatrix): after one warm-up run of each side, every
+    repeat quantizes the fitting tensors alternately, ours then C's on the same tensor, so
+    a load swing hits both sides of a pair alike.  A repeat's time per side is its sum over
+    the tensors and its ratio C time / our time (= our throughput over C's).  Reported: the
+    median of the per-repeat ratios (and their range) and each side's median throughput."""
     fmt = get_format(name)
     fit = [(n, x) for n, x in tensors if fmt.fits(x.shape[-1])]
     row = {"format": name, "bpw": fmt.bits_per_weight, "tensors": [n for n, _ in fit]}
@@ -97,24 +93,37 @@ def bench_format(name: str, tensors, repeats: int, use_oracle: bool) -> dict:
     c_ok = use_oracle and fmt.ggml_type is not None
     errs = []
     for mode in ("plain", "imatrix"):
-        t_ours = t_c = 0.0
+        jobs = []  # (ours, C or None) per tensor
         same = True
         for _, x in fit:
             imp = importance_for(x.shape[-1]) if mode == "imatrix" else None
-            t, q = timed(lambda: fmt.quantize(x, imp), repeats)
-            t_ours += t
+            imp_c = imp if fmt.uses_importance else None
+            ours = lambda x=x, imp=imp: fmt.quantize(x, imp)  # noqa: E731
+            theirs = (lambda x=x, imp_c=imp_c: oracle.ggml_quantize(x, fmt.ggml_type, imp_c)) if c_ok else None  # noqa: E731
+            q = ours()  # warm-up, and the bytes compared / dequantized
             if mode == "plain":
                 y = fmt.dequantize(q, x.shape).astype(np.float64)
                 errs.append(float(np.sqrt(np.mean((y - x) ** 2) / np.mean(x.astype(np.float64) ** 2))))
             if c_ok:
-                imp_c = imp if fmt.uses_importance else None
-                t, qc = timed(lambda: oracle.ggml_quantize(x, fmt.ggml_type, imp_c), repeats)
-                t_c += t
-                same = same and np.array_equal(q, qc)
-        row[f"{mode}_ours_mb_s"] = mb / t_ours
+                same = same and np.array_equal(q, theirs())
+            jobs.append((ours, theirs))
+        t_ours = np.zeros(repeats)
+        t_c = np.zeros(repeats)
+        for i in range(repeats):
+            for ours, theirs in jobs:
+                t0 = time.perf_counter()
+                ours()
+                t_ours[i] += time.perf_counter() - t0
+                if theirs is not None:
+                    t0 = time.perf_counter()
+                    theirs()
+                    t_c[i] += time.perf_counter() - t0
+        row[f"{mode}_ours_mb_s"] = mb / float(np.median(t_ours))
         if c_ok:
-            row[f"{mode}_c_mb_s"] = mb / t_c
-            row[f"{mode}_ratio"] = (mb / t_ours) / (mb / t_c)
+            ratios = t_c / t_ours
+            row[f"{mode}_c_mb_s"] = mb / float(np.median(t_c))
+            row[f"{mode}_ratio"] = float(np.median(ratios))
+            row[f"{mode}_ratio_range"] = [float(ratios.min()), float(ratios.max())]
             row[f"{mode}_identical"] = bool(same)
     row["rel_rms_error"] = float(np.mean(errs))
     row["input_mb"] = mb
@@ -123,6 +132,10 @@ def bench_format(name: str, tensors, repeats: int, use_oracle: bool) -> dict:
 
 def _fmt(v, spec: str, width: int) -> str:
     return f"{v:{spec}}".rjust(width) if isinstance(v, (int, float)) else str(v if v is not None else "-").rjust(width)
+
+
+def _load(v) -> str:
+    return "/".join(f"{x:.2f}" for x in v)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -146,13 +159,14 @@ def print_table(rows: list[dict]) -> None:
             f" {_fmt(r.get('imatrix_c_mb_s'), '.1f', 9)} {_fmt(r.get('imatrix_ratio'), '.3f', 7)}"
             f" {same('imatrix_identical'):>5} | {r['rel_rms_error']:>11.5f}"
         )
-    print("\nratio = our throughput / C throughput (1.0 = as fast as llama.cpp's C code, single thread)")
+    print("\nratio = median over repeats of (C time / our time), runs interleaved ours, C, ours, C, ..."
+          " (1.0 = as fast as llama.cpp's C code, single thread)")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--formats", help="comma-separated format names (default: all registered)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed interleaved (ours, C) pairs per measurement (median)")
     ap.add_argument("--rows-scale", type=float, default=1.0, help="scale the rows taken per tensor")
     ap.add_argument("--no-dither", action="store_true", help="use the stored grid values as they are")
     ap.add_argument("--no-oracle", action="store_true", help="skip llama.cpp even when installed")
@@ -168,14 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     tensors = load_tensors(args.rows_scale, not args.no_dither)
     print(f"tensors: {', '.join(f'{n} {x.shape}' for n, x in tensors)}; repeats={args.repeats}; "
           f"dither={'off' if args.no_dither else 'on'}\n")
+    load_before = os.getloadavg()
     rows = []
     for n in names:
         rows.append(bench_format(n, tensors, args.repeats, use_oracle))
         print(f"  {n} done", file=sys.stderr)
+    load_after = os.getloadavg()
     print_table(rows)
+    print(f"load average (1/5/15 min) before {_load(load_before)}, after {_load(load_after)}")
     if args.json:
         meta = {"tensors": [[n, list(x.shape)] for n, x in tensors], "repeats": args.repeats,
-                "dither": not args.no_dither, "oracle": oracle.oracle_library_path() if use_oracle else None}
+                "dither": not args.no_dither, "loadavg_before": list(load_before),
+                "loadavg_after": list(load_after), "oracle": oracle.oracle_library_path() if use_oracle else None}
         Path(args.json).write_text(json.dumps({"meta": meta, "formats": rows}, indent=2))
     return 0
 

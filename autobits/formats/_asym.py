@@ -23,15 +23,26 @@ __all__ = ["quantize_plain_asym"]
 
 F32 = np.float32
 _F32_TINY = np.finfo(F32).tiny  # smallest normal float32
-_HALF = F32(0.5)
-_ONE = F32(1)
-_NIB_LO = np.uint32(0x0F0F0F0F)
-_NIB_HI = np.uint32(0xF0F0F0F0)
-_ABS = np.uint32(0x7FFFFFFF)
-_SIGN = np.uint32(0x80000000)
-_F16_MIN_NORMAL = np.uint32(0x38800000)  # 2**-14
-_F16_SPAN = np.uint32(0x477FF000 - 0x38800000)  # [2**-14, 65520): normal, no overflow
-_F16_ADD = np.uint32(0x38800000 + 0xFFF - 0x38000000)  # undo the bias, rebase, round
+_V16 = np.dtype("V16")
+
+
+def _u32(v: int) -> np.ndarray:
+    # 0-d array constants: NumPy converts a scalar operand on every call (a microsecond
+    # each, and these per-chunk calls are many)
+    return np.array(v, dtype=np.uint32)
+
+
+_HALF = np.array(0.5, dtype=F32)
+_ONE = np.array(1, dtype=F32)
+_NMAX = {15: np.array(15, dtype=F32), 31: np.array(31, dtype=F32)}
+_1, _4, _13, _16 = _u32(1), _u32(4), _u32(13), _u32(16)
+_NIB_LO = _u32(0x0F0F0F0F)
+_NIB_HI = _u32(0xF0F0F0F0)
+_ABS = _u32(0x7FFFFFFF)
+_SIGN = _u32(0x80000000)
+_F16_MIN_NORMAL = _u32(0x38800000)  # 2**-14
+_F16_SPAN = 0x477FF000 - 0x38800000  # [2**-14, 65520): normal, no overflow
+_F16_ADD = _u32(0x38800000 + 0xFFF - 0x38000000)  # undo the bias, rebase, round
 
 
 def _first_min(x: np.ndarray) -> np.ndarray:
@@ -53,21 +64,22 @@ def _dm_words(dm: np.ndarray) -> np.ndarray | None:
     is a normal half (no zero, subnormal, overflowing or non-finite ``d`` or ``m``).
 
     :func:`autobits.formats._lanes.fp16_bits` on the magnitudes, with the range test folded
-    into the rebased word, and ``m``'s sign moved straight to bit 31.
+    into the rebased word, and ``m``'s sign moved straight to bit 31.  Constants are 0-d
+    arrays: cheaper operands than NumPy scalars on these short rows.
     """
     u = dm.view(np.uint32)
-    a = u & _ABS
+    a = np.bitwise_and(u, _ABS)
     a -= _F16_MIN_NORMAL  # (bit 13 and below unchanged) wraps below 2**-14
-    if a.max() >= _F16_SPAN:
+    if np.maximum.reduce(a, axis=None) >= _F16_SPAN:
         return None
-    lsb = a >> np.uint32(13)
-    lsb &= np.uint32(1)
+    lsb = np.right_shift(a, _13)
+    lsb &= _1
     a += lsb  # round half to even
     a += _F16_ADD
-    a >>= np.uint32(13)
-    word = a[1] << np.uint32(16)
+    a >>= _13
+    word = np.left_shift(a[1], _16)
     word |= a[0]
-    word |= u[1] & _SIGN
+    word |= np.bitwise_and(u[1], _SIGN)
     return word
 
 
@@ -94,16 +106,22 @@ def _dm_careful(x, hi, lo, v, nmax) -> tuple[np.ndarray, bool]:
 def _chunk(x: np.ndarray, out: np.ndarray, nmax: int, cap: int | None) -> None:
     """Quantize blocks ``x (n, 32)`` into the uint32 block words ``out (n, 5 or 6)``."""
     n = x.shape[0]
-    y = lanes.to_lanes(x)  # (8, n, 4), our own copy: the arithmetic runs in place on it
+    y = np.empty((8, n, 4), dtype=F32)  # lanes: the arithmetic runs in place on it
+    np.copyto(y.view(_V16).reshape(8, n), x.view(_V16).T)
+    # per-lane maxima and minima s (2, n, 4), then per block from their transpose t (there
+    # by pairwise ufunc calls: a reduce call costs several times more on short arrays)
     s = np.empty((2, n, 4), dtype=F32)
     np.maximum.reduce(y, axis=0, out=s[0])
     np.minimum.reduce(y, axis=0, out=s[1])
-    t = np.ascontiguousarray(s.transpose(0, 2, 1))  # (2, 4, n)
+    t = np.empty((2, 4, n), dtype=F32)
+    np.copyto(t, s.transpose(0, 2, 1))
+    np.maximum(t[0, 0:2], t[0, 2:4], out=t[0, 0:2])
+    np.minimum(t[1, 0:2], t[1, 2:4], out=t[1, 0:2])
     v = np.empty((3, n), dtype=F32)  # rows: d, min, 1/d
-    hi = np.maximum.reduce(t[0], axis=0)
-    lo = np.minimum.reduce(t[1], axis=0, out=v[1])
+    hi = np.maximum(t[0, 0], t[0, 1], out=t[0, 2])
+    lo = np.minimum(t[1, 0], t[1, 1], out=v[1])
     d = np.subtract(hi, lo, out=v[0])
-    d /= F32(nmax)
+    np.divide(d, _NMAX[nmax], out=d)
     words = _dm_words(v[0:2])
     tiny = False  # zero or subnormal d: C's ``d ? 1/d : 0`` matters
     if words is None:
@@ -128,15 +146,15 @@ def _chunk(x: np.ndarray, out: np.ndarray, nmax: int, cap: int | None) -> None:
     # never bites
     q = yf.astype(np.uint8)
     w = q.view(np.uint32)  # (8, n): the 4 codes of lane row k of each block
-    hi_words = w[4:8] << np.uint32(4)
+    hi_words = np.left_shift(w[4:8], _4)
     if cap is None:  # Q5_1: bit 4 goes to qh, nibbles are masked
         out[:, 1] = lanes.high_bits_lanes(q.reshape(8, n, 4))
         hi_words &= _NIB_HI
-        lo_words = w[0:4] & _NIB_LO
+        lo_words = np.bitwise_and(w[0:4], _NIB_LO)
         np.bitwise_or(hi_words, lo_words, out=out[:, 2:6].T)
     elif tiny:  # a NaN or inf product: keep the codes in their nibbles, as ggml's packing
         hi_words &= _NIB_HI
-        np.bitwise_or(hi_words, w[0:4] & _NIB_LO, out=out[:, 1:5].T)
+        np.bitwise_or(hi_words, np.bitwise_and(w[0:4], _NIB_LO), out=out[:, 1:5].T)
     else:  # codes <= 15: no masking needed
         np.bitwise_or(hi_words, w[0:4], out=out[:, 1:5].T)
 

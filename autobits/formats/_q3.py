@@ -201,7 +201,7 @@ def _q3_events(x, w, wx, lf, sums, nmax: int, sweeps: int) -> None:
         first = np.argmax(ok, axis=0)
         j = np.arange(cols.size)
         hit = ok[first, j]
-        h = np.flatnonzero(hit)
+        h = hit.nonzero()[0]
         if h.size:
             fh = first[h]
             la[fh, h] = nl[fh, h]
@@ -216,9 +216,9 @@ def _q3_events(x, w, wx, lf, sums, nmax: int, sweeps: int) -> None:
         chg[again] = False
         done = end & ~again
         if done.any():  # finished columns leave the working set (written back once)
-            d = np.flatnonzero(done)
+            d = done.nonzero()[0]
             fin.append((cols[d], np.take(la, d, axis=1), slx[d], sl2[d]))
-            keep = np.flatnonzero(~done)
+            keep = (~done).nonzero()[0]
             cols = cols[keep]
             xa, wa, wxa, la = (np.take(v, keep, axis=1) for v in (xa, wa, wxa, la))
             slx, sl2, pos, left, chg = (v[keep] for v in (slx, sl2, pos, left, chg))
@@ -293,7 +293,7 @@ def _q3_sweep(x, w, wx, la, sums, changed, nmax) -> None:
         # rint(v) == L[i] implies nearest_int(v) == L[i] (no change); the other columns
         # (a few percent; NaN, inf and out-of-range v included) get the exact test
         np.rint(v, out=r)
-        idx = np.flatnonzero(np.not_equal(r, li, out=cand))
+        idx = np.not_equal(r, li, out=cand).nonzero()[0]
         if idx.size == 0:
             continue
         g = np.take(buf, idx, axis=1)  # (faster than buf[:, idx])
@@ -310,7 +310,7 @@ def _q3_sweep(x, w, wx, la, sums, changed, nmax) -> None:
         ok = (slx1 * slx1) * so[1] > (so[0] * so[0]) * sl21
         ok &= np.minimum(s0, sl21) > _F0  # C: slx > 0 before, sl2 > 0 after
         ok &= nl != li.take(idx)
-        sel = np.flatnonzero(ok)
+        sel = ok.nonzero()[0]
         if sel.size:
             idx = idx[sel]
             li[idx] = nl[sel]

@@ -147,13 +147,12 @@ class Format:
         x = np.ascontiguousarray(array, dtype=np.float32)
         if x.ndim == 0:
             raise FormatError(f"{self.name} needs at least one axis, got a scalar")
-        self.check_fits(x.shape, tensor)
-        what = f"tensor {tensor!r}" if tensor else "input tensor"
-        not_finite = f"{what} contains NaN or Inf; cannot quantize to {self.name}"
+        row = x.shape[-1]
+        if not self.fits(row):
+            self.check_fits(x.shape, tensor)  # raises, naming both numbers
         with_imp = importance is not None and self.uses_importance
         if (with_imp or not self.checks_finite) and not _all_finite(x):
-            raise FormatError(not_finite)
-        row = x.shape[-1]
+            raise FormatError(self._not_finite(tensor))
         blocks = x.reshape(-1, self.block_size)
         imp = None
         if with_imp:
@@ -170,8 +169,12 @@ class Format:
         try:
             out = self._quantize_blocks(blocks, imp)
         except NonFiniteInput:
-            raise FormatError(not_finite) from None
-        return out.reshape(*x.shape[:-1], row // self.block_size * self.type_size)
+            raise FormatError(self._not_finite(tensor)) from None
+        return out.reshape(x.shape[:-1] + (row // self.block_size * self.type_size,))
+
+    def _not_finite(self, tensor: str | None) -> str:
+        what = f"tensor {tensor!r}" if tensor else "input tensor"
+        return f"{what} contains NaN or Inf; cannot quantize to {self.name}"
 
     def dequantize(self, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """Inverse of :meth:`quantize`: bytes -> ``float32`` array of ``shape``."""

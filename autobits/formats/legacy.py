@@ -177,6 +177,8 @@ class _RowAware(Format):
     checks_finite = True  # the plain path's block max/min reductions see every NaN and Inf
 
     def quantize(self, array, importance=None, *, tensor=None):  # noqa: D102 - see Format
+        if importance is None:  # the row length is only needed with importance
+            return super().quantize(array, None, tensor=tensor)
         shape = np.shape(array)
         token = _ROW_LENGTH.set(int(shape[-1]) if len(shape) else None)
         try:
