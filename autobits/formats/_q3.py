@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from autobits.formats._kmath import nearest_int, seqsum
+from autobits.formats._khelpers import nearest_int, seqsum
 from autobits.formats._lanes import const
 
 __all__ = ["make_q3_quants", "make_q3_quants_t"]

@@ -32,6 +32,7 @@ import contextvars
 
 import numpy as np
 
+from autobits.formats import _khelpers
 from autobits.formats import _lanes as lanes
 from autobits.formats._asym import quantize_plain_asym
 from autobits.formats.base import Format
@@ -63,10 +64,10 @@ def seq_sum(terms: np.ndarray, axis: int = 1) -> np.ndarray:
     """Float32 sum along ``axis`` in C loop order: ``((0 + t0) + t1) + ...``.
 
     Vectorised over the other axis; numpy's own (pairwise) summation would round differently.
-    (``_kmath.seqsum``: a sequential ``np.add.reduce`` over the leading axis, checked at import.)
+    (``_khelpers.seqsum``: a sequential ``np.add.reduce`` over the leading axis, checked at import.)
     """
     t = np.moveaxis(np.asarray(terms, dtype=F32), axis, 0)
-    return _kmath().seqsum(t)
+    return _khelpers.seqsum(t)
 
 
 def first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from autobits.errors import FormatError
+from autobits.formats import _khelpers as kh
 from autobits.formats import _kmath as km
 from autobits.formats import kquants  # noqa: F401  (registers the formats)
 from autobits.formats.base import get_format
@@ -156,7 +157,7 @@ def test_fast_rounding_path_equals_bit_trick(name, with_importance, data, import
     imp = importance if with_importance else None
     fast = f.quantize(data, imp)
     monkeypatch.setattr(km, "_FAST_ROUNDING", False)  # force the integer path everywhere
-    monkeypatch.setattr(km, "_CHUNK_VALUES", 4096)  # and other chunk boundaries
+    monkeypatch.setattr(kh, "_CHUNK_VALUES", 4096)  # and other chunk boundaries
     np.testing.assert_array_equal(f.quantize(data, imp), fast)
 
 
@@ -165,7 +166,7 @@ def test_threads_do_not_change_bytes(name, data, importance, monkeypatch):
     f = get_format(name)
     single = [f.quantize(data), f.quantize(data, importance)]
     monkeypatch.setenv("AUTOBITS_QUANT_THREADS", "3")
-    monkeypatch.setattr(km, "_CHUNK_VALUES", 2048)  # many chunks
+    monkeypatch.setattr(kh, "_CHUNK_VALUES", 2048)  # many chunks
     np.testing.assert_array_equal(f.quantize(data), single[0])
     np.testing.assert_array_equal(f.quantize(data, importance), single[1])
 
