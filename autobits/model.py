@@ -75,7 +75,10 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFInfo:
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as e:  # gguf raises ValueError/IndexError/struct.error on bad bytes
-        raise ModelLoadError(f"{str(path)!r} is a corrupt or truncated GGUF file: {e}") from None
+        raise ModelLoadError(
+            f"{str(path)!r} is a corrupt or truncated GGUF file: its header and tensor table "
+            f"do not parse from the file's {size:,} bytes ({e})"
+        ) from None
     tensors: dict[str, tuple[tuple[int, ...], str]] = {}
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)
