@@ -35,6 +35,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from formats import dither_blocks  # noqa: E402  (bench/formats.py)
 
 from autobits.formats import format_names, get_format  # noqa: E402
 
@@ -64,24 +67,12 @@ def load_weights(rows: int) -> list[tuple[str, str, np.ndarray]]:
     return out
 
 
-def dither(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``x`` moved off its block grid: uniform noise within +-0.45 of each 32-block's
-    smallest gap between distinct values (as ``bench/formats.py``)."""
-    b = x.reshape(-1, 32).astype(np.float64)
-    gaps = np.diff(np.sort(b, axis=1), axis=1)
-    gaps[gaps <= 0] = np.inf
-    step = gaps.min(axis=1)
-    step[~np.isfinite(step)] = 0.0
-    b += rng.uniform(-0.45, 0.45, b.shape) * step[:, None]
-    return b.astype(np.float32).reshape(x.shape)
-
-
 def reference_set(kind: str, weights, seed: int = 0) -> list[tuple[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     if kind == "smollm2":
         return [(n, x) for n, _, x in weights]
     if kind == "dithered":
-        return [(n, dither(x, rng)) for n, _, x in weights]
+        return [(n, dither_blocks(x, rng)) for n, _, x in weights]
     if kind == "gaussian":
         return [(n, rng.standard_normal(x.shape).astype(np.float32)) for n, _, x in weights]
     raise ValueError(kind)

@@ -60,15 +60,21 @@ def load_tensors(rows_scale: float, dither: bool) -> list[tuple[str, np.ndarray]
         n = max(1, int(rows * rows_scale))
         x = dequantize(np.asarray(t.data)[:n], t.tensor_type).astype(np.float32)
         if dither:
-            b = x.reshape(-1, 32).astype(np.float64)
-            gaps = np.diff(np.sort(b, axis=1), axis=1)
-            gaps[gaps <= 0] = np.inf
-            step = gaps.min(axis=1)
-            step[~np.isfinite(step)] = 0.0
-            b += rng.uniform(-0.45, 0.45, b.shape) * step[:, None]
-            x = b.astype(np.float32).reshape(x.shape)
+            x = dither_blocks(x, rng)
         out.append((name, np.ascontiguousarray(x)))
     return out
+
+
+def dither_blocks(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``x`` moved off its block grid: uniform noise within +-0.45 of each 32-block's
+    smallest gap between distinct values."""
+    b = x.reshape(-1, 32).astype(np.float64)
+    gaps = np.diff(np.sort(b, axis=1), axis=1)
+    gaps[gaps <= 0] = np.inf
+    step = gaps.min(axis=1)
+    step[~np.isfinite(step)] = 0.0
+    b += rng.uniform(-0.45, 0.45, b.shape) * step[:, None]
+    return b.astype(np.float32).reshape(x.shape)
 
 
 def importance_for(row_len: int) -> np.ndarray:
