@@ -84,7 +84,7 @@ def importance_for(row_len: int) -> np.ndarray:
     return imp
 
 
-def bench_format(name: str, tensors, repeats: int, use_oracle: bool) -> dict:
+def bench_format(name: str, tensors, repeats: int, use_oracle: bool, clock=time.perf_counter) -> dict:
     """One format, per mode (plain, imatrix): after one warm-up run of each side, every
     repeat quantizes the fitting tensors alternately, ours then C's on the same tensor, so
     a load swing hits both sides of a pair alike.  A repeat's time per side is its sum over
@@ -117,13 +117,13 @@ def bench_format(name: str, tensors, repeats: int, use_oracle: bool) -> dict:
         t_c = np.zeros(repeats)
         for i in range(repeats):
             for ours, theirs in jobs:
-                t0 = time.perf_counter()
+                t0 = clock()
                 ours()
-                t_ours[i] += time.perf_counter() - t0
+                t_ours[i] += clock() - t0
                 if theirs is not None:
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     theirs()
-                    t_c[i] += time.perf_counter() - t0
+                    t_c[i] += clock() - t0
         row[f"{mode}_ours_mb_s"] = mb / float(np.median(t_ours))
         if c_ok:
             ratios = t_c / t_ours
@@ -176,8 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows-scale", type=float, default=1.0, help="scale the rows taken per tensor")
     ap.add_argument("--no-dither", action="store_true", help="use the stored grid values as they are")
     ap.add_argument("--no-oracle", action="store_true", help="skip llama.cpp even when installed")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time by wall clock, or by this thread's CPU time (steadier when other "
+                         "processes compete for the cores: a preempted run is not charged)")
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     args = ap.parse_args(argv)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
 
     names = [n.strip().upper() for n in args.formats.split(",")] if args.formats else format_names()
     for n in names:
@@ -187,18 +191,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: C oracle unavailable ({oracle.oracle_unavailable_reason()})", file=sys.stderr)
     tensors = load_tensors(args.rows_scale, not args.no_dither)
     print(f"tensors: {', '.join(f'{n} {x.shape}' for n, x in tensors)}; repeats={args.repeats}; "
-          f"dither={'off' if args.no_dither else 'on'}\n")
+          f"dither={'off' if args.no_dither else 'on'}; clock={args.clock}\n")
     load_before = os.getloadavg()
     rows = []
     for n in names:
-        rows.append(bench_format(n, tensors, args.repeats, use_oracle))
+        rows.append(bench_format(n, tensors, args.repeats, use_oracle, clock))
         print(f"  {n} done", file=sys.stderr)
     load_after = os.getloadavg()
     print_table(rows)
     print(f"load average (1/5/15 min) before {_load(load_before)}, after {_load(load_after)}")
     if args.json:
         meta = {"tensors": [[n, list(x.shape)] for n, x in tensors], "repeats": args.repeats,
-                "dither": not args.no_dither, "loadavg_before": list(load_before),
+                "dither": not args.no_dither, "clock": args.clock, "loadavg_before": list(load_before),
                 "loadavg_after": list(load_after), "oracle": oracle.oracle_library_path() if use_oracle else None}
         Path(args.json).write_text(json.dumps({"meta": meta, "formats": rows}, indent=2))
     return 0
