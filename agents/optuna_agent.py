@@ -63,13 +63,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from autobits.agents.base import (
-    TOP_CANDIDATES,
-    Evaluation,
-    SearchProblem,
-    SearchResult,
-    register_agent,
-)
+from autobits.agents.base import TOP_CANDIDATES, Evaluation, SearchProblem, SearchResult
+from autobits.agents.base import register_agent
 from autobits.allocation import Allocation
 from autobits.candidates import CandidateTable
 from autobits.evaluate import Metrics

@@ -35,13 +35,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from autobits.agents.base import (
-    TOP_CANDIDATES,
-    Evaluation,
-    SearchProblem,
-    SearchResult,
-    register_agent,
-)
+from autobits.agents.base import TOP_CANDIDATES, Evaluation, SearchProblem, SearchResult
+from autobits.agents.base import register_agent
 from autobits.allocation import Allocation
 from autobits.envs import AllocTask, BitAllocEnv
 
