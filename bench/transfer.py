@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default=None, help="candidate formats of the target (comma list)")
     ap.add_argument("--optuna-evals", type=int, default=0,
                     help="also run a target-specific optuna search of N evaluations per budget")
+    ap.add_argument("--optuna-budgets", default=None,
+                    help="the budgets (comma list) at which to run optuna (default: all)")
     ap.add_argument("--select-windows", type=int, default=4,
                     help="selection windows for the optuna search (0: trust its reward)")
     ap.add_argument("--seed", type=int, default=0)
@@ -153,7 +155,8 @@ def main(argv=None) -> int:
                 seconds[method] = time.perf_counter() - t
             except AutobitsError as e:
                 log.info("%s at %g bpw skipped: %s", method, bpw, e)
-        if args.optuna_evals > 0:
+        if args.optuna_evals > 0 and (args.optuna_budgets is None or
+                                      bpw in [float(b) for b in args.optuna_budgets.split(",")]):
             allocs["optuna"], seconds["optuna"] = _optuna(prep, limit, allocs["greedy"], args)
         res = {}
         for name, a in allocs.items():
