@@ -65,7 +65,7 @@ class CountingEvaluator:
 
     def __call__(self, allocation: Allocation):
         self.calls += 1
-        key = tuple(sorted(allocation.tensors.items()))
+        key = allocation.key
         hit = self.cache.get(key)
         if hit is not None:
             return hit
@@ -231,9 +231,8 @@ def _candidates(best: Allocation, best_m, best_alloc: Allocation, counter: Count
     warm start wherever it ranks."""
     top = [c for c in counter.top(TOP_CANDIDATES) if c[0] is not best_alloc]
     out = [(best, best_m)] + top[: TOP_CANDIDATES - 1]
-    warm_key = tuple(sorted(warm.tensors.items()))
-    if all(tuple(sorted(a.tensors.items())) != warm_key for a, _ in out):
-        out.append((warm, counter.cache[warm_key]))
+    if all(a.key != warm.key for a, _ in out):
+        out.append((warm, counter.cache[warm.key]))
     return out
 
 

@@ -51,13 +51,11 @@ def select(result: SearchResult, *, measure: Callable[[Allocation], Metrics],
     seen: set[tuple] = set()
     candidates = result.candidates or [(result.best, result.best_metrics)]
     for rank, (alloc, m) in enumerate(candidates[:top_k]):
-        key = _key(alloc)
-        if key not in seen:
-            seen.add(key)
+        if alloc.key not in seen:
+            seen.add(alloc.key)
             pool.append((alloc, m, f"{result.agent} #{rank + 1}"))
-    if warm_start is not None and _key(warm_start) not in seen:
-        warm_key = _key(warm_start)
-        m = next((m for a, m in candidates if _key(a) == warm_key), None)
+    if warm_start is not None and warm_start.key not in seen:
+        m = next((m for a, m in candidates if a.key == warm_start.key), None)
         pool.append((warm_start, m, "warm start"))
     t0 = time.perf_counter()
     rows = []
@@ -79,7 +77,3 @@ def select(result: SearchResult, *, measure: Callable[[Allocation], Metrics],
         meta["selection"]["reward_metrics_of"] = "search best"
         m = result.best_metrics
     return dataclasses.replace(result, best=alloc, best_metrics=m, meta=meta)
-
-
-def _key(alloc: Allocation) -> tuple:
-    return tuple(sorted(alloc.tensors.items()))

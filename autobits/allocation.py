@@ -108,6 +108,11 @@ class Allocation:
     def bpw(self) -> float:
         return self.bytes * 8 / self.params
 
+    @property
+    def key(self) -> tuple[tuple[str, str], ...]:
+        """The choice as sorted ``(tensor, format)`` pairs: hashable, equal for equal choices."""
+        return tuple(sorted(self.tensors.items()))
+
     @classmethod
     def build(
         cls,

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from autobits.allocation import Allocation
 from autobits.errors import AutobitsError
 from autobits.evaluate import Evaluator, Metrics, WeightCache
@@ -65,6 +67,17 @@ class PrepareConfig:
         if self.select_windows < 0:
             raise AutobitsError(f"select_windows must be >= 0, got select_windows={self.select_windows}")
 
+    def reward_slice(self, calib: np.ndarray) -> np.ndarray:
+        """The search's reward windows: the first ``reward_windows`` calibration windows,
+        cut to ``reward_ctx`` tokens."""
+        return calib[: self.reward_windows, : self.reward_ctx]
+
+    def select_slice(self, calib: np.ndarray) -> np.ndarray:
+        """The selection windows: the calibration windows after the reward ones (all of them
+        when none are left), at full length, at most ``select_windows`` (at least one)."""
+        rest = calib[self.reward_windows :]
+        return (rest if len(rest) else calib)[: max(1, self.select_windows)]
+
 
 @dataclass
 class Prepared:
@@ -87,8 +100,7 @@ class Prepared:
     def reward_evaluator(self) -> Evaluator:
         """Evaluator on the short calibration slice (the search's reward; never held-out)."""
         if self._reward is None:
-            c = self.config
-            windows = self.split.calib[: c.reward_windows, : c.reward_ctx]
+            windows = self.config.reward_slice(self.split.calib)
             self._reward = Evaluator(self.lm, windows, cache=self.cache)
         return self._reward
 
@@ -101,13 +113,10 @@ class Prepared:
 
     @property
     def select_evaluator(self) -> Evaluator:
-        """Evaluator on the selection slice: the calibration windows after the reward ones
-        (all of them when none are left), at full length; never held-out."""
+        """Evaluator on :meth:`PrepareConfig.select_slice` of the calibration windows; never
+        held-out."""
         if self._select is None:
-            c = self.config
-            calib = self.split.calib
-            rest = calib[c.reward_windows:]
-            windows = (rest if len(rest) else calib)[: max(1, c.select_windows)]
+            windows = self.config.select_slice(self.split.calib)
             self._select = Evaluator(self.lm, windows, cache=self.cache)
         return self._select
 

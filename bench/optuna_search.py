@@ -77,8 +77,7 @@ class _Reloaded:
         from autobits.evaluate import Evaluator
 
         if self._reward is None:
-            c = self._cfg
-            self._reward = Evaluator(self.lm, self.split.calib[: c.reward_windows, : c.reward_ctx],
+            self._reward = Evaluator(self.lm, self._cfg.reward_slice(self.split.calib),
                                      cache=self._cache)
         return self._reward.evaluate(allocation)
 
@@ -86,10 +85,8 @@ class _Reloaded:
         from autobits.evaluate import Evaluator
 
         if self._select is None:
-            c = self._cfg
-            rest = self.split.calib[c.reward_windows:]
-            self._select = Evaluator(self.lm, (rest if len(rest) else self.split.calib)
-                                     [: max(1, c.select_windows)], cache=self._cache)
+            self._select = Evaluator(self.lm, self._cfg.select_slice(self.split.calib),
+                                     cache=self._cache)
         return self._select.evaluate(allocation)
 
     def heldout(self, allocation):

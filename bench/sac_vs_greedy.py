@@ -100,9 +100,8 @@ def lean_prepare(cfg, *, cache_gb: float):
 
     return SimpleNamespace(
         config=cfg, lm=lm, split=split, calib=calib, table=table, features=features, cache=cache,
-        timings=timings, reward=lazy("reward", split.calib[: cfg.reward_windows, : cfg.reward_ctx]),
-        select=lazy("select", (split.calib[cfg.reward_windows:] if cfg.calib_windows >
-                               cfg.reward_windows else split.calib)[: max(1, cfg.select_windows)]),
+        timings=timings, reward=lazy("reward", cfg.reward_slice(split.calib)),
+        select=lazy("select", cfg.select_slice(split.calib)),
         heldout=lazy("heldout", split.eval))
 
 

@@ -56,9 +56,10 @@ def _optuna(prep, limit: int, greedy, args):
     result = AGENTS["optuna"]().search(problem, evals=args.optuna_evals, seed=args.seed)
     if args.select_windows > 0:
         result = select(result, measure=prep.select, warm_start=greedy)
+    seconds = time.perf_counter() - t
     log.info("optuna at %d bytes: %d evaluations, %.0fs, chose %s", limit, len(result.history),
-             time.perf_counter() - t, result.meta.get("selection", {}).get("chosen", "reward best"))
-    return result.best, time.perf_counter() - t
+             seconds, result.meta.get("selection", {}).get("chosen", "reward best"))
+    return result.best, seconds
 
 
 def main(argv=None) -> int:

@@ -310,8 +310,7 @@ class EvaluatorPool:
     def from_prepared(cls, prepared, **kw) -> "EvaluatorPool":
         """A pool measuring exactly what ``prepared.reward`` measures (same windows, same
         candidates, same importance vectors)."""
-        c = prepared.config
-        windows = prepared.split.calib[: c.reward_windows, : c.reward_ctx]
+        windows = prepared.config.reward_slice(prepared.split.calib)
         return cls(lm=prepared.lm, windows=windows, cache=prepared.cache,
                    candidates=cls.candidates_of(prepared), **kw)
 
