@@ -1,18 +1,26 @@
-"""Search agents (SAC, Optuna) behind one small interface; see :mod:`autobits.agents.base`."""
+"""Search agents (SAC, Optuna) behind one small interface; see :mod:`autobits.agents.base`.
+
+Each agent is registered with its frozen config dataclass: ``make_agent("optuna",
+OptunaConfig(sampler="cmaes"))`` builds one; ``AGENTS`` lists them.
+"""
 
 from __future__ import annotations
 
-import importlib
+from autobits.agents.base import (
+    AGENTS,
+    Agent,
+    AgentConfigError,
+    AgentError,
+    AgentSpec,
+    Evaluation,
+    SearchProblem,
+    SearchResult,
+    make_agent,
+    register_agent,
+)
+from autobits.agents.optuna_agent import OptunaAgent, OptunaConfig
+from autobits.agents.sac_agent import SACAgent, SACConfig
 
-from autobits.agents.base import AGENTS, Agent, Evaluation, SearchProblem, SearchResult, register_agent
-
-# agent modules register themselves on import; a module not written yet is skipped
-for _mod in ("optuna_agent", "sac_agent"):
-    try:
-        importlib.import_module(f"autobits.agents.{_mod}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"autobits.agents.{_mod}":
-            raise
-del _mod
-
-__all__ = ["AGENTS", "Agent", "Evaluation", "SearchProblem", "SearchResult", "register_agent"]
+__all__ = ["AGENTS", "Agent", "AgentConfigError", "AgentError", "AgentSpec", "Evaluation",
+           "SearchProblem", "SearchResult", "make_agent", "register_agent", "OptunaAgent",
+           "OptunaConfig", "SACAgent", "SACConfig"]

@@ -19,10 +19,20 @@ from typing import Any, Callable, ClassVar, Protocol
 
 from autobits.allocation import Allocation
 from autobits.candidates import CandidateTable
+from autobits.errors import AutobitsError
 from autobits.evaluate import Metrics
 
-__all__ = ["SearchProblem", "Evaluation", "SearchResult", "Agent", "AGENTS", "register_agent",
-           "TOP_CANDIDATES"]
+__all__ = ["SearchProblem", "Evaluation", "SearchResult", "Agent", "AgentSpec", "AGENTS",
+           "register_agent", "make_agent", "AgentError", "AgentConfigError", "TOP_CANDIDATES"]
+
+class AgentError(AutobitsError):
+    """A search that cannot run as asked (too few evaluations, a warm start over the budget,
+    a resume whose settings differ from the interrupted run's)."""
+
+
+class AgentConfigError(AgentError):
+    """An agent hyperparameter out of its range (raised by the configs' ``__post_init__``)."""
+
 
 #: How many of the best allocations a search keeps for the selection step.
 TOP_CANDIDATES = 8
@@ -47,7 +57,7 @@ class SearchProblem:
     def __post_init__(self) -> None:
         lo, hi = self.table.min_bytes(), self.table.max_bytes()
         if not lo <= self.limit_bytes <= hi:
-            raise ValueError(
+            raise AgentError(
                 f"limit_bytes must be within the feasible range, got "
                 f"limit_bytes={self.limit_bytes}, range={lo}..{hi}"
             )
@@ -100,17 +110,42 @@ class Agent(Protocol):
     ) -> SearchResult: ...
 
 
-#: name -> factory (keyword options -> Agent); filled by :func:`register_agent`.
-AGENTS: dict[str, Callable[..., Agent]] = {}
+@dataclass(frozen=True)
+class AgentSpec:
+    """A registered agent: its class and the frozen config dataclass that configures it."""
+
+    name: str
+    cls: type
+    config: type
 
 
-def register_agent(name: str):
-    """Class decorator registering an agent factory under ``name`` (``--agent name``)."""
+#: name -> :class:`AgentSpec`; filled by :func:`register_agent`.
+AGENTS: dict[str, AgentSpec] = {}
+
+
+def register_agent(name: str, *, config: type):
+    """Class decorator registering an agent under ``name`` (``--agent name``) with its config
+    class (``cls(config_instance)`` builds the agent)."""
 
     def deco(cls):
         if name in AGENTS:
             raise ValueError(f"agent {name!r} is already registered")
-        AGENTS[name] = cls
+        AGENTS[name] = AgentSpec(name=name, cls=cls, config=config)
         return cls
 
     return deco
+
+
+def make_agent(name: str, config=None) -> Agent:
+    """The agent registered as ``name``, built from ``config`` (its config class's defaults
+    when None); a config of another agent's class is an :class:`AgentConfigError`."""
+    spec = AGENTS.get(name)
+    if spec is None:
+        raise AgentConfigError(f"agent {name!r} is not available; built: {sorted(AGENTS)}")
+    if config is None:
+        config = spec.config()
+    elif not isinstance(config, spec.config):
+        raise AgentConfigError(
+            f"agent {name!r} takes a {spec.config.__name__}, got {type(config).__name__}"
+        )
+    return spec.cls(config)

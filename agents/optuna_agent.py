@@ -52,6 +52,7 @@ uninterrupted one would have.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import hashlib
 import json
 import logging
@@ -64,15 +65,16 @@ from typing import Any, ClassVar
 import numpy as np
 
 from autobits.agents.base import TOP_CANDIDATES, Evaluation, SearchProblem, SearchResult
-from autobits.agents.base import register_agent
+from autobits.agents.base import AgentConfigError, AgentError, register_agent
 from autobits.allocation import Allocation
 from autobits.candidates import CandidateTable
 from autobits.evaluate import Metrics
 from autobits.solvers import solve
-from autobits.solvers._common import Packed, pack
-from autobits.solvers.lagrange import _fill_up, greedy_index, lower_hull
+from autobits.solvers.problem import Packed, pack
+from autobits.solvers.lagrange import greedy_index, lower_hull
+from autobits.solvers.projection import project
 
-__all__ = ["OptunaAgent", "SPACES", "SAMPLERS", "tensor_groups", "project"]
+__all__ = ["OptunaAgent", "OptunaConfig", "SPACES", "SAMPLERS", "tensor_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ def tensor_groups(table: CandidateTable, *, depth_buckets: int) -> tuple[list[st
     Tensors outside the blocks (``token_embd``, ``output``) form one group per role.
     """
     if depth_buckets < 1:
-        raise ValueError(f"depth_buckets must be at least 1, got {depth_buckets=}")
+        raise AgentConfigError(f"depth_buckets must be at least 1, got {depth_buckets=}")
     specs = {s.name: s for s in table.specs}
     blocks = [specs[t].block for t in table.tensors if specs[t].block is not None]
     n_blocks = max(blocks) + 1 if blocks else 1
@@ -111,31 +113,6 @@ def tensor_groups(table: CandidateTable, *, depth_buckets: int) -> tuple[list[st
             names.append(key)
         index[i] = names.index(key)
     return names, index
-
-
-def project(p: Packed, index: np.ndarray, limit: int, *, fill: bool = True) -> np.ndarray:
-    """Make a candidate-index vector fit ``limit`` bytes, then (``fill``) spend what is left.
-
-    Over the budget, the move to a smaller candidate of any tensor that adds the least proxy
-    error per byte saved is applied until the file fits (a free improvement first); the
-    smallest candidate of every tensor always fits because the limit is feasible.
-    """
-    index = np.asarray(index, dtype=np.int64).copy()
-    rows = np.arange(len(p.names))
-    over = p.total_bytes(index) - limit
-    while over > 0:
-        cur_b = p.bytes[rows, index][:, None]
-        cur_e = p.error[rows, index][:, None]
-        saved = cur_b - p.bytes
-        ok = p.valid & (saved > 0)
-        with np.errstate(invalid="ignore"):
-            cost = np.where(ok, (p.error - cur_e) / np.maximum(saved, 1), np.inf)
-        t, k = np.unravel_index(int(np.argmin(cost)), cost.shape)
-        if not np.isfinite(cost[t, k]):  # cannot happen for a feasible limit
-            raise ValueError(f"cannot fit {limit} bytes: no smaller candidate left")
-        over -= int(saved[t, k])
-        index[t] = k
-    return _fill_up(p, index, limit) if fill else index
 
 
 def _ladders(p: Packed, warm: np.ndarray) -> list[list[int]]:
@@ -174,72 +151,99 @@ def _quiet_optuna():
         optuna.logging.set_verbosity(level)
 
 
-@register_agent("optuna")
-class OptunaAgent:
-    """Optuna ask/tell search (see the module docstring for the spaces).
+@dataclass(frozen=True)
+class OptunaConfig:
+    """Hyperparameters of the :class:`OptunaAgent` (see the module docstring for the spaces).
 
-    Options (keywords): ``sampler`` ``"tpe"`` | ``"cmaes"`` | ``"gp"`` | ``"random"``;
-    ``space`` ``"groups"`` | ``"offsets"`` | ``"categorical"``; ``n_startup`` random trials
-    after the warm start before the model-based sampler takes over (default 10; drawn around
-    the warm start in the groups and offsets spaces, uniformly in the categorical one; CMA-ES
-    starts from the warm start and ignores it); ``depth_buckets`` per role in the groups space (default 4);
-    ``bias_range`` bound of the groups' natural-log multipliers (default 2.0); ``max_offset``
-    steps in the offsets space (default 2); ``multivariate`` TPE (default True);
-    ``max_trials_factor`` caps trials (cached duplicates included) at this many times
-    ``evals`` (default 5); ``batch`` allocations measured per round through
-    ``problem.evaluate_many`` when the problem has it (default: its pool's ``workers``; TPE
-    then uses the constant liar); ``patience`` consecutive trials that decode to allocations
-    evaluated before, after which the search stops (default 200: the space holds nothing new
-    where the sampler looks); ``timeout`` seconds after which the search stops early with
-    what it has (resumable; default none); ``progress`` shows a tqdm bar (default False;
-    logging always).
+    :param sampler: ``"tpe"`` | ``"cmaes"`` | ``"gp"`` | ``"random"``
+    :param space: ``"groups"`` | ``"offsets"`` | ``"categorical"``
+    :param n_startup: random trials after the warm start before the model-based sampler takes
+        over (drawn around the warm start in the groups and offsets spaces, uniformly in the
+        categorical one; CMA-ES starts from the warm start and ignores it)
+    :param depth_buckets: depth buckets per role in the groups space
+    :param bias_range: bound of the groups' natural-log multipliers
+    :param max_offset: steps in the offsets space
+    :param multivariate: multivariate TPE
+    :param max_trials_factor: cap on trials (cached duplicates included), times ``evals``
+    :param batch: allocations measured per round through ``problem.evaluate_many`` when the
+        problem has it (None: its pool's ``workers``; TPE then uses the constant liar)
+    :param timeout: seconds after which the search stops early with what it has (resumable)
+    :param patience: consecutive trials decoding to allocations evaluated before, after which
+        the search stops (the space holds nothing new where the sampler looks)
+    :param progress: show a tqdm bar (logging always)
     """
 
-    name: ClassVar[str] = "optuna"
+    sampler: str = "tpe"
+    space: str = "groups"
+    n_startup: int = 10
+    depth_buckets: int = 4
+    bias_range: float = 2.0
+    max_offset: int = 2
+    multivariate: bool = True
+    max_trials_factor: float = 5.0
+    batch: int | None = None
+    timeout: float | None = None
+    patience: int = 200
+    progress: bool = False
 
-    def __init__(self, *, sampler: str = "tpe", space: str = "groups", n_startup: int = 10,
-                 depth_buckets: int = 4, bias_range: float = 2.0, max_offset: int = 2,
-                 multivariate: bool = True, max_trials_factor: float = 5.0,
-                 batch: int | None = None, timeout: float | None = None, patience: int = 200,
-                 progress: bool = False) -> None:
-        sampler, space = str(sampler).lower(), str(space).lower()
+    def __post_init__(self) -> None:
+        sampler, space = str(self.sampler).lower(), str(self.space).lower()
+        object.__setattr__(self, "sampler", sampler)
+        object.__setattr__(self, "space", space)
+        n_startup, depth_buckets, bias_range = self.n_startup, self.depth_buckets, self.bias_range
+        max_offset, timeout, patience = self.max_offset, self.timeout, self.patience
+        batch, max_trials_factor = self.batch, self.max_trials_factor
         if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler=}")
+            raise AgentConfigError(f"sampler must be one of {SAMPLERS}, got {sampler=}")
         if space not in SPACES:
-            raise ValueError(f"space must be one of {SPACES}, got {space=}")
+            raise AgentConfigError(f"space must be one of {SPACES}, got {space=}")
         if n_startup < 0:
-            raise ValueError(f"n_startup must be non-negative, got {n_startup=}")
+            raise AgentConfigError(f"n_startup must be non-negative, got {n_startup=}")
         if depth_buckets < 1:
-            raise ValueError(f"depth_buckets must be at least 1, got {depth_buckets=}")
+            raise AgentConfigError(f"depth_buckets must be at least 1, got {depth_buckets=}")
         if not 0 < bias_range <= 20:
-            raise ValueError(f"bias_range must be in (0, 20], got {bias_range=}")
+            raise AgentConfigError(f"bias_range must be in (0, 20], got {bias_range=}")
         if max_offset < 1:
-            raise ValueError(f"max_offset must be at least 1, got {max_offset=}")
+            raise AgentConfigError(f"max_offset must be at least 1, got {max_offset=}")
         if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be positive seconds, got {timeout=}")
+            raise AgentConfigError(f"timeout must be positive seconds, got {timeout=}")
         if patience < 1:
-            raise ValueError(f"patience must be at least 1, got {patience=}")
+            raise AgentConfigError(f"patience must be at least 1, got {patience=}")
         if batch is not None and batch < 1:
-            raise ValueError(f"batch must be at least 1, got {batch=}")
+            raise AgentConfigError(f"batch must be at least 1, got {batch=}")
         if max_trials_factor < 1:
-            raise ValueError(f"max_trials_factor must be at least 1, got {max_trials_factor=}")
+            raise AgentConfigError(f"max_trials_factor must be at least 1, got {max_trials_factor=}")
         if sampler == "cmaes":
             try:
                 import cmaes  # noqa: F401
             except ImportError:
-                raise ValueError("sampler='cmaes' needs the 'cmaes' package (pip install cmaes)") from None
-        self.sampler = sampler
-        self.space = space
-        self.n_startup = int(n_startup)
-        self.depth_buckets = int(depth_buckets)
-        self.bias_range = float(bias_range)
-        self.max_offset = int(max_offset)
-        self.multivariate = bool(multivariate)
-        self.max_trials_factor = float(max_trials_factor)
-        self.batch = None if batch is None else int(batch)
-        self.timeout = None if timeout is None else float(timeout)
-        self.patience = int(patience)
-        self.progress = bool(progress)
+                raise AgentConfigError(
+                    "sampler='cmaes' needs the 'cmaes' package (pip install cmaes)"
+                ) from None
+
+
+@register_agent("optuna", config=OptunaConfig)
+class OptunaAgent:
+    """Optuna ask/tell search (see the module docstring for the spaces), configured by an
+    :class:`OptunaConfig`."""
+
+    name: ClassVar[str] = "optuna"
+
+    def __init__(self, config: OptunaConfig | None = None) -> None:
+        config = OptunaConfig() if config is None else config
+        self.config = config
+        self.sampler = config.sampler
+        self.space = config.space
+        self.n_startup = int(config.n_startup)
+        self.depth_buckets = int(config.depth_buckets)
+        self.bias_range = float(config.bias_range)
+        self.max_offset = int(config.max_offset)
+        self.multivariate = bool(config.multivariate)
+        self.max_trials_factor = float(config.max_trials_factor)
+        self.batch = None if config.batch is None else int(config.batch)
+        self.timeout = None if config.timeout is None else float(config.timeout)
+        self.patience = int(config.patience)
+        self.progress = bool(config.progress)
 
     # ------------------------------------------------------------ the space
     def _setup(self, problem: SearchProblem) -> None:
@@ -249,7 +253,7 @@ class OptunaAgent:
         self._packed = p = pack(table)
         warm = problem.warm_start or solve("greedy", table, limit_bytes=problem.limit_bytes)
         if warm.bytes > problem.limit_bytes:
-            raise ValueError(f"the warm start exceeds the budget, got {warm.bytes=}, "
+            raise AgentError(f"the warm start exceeds the budget, got {warm.bytes=}, "
                              f"limit_bytes={problem.limit_bytes}")
         self._warm = np.array([p.fmts[i].index(warm.tensors[t]) for i, t in enumerate(p.names)],
                               dtype=np.int64)
@@ -363,7 +367,7 @@ class OptunaAgent:
 
         if out_dir is None:
             if resume:
-                raise ValueError("resume=True needs out_dir (the journal file lives there)")
+                raise AgentError("resume=True needs out_dir (the journal file lives there)")
             storage: Any = optuna.storages.InMemoryStorage()
         else:
             out_dir = Path(out_dir)
@@ -383,7 +387,7 @@ class OptunaAgent:
         else:
             diff = {k: (old.get(k), settings[k]) for k in _RESUME_KEYS if old.get(k) != settings[k]}
             if diff:
-                raise ValueError(f"cannot resume: the journal's search differs in {diff} "
+                raise AgentError(f"cannot resume: the journal's search differs in {diff} "
                                  f"(journal value, requested value)")
         return study
 
@@ -414,7 +418,7 @@ class OptunaAgent:
         from optuna.trial import TrialState
 
         if evals < 1:
-            raise ValueError(f"evals must be at least 1, got {evals=}")
+            raise AgentError(f"evals must be at least 1, got {evals=}")
         t_start = time.perf_counter()
         self._setup(problem)
         p, limit = self._packed, int(problem.limit_bytes)
@@ -518,7 +522,7 @@ class OptunaAgent:
                     bar.set_postfix(best=f"{best.kld:.5f}", bpw=f"{best.metrics['bpw']:.3f}")
             bar.close()
         if best is None:
-            raise ValueError("the search evaluated nothing")
+            raise AgentError("the search evaluated nothing")
         best_alloc = problem.table.allocation(p.choice(np.array(best.key)), meta={
             "method": "optuna", "space": self.space, "sampler": self.sampler, "seed": int(seed),
             "trial": best.number, "calib_kld": best.kld, "limit_bytes": limit})

@@ -28,6 +28,8 @@ per-step noise never improved on greedy in 80 evaluations (numbers in the bench 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import logging
 import time
 from pathlib import Path
@@ -36,7 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from autobits.agents.base import TOP_CANDIDATES, Evaluation, SearchProblem, SearchResult
-from autobits.agents.base import register_agent
+from autobits.agents.base import AgentConfigError, AgentError, register_agent
 from autobits.allocation import Allocation
 from autobits.envs import AllocTask, BitAllocEnv
 
@@ -236,55 +238,123 @@ def _candidates(best: Allocation, best_m, best_alloc: Allocation, counter: Count
     return out
 
 
-@register_agent("sac")
-class SACAgent:
-    """SAC search over :class:`~autobits.envs.BitAllocEnv` (see the module docstring).
+@dataclass(frozen=True)
+class SACConfig:
+    """Hyperparameters of the :class:`SACAgent`.
 
-    Options (keyword):
-
-    * schedule: ``pretrain_episodes`` (proxy reward, free), ``gradient_steps`` per episode
-      (``finetune_gradient_steps`` overrides it on measured KLD, where samples are dear),
-      ``keep_proxy_buffer`` (keep the proxy transitions when switching to KLD),
-      ``max_episode_factor`` (episodes allowed per evaluation: repeated allocations are
-      free), ``policy`` (a saved policy file to start from instead of pretraining);
-    * SAC: ``batch_size``, ``learning_rate``, ``gamma``, ``net_arch``, ``ent_coef``,
-      ``target_entropy``, ``use_sde`` / ``log_std_init``, ``device``;
-    * env: ``order``, ``action``, ``span``, ``gain_range``, ``cliff``, ``unused``,
-      ``shaping``, ``projection``, ``feature_norm``;
-    * ``log_every``: log every N evaluations (and every new best).
+    :param pretrain_episodes: episodes on the proxy reward (free) before measured KLD
+    :param gradient_steps: SAC updates per episode
+    :param batch_size: SAC minibatch size
+    :param learning_rate: Adam learning rate of actor and critics
+    :param gamma: discount factor
+    :param net_arch: hidden layer sizes of actor and critics
+    :param ent_coef: entropy coefficient (``"auto_<init>"`` learns it)
+    :param target_entropy: SAC's target entropy (``"auto"``: minus the action dimension)
+    :param use_sde: explore with gSDE noise
+    :param log_std_init: initial log standard deviation of the gSDE noise
+    :param order: tensor order of an episode, ``"model"`` or ``"sensitivity"``
+    :param action: action mapping of the env: ``"absolute"`` (RAMP's), ``"residual"`` or
+        ``"sensitivity"`` (proxy-error gains solved by the equal-slope allocation)
+    :param span: candidate steps a residual action may move
+    :param gain_range: bound of the sensitivity action's log-gain
+    :param cliff: penalty for exceeding the budget before projection
+    :param unused: penalty per unit of budget left unused
+    :param shaping: weight of the per-step proxy shaping reward
+    :param projection: ``"shift"`` or ``"proxy"`` (see :class:`~autobits.envs.BitAllocEnv`)
+    :param feature_norm: feature normalisation of the env
+    :param policy: a saved policy file to start from instead of pretraining
+    :param max_episode_factor: episodes allowed per evaluation (repeated allocations are free)
+    :param keep_proxy_buffer: keep the proxy transitions when switching to measured KLD
+    :param finetune_gradient_steps: updates per episode on measured KLD (None: ``gradient_steps``)
+    :param log_every: log every N evaluations (and every new best)
+    :param device: torch device of the networks
     """
+
+    pretrain_episodes: int = 40
+    gradient_steps: int = 32
+    batch_size: int = 128
+    learning_rate: float = 3e-4
+    gamma: float = 0.99
+    net_arch: tuple[int, ...] = (128, 128)
+    ent_coef: str | float = "auto_0.1"
+    target_entropy: str | float = "auto"
+    use_sde: bool = True
+    log_std_init: float = -3.0
+    order: str = "model"
+    action: str = "sensitivity"
+    span: int = 2
+    gain_range: float = 4.0
+    cliff: float = 2.0
+    unused: float = 0.5
+    shaping: float = 0.0
+    projection: str = "shift"
+    feature_norm: str = "none"
+    policy: str | Path | None = None
+    max_episode_factor: int = 4
+    keep_proxy_buffer: bool = False
+    finetune_gradient_steps: int | None = 64
+    log_every: int = 10
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "net_arch", tuple(int(n) for n in self.net_arch))
+        for name in ("pretrain_episodes",):
+            if getattr(self, name) < 0:
+                raise AgentConfigError(f"{name} must be >= 0, got {name}={getattr(self, name)}")
+        for name in ("gradient_steps", "batch_size", "max_episode_factor", "log_every"):
+            if getattr(self, name) < 1:
+                raise AgentConfigError(f"{name} must be at least 1, got {name}={getattr(self, name)}")
+        if self.finetune_gradient_steps is not None and self.finetune_gradient_steps < 1:
+            raise AgentConfigError(
+                f"finetune_gradient_steps must be at least 1 or None, got "
+                f"finetune_gradient_steps={self.finetune_gradient_steps}"
+            )
+        if not self.learning_rate > 0:
+            raise AgentConfigError(f"learning_rate must be positive, got learning_rate={self.learning_rate}")
+        if not 0 <= self.gamma <= 1:
+            raise AgentConfigError(f"gamma must be in [0, 1], got gamma={self.gamma}")
+        if not self.net_arch or min(self.net_arch) < 1:
+            raise AgentConfigError(f"net_arch must be positive layer sizes, got net_arch={self.net_arch}")
+        if self.order not in ("model", "sensitivity"):
+            raise AgentConfigError(f"order must be 'model' or 'sensitivity', got order={self.order!r}")
+        if self.action not in ("absolute", "residual", "sensitivity"):
+            raise AgentConfigError(
+                f"action must be 'absolute', 'residual' or 'sensitivity', got action={self.action!r}"
+            )
+        if self.projection not in ("shift", "proxy"):
+            raise AgentConfigError(f"projection must be 'shift' or 'proxy', got projection={self.projection!r}")
+
+
+@register_agent("sac", config=SACConfig)
+class SACAgent:
+    """SAC search over :class:`~autobits.envs.BitAllocEnv` (see the module docstring),
+    configured by a :class:`SACConfig`."""
 
     name = "sac"
 
-    def __init__(self, *, pretrain_episodes: int = 40, gradient_steps: int = 32,
-                 batch_size: int = 128, learning_rate: float = 3e-4, gamma: float = 0.99,
-                 net_arch: Sequence[int] = (128, 128), ent_coef: str | float = "auto_0.1",
-                 target_entropy: str | float = "auto", use_sde: bool = True,
-                 log_std_init: float = -3.0, order: str = "model", action: str = "sensitivity",
-                 span: int = 2, gain_range: float = 4.0, cliff: float = 2.0, unused: float = 0.5,
-                 shaping: float = 0.0, projection: str = "shift", feature_norm: str = "none",
-                 policy: str | Path | None = None, max_episode_factor: int = 4,
-                 keep_proxy_buffer: bool = False, finetune_gradient_steps: int | None = 64,
-                 log_every: int = 10, device: str = "cpu"):
-        self.sac_kw = {"gradient_steps": gradient_steps, "batch_size": batch_size,
-                       "learning_rate": learning_rate, "gamma": gamma,
-                       "net_arch": tuple(net_arch), "ent_coef": ent_coef,
-                       "target_entropy": target_entropy, "use_sde": use_sde,
-                       "log_std_init": log_std_init, "device": device}
-        self.env_kw = {"order": order, "action": action, "span": span, "gain_range": gain_range,
-                       "cliff": cliff, "unused": unused, "shaping": shaping,
-                       "projection": projection, "feature_norm": feature_norm}
-        self.pretrain_episodes = int(pretrain_episodes)
-        self.keep_proxy_buffer = bool(keep_proxy_buffer)
-        self.finetune_gradient_steps = finetune_gradient_steps
-        self.policy = policy
-        self.max_episode_factor = int(max_episode_factor)
-        self.log_every = int(log_every)
+    def __init__(self, config: SACConfig | None = None):
+        c = SACConfig() if config is None else config
+        self.config = c
+        self.sac_kw = {"gradient_steps": c.gradient_steps, "batch_size": c.batch_size,
+                       "learning_rate": c.learning_rate, "gamma": c.gamma,
+                       "net_arch": tuple(c.net_arch), "ent_coef": c.ent_coef,
+                       "target_entropy": c.target_entropy, "use_sde": c.use_sde,
+                       "log_std_init": c.log_std_init, "device": c.device}
+        self.env_kw = {"order": c.order, "action": c.action, "span": c.span,
+                       "gain_range": c.gain_range, "cliff": c.cliff, "unused": c.unused,
+                       "shaping": c.shaping, "projection": c.projection,
+                       "feature_norm": c.feature_norm}
+        self.pretrain_episodes = int(c.pretrain_episodes)
+        self.keep_proxy_buffer = bool(c.keep_proxy_buffer)
+        self.finetune_gradient_steps = c.finetune_gradient_steps
+        self.policy = c.policy
+        self.max_episode_factor = int(c.max_episode_factor)
+        self.log_every = int(c.log_every)
 
     def search(self, problem: SearchProblem, *, evals: int, seed: int, out_dir: Path | None = None,
                resume: bool = False) -> SearchResult:
         if evals < 2:
-            raise ValueError(
+            raise AgentError(
                 f"sac needs at least 2 evaluations (greedy + policy), got evals={evals}"
             )
         t_start = time.perf_counter()
@@ -312,7 +382,7 @@ class SACAgent:
         greedy_alloc = table.allocation(task.choice(warm_index), meta={"method": "greedy"})
         greedy_kld = counter(greedy_alloc).kld
         if warm is not None and greedy_alloc.bytes > limit:
-            raise ValueError(f"warm start needs {greedy_alloc.bytes} bytes, over the limit {limit}")
+            raise AgentError(f"warm start needs {greedy_alloc.bytes} bytes, over the limit {limit}")
         env.set_kld_reference(greedy_kld)
         log.info("sac: %s, %d tensors, limit %d bytes (%.4f bpw), greedy kld %.6f, %d evaluations",
                  table.model, task.n, limit, limit * 8 / table.params, greedy_kld, evals)

@@ -21,7 +21,7 @@ import logging
 import time
 from typing import Callable
 
-from autobits.agents.base import SearchResult
+from autobits.agents.base import AgentConfigError, SearchResult
 from autobits.allocation import Allocation
 from autobits.evaluate import Metrics
 
@@ -44,7 +44,7 @@ def select(result: SearchResult, *, measure: Callable[[Allocation], Metrics],
     numbers are in ``meta["selection"]``.  ``top_k=0`` returns ``result`` unchanged.
     """
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k=}")
+        raise AgentConfigError(f"top_k must be >= 0, got {top_k=}")
     if top_k == 0:
         return result
     pool: list[tuple[Allocation, Metrics | None, str]] = []

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from autobits.errors import AllocationError, BudgetError, FormatError
 from autobits.formats import get_format
+from autobits.io import write_json_atomic
 from autobits.specs import DEFAULT_CANDIDATES, TensorSpec
 
 __all__ = [
@@ -25,7 +25,6 @@ __all__ = [
     "Budget",
     "size_of",
     "feasible_range",
-    "write_json_atomic",
 ]
 
 ALLOCATION_VERSION = 1
@@ -41,22 +40,6 @@ LLAMA_FALLBACK: dict[str, str] = {
     "Q5_K": "Q5_1",
     "Q6_K": "Q8_0",
 }
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Mapping) -> Path:
-    """Write ``payload`` as JSON to a temporary name beside ``path``, then rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _param_count(specs: Sequence[TensorSpec]) -> int:

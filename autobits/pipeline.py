@@ -21,6 +21,7 @@ import numpy as np
 
 from autobits.allocation import Allocation
 from autobits.errors import AutobitsError
+from autobits.formats import get_format
 from autobits.evaluate import Evaluator, Metrics, WeightCache
 from autobits.specs import DEFAULT_CANDIDATES
 
@@ -44,15 +45,21 @@ class PrepareConfig:
     #: allocations are re-measured before one is chosen (:mod:`autobits.agents.selection`)
     select_windows: int = 4
     fold: bool = False
+    #: the format Scale Folding searches its scales for (one rule for every command, so a
+    #: search and an export of the same allocation fold the same way)
+    fold_format: str = "Q4_0"
     imatrix: bool = False
+    #: the first min(fisher_windows, calib_windows) calibration windows also run backward for
+    #: the output Fisher (the proxy's weights)
+    fisher_windows: int = 4
     formats: tuple[str, ...] = DEFAULT_CANDIDATES
 
     def __post_init__(self) -> None:
         if self.ctx < 16:
             raise AutobitsError(f"ctx must be at least 16 tokens, got ctx={self.ctx}")
-        if self.calib_windows < 1 or self.eval_windows < 1:
+        if self.calib_windows < 1 or self.eval_windows < 0:
             raise AutobitsError(
-                f"need at least one calibration and one held-out window, got "
+                f"need at least one calibration window and no negative held-out count, got "
                 f"calib_windows={self.calib_windows}, eval_windows={self.eval_windows}"
             )
         if not 1 <= self.reward_windows <= self.calib_windows:
@@ -66,6 +73,9 @@ class PrepareConfig:
             )
         if self.select_windows < 0:
             raise AutobitsError(f"select_windows must be >= 0, got select_windows={self.select_windows}")
+        if self.fisher_windows < 0:
+            raise AutobitsError(f"fisher_windows must be >= 0, got fisher_windows={self.fisher_windows}")
+        get_format(self.fold_format)  # an unknown name is a FormatError here, not after loading
 
     def reward_slice(self, calib: np.ndarray) -> np.ndarray:
         """The search's reward windows: the first ``reward_windows`` calibration windows,
@@ -130,14 +140,27 @@ class Prepared:
         return self.heldout_evaluator.evaluate(allocation)
 
     def importance(self) -> dict | None:
-        """Per-tensor importance vectors when the candidates use an imatrix, else None."""
+        """Per-tensor importance vectors when the config asks for an imatrix, else None."""
         if not self.config.imatrix:
             return None
-        return {n: self.calib.importance(n) for n in self.table.tensors}
+        return {s.name: v for s in self.lm.quantizable
+                if (v := self.calib.importance(s.name)) is not None}
 
 
-def prepare(config: PrepareConfig, *, lm=None) -> Prepared:
-    """Load (unless ``lm`` is given), window the text, calibrate, fold, build candidates."""
+def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: bool = True,
+            progress: bool = True, workers: int | None = None) -> Prepared:
+    """Load (unless ``lm`` is given), window the text, calibrate, fold, build candidates.
+
+    The one path from a model to what solvers, agents, exports and benches use:
+
+    * ``calibration``: a saved :class:`~autobits.calibrate.Calibration` of ``lm`` to reuse
+      instead of the calibration pass (it must have measured the unfolded model);
+    * ``candidates=False``: stop after calibration and folding (an export needs the folded
+      weights and the importance vectors, not the candidate table); ``table``, ``features``
+      and ``cache`` are then None and the Fisher pass is skipped (it only weights the proxy);
+    * ``progress``: progress bars of the calibration pass and the candidate table;
+    * ``workers``: threads quantizing candidates (default: the CPU count).
+    """
     from autobits.calibrate import calibrate
     from autobits.features import build_candidates, extract_features
     from autobits.model import load_model
@@ -156,7 +179,11 @@ def prepare(config: PrepareConfig, *, lm=None) -> Prepared:
     timings["text"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    calib = calibrate(lm, split.calib)
+    if calibration is not None:
+        calib = calibration
+    else:
+        calib = calibrate(lm, split.calib, fisher_windows=config.fisher_windows if candidates else 0,
+                          progress=progress)
     timings["calibrate"] = time.perf_counter() - t
 
     fold_report = None
@@ -164,21 +191,27 @@ def prepare(config: PrepareConfig, *, lm=None) -> Prepared:
         from autobits.folding import fold, folded_calibration
 
         t = time.perf_counter()
-        fold_report = fold(lm, calib)
+        fold_report = fold(lm, calib, fmt=config.fold_format, imatrix=config.imatrix)
         # the folded model's inputs are x / s: rescale the statistics instead of a new pass
         calib = folded_calibration(calib, lm)
         timings["fold"] = time.perf_counter() - t
+        log.info("Scale Folding for %s: %d groups folded, calibration error %.4g -> %.4g",
+                 config.fold_format, fold_report.folded, fold_report.error_before,
+                 fold_report.error_after)
 
-    t = time.perf_counter()
-    cache = WeightCache(lm, importance=(
-        {s.name: calib.importance(s.name) for s in lm.quantizable} if config.imatrix else None
-    ))
-    table = build_candidates(lm, calib, formats=config.formats, imatrix=config.imatrix, cache=cache)
-    timings["candidates"] = time.perf_counter() - t
+    table = features = cache = None
+    if candidates:
+        t = time.perf_counter()
+        cache = WeightCache(lm, importance=(
+            {s.name: calib.importance(s.name) for s in lm.quantizable} if config.imatrix else None
+        ))
+        table = build_candidates(lm, calib, formats=config.formats, imatrix=config.imatrix,
+                                 cache=cache, workers=workers, progress=progress)
+        timings["candidates"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    features = extract_features(lm, calib, table)
-    timings["features"] = time.perf_counter() - t
+        t = time.perf_counter()
+        features = extract_features(lm, calib, table)
+        timings["features"] = time.perf_counter() - t
     log.info("prepared %s: %s", lm.name, ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return Prepared(config=config, lm=lm, split=split, calib=calib, table=table,
                     features=features, cache=cache, fold_report=fold_report, timings=timings)

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autobits.calibrate import calibrate  # noqa: E402
-from autobits.cli import format_table  # noqa: E402
+from autobits.app.options import format_table  # noqa: E402
 from autobits.evaluate import WeightCache  # noqa: E402
 from autobits.features import build_candidates, extract_features  # noqa: E402
 from autobits.model import load_model  # noqa: E402

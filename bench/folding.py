@@ -34,7 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autobits.allocation import Allocation, write_json_atomic  # noqa: E402
+from autobits.allocation import Allocation  # noqa: E402
+from autobits.io import write_json_atomic  # noqa: E402
 from autobits.evaluate import Evaluator, WeightCache  # noqa: E402
 from autobits.folding import (  # noqa: E402
     DEFAULT_ALPHAS, DEFAULT_BETAS, collect_site_stats, fold, max_relative_logit_diff, site_plan,

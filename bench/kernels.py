@@ -81,7 +81,7 @@ def bench_one(bits: int, group: int, shape: tuple[int, int], tokens: int, peak: 
     import torch
     from triton.testing import do_bench
 
-    from autobits.kernels.layout import pack_weight
+    from autobits.packed_layout import pack_weight
     from autobits.kernels.triton_kernels import quant_matmul
 
     n, k = shape

@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 
 from autobits.agents import AGENTS, SearchProblem  # noqa: E402
 from autobits.agents.optuna_agent import JOURNAL  # noqa: E402
-from autobits.allocation import Budget, write_json_atomic  # noqa: E402
+from autobits.allocation import Budget  # noqa: E402
+from autobits.io import write_json_atomic  # noqa: E402
 from autobits.errors import AutobitsError  # noqa: E402
 from autobits.pipeline import PrepareConfig, prepare  # noqa: E402
 from autobits.solvers import solve  # noqa: E402
@@ -227,7 +228,7 @@ def main(argv=None) -> int:
     }
     write_json_atomic(out / "bench.json", summary)
     try:
-        from autobits.agents.report import write_report
+        from autobits.app.report import write_report
 
         write_report(result, out, heldout=o,
                      baselines={k: v for k, v in held.items() if k != "optuna"}, specs=lm.specs)

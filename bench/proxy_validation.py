@@ -33,9 +33,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autobits.allocation import Allocation, write_json_atomic  # noqa: E402
+from autobits.allocation import Allocation  # noqa: E402
+from autobits.io import write_json_atomic  # noqa: E402
 from autobits.calibrate import Calibration, calibrate  # noqa: E402
-from autobits.cli import format_table  # noqa: E402
+from autobits.app.options import format_table  # noqa: E402
 from autobits.evaluate import Evaluator, WeightCache  # noqa: E402
 from autobits.features import TensorProxy, embedding_proxy_error, row_errors  # noqa: E402
 from autobits.formats import get_format  # noqa: E402

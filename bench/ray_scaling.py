@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import autobits.cluster  # noqa: E402,F401  (Ray environment before Ray is imported)
-from autobits.cli import format_table  # noqa: E402
+from autobits.app.options import format_table  # noqa: E402
 
 log = logging.getLogger("bench.ray_scaling")
 

@@ -141,8 +141,8 @@ def main(argv=None) -> int:
                         datefmt="%H:%M:%S")
 
     from autobits.agents import AGENTS, SearchProblem
-    from autobits.allocation import Budget, write_json_atomic
-    from autobits.cli import format_table
+    from autobits.allocation import Budget
+    from autobits.app.options import format_table
     from autobits.errors import AutobitsError
     from autobits.pipeline import PrepareConfig
     from autobits.solvers import solve
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                      f"{a.bytes:,}", f"{a.bpw:.4f}"])
     if args.train_policy:
         from autobits.agents.policy import train_policy
-        from autobits.commands.agents import parse_bpw_range
+        from autobits.app.commands.agents import parse_bpw_range
         from autobits.envs import AllocTask
 
         t2 = time.perf_counter()

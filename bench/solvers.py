@@ -24,8 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autobits.allocation import Budget, write_json_atomic  # noqa: E402
-from autobits.cli import format_table  # noqa: E402
+from autobits.allocation import Budget  # noqa: E402
+from autobits.io import write_json_atomic  # noqa: E402
+from autobits.app.options import format_table  # noqa: E402
 from autobits.errors import AutobitsError  # noqa: E402
 from autobits.pipeline import PrepareConfig, prepare  # noqa: E402
 from autobits.solvers import solve  # noqa: E402

@@ -104,9 +104,9 @@ def main(argv=None) -> int:
                         datefmt="%H:%M:%S")
 
     from autobits.agents.policy import load_policy, train_policy
-    from autobits.allocation import Budget, write_json_atomic
-    from autobits.cli import format_table
-    from autobits.commands.agents import parse_bpw_range
+    from autobits.allocation import Budget
+    from autobits.app.options import format_table
+    from autobits.app.commands.agents import parse_bpw_range
     from autobits.envs import AllocTask
     from autobits.errors import AutobitsError
     sys.path.insert(0, str(Path(__file__).resolve().parent))

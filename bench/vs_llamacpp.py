@@ -39,8 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from autobits.allocation import Allocation, write_json_atomic  # noqa: E402
-from autobits.cli import format_table  # noqa: E402
+from autobits.allocation import Allocation  # noqa: E402
+from autobits.io import write_json_atomic  # noqa: E402
+from autobits.app.options import format_table  # noqa: E402
 
 log = logging.getLogger("bench.vs_llamacpp")
 

@@ -7,9 +7,8 @@ that need it (:mod:`~autobits.cluster.actors`, :mod:`~autobits.cluster.jobs`).
 
 * :mod:`~autobits.cluster.runtime` -- :func:`ray_session` (embedded or ``--address``);
 * :mod:`~autobits.cluster.actors` -- :class:`EvaluatorActor`, :class:`EvaluatorPool`;
-* :mod:`~autobits.cluster.search` -- ``add_cluster_args`` / ``cluster_evaluate_factory``
-  for ``autobits search``;
-* :mod:`~autobits.cluster.agents` -- batch Optuna and a batched-evaluation VecEnv for SAC;
+* :mod:`~autobits.cluster.search` -- ``RayOptions`` / ``cluster_evaluate_factory``
+  for a search;
 * :mod:`~autobits.cluster.jobs` -- Ray Job Submission (``autobits submit`` / ``jobs``);
 * ``cluster/*.yaml`` -- ``ray up`` launcher configs (local multi-node, AWS).
 """
@@ -18,6 +17,6 @@ from autobits.cluster.runtime import apply_ray_env as _apply_ray_env
 
 _apply_ray_env()
 
-from autobits.cluster.search import add_cluster_args, cluster_evaluate_factory  # noqa: E402
+from autobits.cluster.search import RayOptions, cluster_evaluate_factory  # noqa: E402
 
-__all__ = ["add_cluster_args", "cluster_evaluate_factory"]
+__all__ = ["RayOptions", "cluster_evaluate_factory"]

@@ -1,6 +1,6 @@
 """Searches as Ray jobs (Ray's Job Submission API).
 
-A job's entrypoint is ``<python> -m autobits.cli <command> ...`` run by the cluster's job
+A job's entrypoint is ``<python> -m autobits.app.cli <command> ...`` run by the cluster's job
 supervisor on the head node, with ``RAY_ADDRESS`` set: the search inside connects to that
 cluster (see :func:`autobits.cluster.runtime.ray_session`) and its evaluator actors spread
 over the cluster's nodes.  ``<python>`` defaults to this interpreter, right for a cluster of
@@ -125,7 +125,7 @@ def submit(*, address: str, command: Sequence[str], working_dir: str | None = No
         raise AutobitsError("nothing to submit: give the autobits command after '--', "
                             "e.g. autobits submit --address A -- search --target-bpw 4.5 --out DIR")
     argv = absolutize(command)
-    entry = shlex.join([python or sys.executable, "-m", "autobits.cli", *argv])
+    entry = shlex.join([python or sys.executable, "-m", "autobits.app.cli", *argv])
     env_vars = dict(RAY_ENV)
     env_vars.update({k: os.environ[k] for k in PASS_ENV if k in os.environ})
     env_vars["PYTHONUNBUFFERED"] = "1"

@@ -1,7 +1,7 @@
-"""What ``autobits search`` needs from the cluster layer: two options and one factory.
+"""What a search needs from the cluster layer: where to evaluate, and one factory.
 
-``add_cluster_args(parser)`` adds ``--address``, ``--workers`` and ``--worker-threads``;
-``cluster_evaluate_factory(prepared, args)`` starts (or connects to) Ray, builds the
+:class:`RayOptions` says where (``--address``, ``--workers``, ``--worker-threads`` on the
+command line); ``cluster_evaluate_factory(prepared, options)`` starts (or connects to) Ray, builds the
 :class:`~autobits.cluster.actors.EvaluatorPool` and returns ``(evaluate_many, close)``:
 ``evaluate_many(list[Allocation]) -> list[Metrics]`` measures on the actors exactly what
 ``prepared.reward`` measures in the driver, and ``close()`` kills the actors and stops the
@@ -16,32 +16,50 @@ it to kill an actor mid-search).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Callable
 
 from autobits.errors import AutobitsError
 
-__all__ = ["add_cluster_args", "cluster_evaluate_factory", "open_pool"]
+__all__ = ["RayOptions", "cluster_evaluate_factory", "open_pool"]
 
 log = logging.getLogger(__name__)
 
 
-def add_cluster_args(parser: argparse.ArgumentParser) -> None:
-    """``--address``, ``--workers`` and ``--worker-threads`` (a "Ray" argument group)."""
-    g = parser.add_argument_group("Ray (distributed evaluation)")
-    g.add_argument("--address", default=None,
-                   help="Ray cluster to run the evaluations on (host:port of its head, or "
-                   "'auto'); default: $RAY_ADDRESS inside a Ray job; with only --workers N, "
-                   "an embedded local Ray (no dashboard) that stops when the search ends")
-    g.add_argument("--workers", type=int, default=None,
-                   help="evaluator actors (default with --address or in a Ray job: the "
-                   "cluster's CPUs // --worker-threads; without: none, the search evaluates "
-                   "in this process; 0: never Ray)")
-    g.add_argument("--worker-threads", type=int, default=1,
-                   help="torch threads (and Ray CPUs) per evaluator actor (default 1)")
+@dataclass(frozen=True)
+class RayOptions:
+    """Where a search's evaluations run.
+
+    :param address: Ray cluster (host:port of its head, or ``"auto"``); None: ``$RAY_ADDRESS``
+        inside a Ray job, else an embedded local Ray when ``workers`` asks for one
+    :param workers: evaluator actors (None: the cluster's CPUs // ``worker_threads`` with an
+        address or in a Ray job, no Ray otherwise; 0: never Ray)
+    :param worker_threads: torch threads (and Ray CPUs) per evaluator actor
+    """
+
+    address: str | None = None
+    workers: int | None = None
+    worker_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 0:
+            raise AutobitsError(f"--workers must be 0 (no Ray) or more, got {self.workers}")
+        if self.workers == 0 and self.address:
+            raise AutobitsError(
+                f"--workers 0 evaluates without Ray; it cannot use --address {self.address}"
+            )
+        if self.worker_threads < 1:
+            raise AutobitsError(f"--worker-threads must be at least 1, got {self.worker_threads}")
+
+    @property
+    def uses_ray(self) -> bool:
+        """Ray only when asked for: an address, workers > 0, or inside a Ray job."""
+        if self.workers == 0:
+            return False
+        return bool(self.address or self.workers or os.environ.get("RAY_ADDRESS"))
 
 
 def open_pool(prepared, *, address: str | None = None, workers: int | None = None,
@@ -67,27 +85,16 @@ def open_pool(prepared, *, address: str | None = None, workers: int | None = Non
     return pool, stack.close
 
 
-def cluster_evaluate_factory(prepared, args: argparse.Namespace
+def cluster_evaluate_factory(prepared, options: RayOptions
                              ) -> tuple[Callable | None, Callable[[], None]]:
-    """``(evaluate_many, close)`` for a search, from the options of :func:`add_cluster_args`.
+    """``(evaluate_many, close)`` for a search.
 
-    ``evaluate_many`` is None with ``--workers 0``, or with neither ``--address``,
-    ``--workers`` nor ``RAY_ADDRESS``.  Always call ``close()`` (in a ``finally``): it
-    stops the embedded Ray.
+    ``evaluate_many`` is None unless :attr:`RayOptions.uses_ray`.  Always call ``close()``
+    (in a ``finally``): it stops the embedded Ray.
     """
-    workers = getattr(args, "workers", None)
-    threads = int(getattr(args, "worker_threads", 1) or 1)
-    address = getattr(args, "address", None)
-    if workers is not None and workers < 0:
-        raise AutobitsError(f"--workers must be 0 (no Ray) or more, got {workers}")
-    if workers == 0:
-        if address:
-            raise AutobitsError(f"--workers 0 evaluates without Ray; it cannot use --address {address}")
+    if not options.uses_ray:
         return None, lambda: None
-    if not (address or workers or os.environ.get("RAY_ADDRESS")):
-        return None, lambda: None
-    if threads < 1:
-        raise AutobitsError(f"--worker-threads must be at least 1, got {threads}")
-    pool, close = open_pool(prepared, address=address, workers=workers, threads=threads)
+    pool, close = open_pool(prepared, address=options.address, workers=options.workers,
+                            threads=options.worker_threads)
     log.info("evaluating on Ray: %d evaluator actors", pool.workers)
     return pool.evaluate_many, close

@@ -17,8 +17,9 @@ import numpy as np
 
 from autobits.candidates import CandidateTable
 from autobits.errors import AllocationError, AutobitsError
-from autobits.solvers._common import Packed, check_limit, pack
+from autobits.solvers.problem import Packed, check_limit, pack
 from autobits.solvers.lagrange import greedy_index
+from autobits.solvers.projection import project
 
 __all__ = [
     "AllocTask",
@@ -27,7 +28,6 @@ __all__ = [
     "normalise_features",
     "rank_of_action",
     "action_of_rank",
-    "project",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,50 +99,6 @@ def rank_of_action(a: np.ndarray | float, count: np.ndarray | int) -> np.ndarray
 def action_of_rank(rank: np.ndarray | int, count: np.ndarray | int) -> np.ndarray:
     """The centre of ``rank``'s bin: the action that :func:`rank_of_action` maps back to it."""
     return (2.0 * np.asarray(rank, dtype=np.float64) + 1.0) / np.asarray(count) - 1.0
-
-
-def project(p: Packed, index: np.ndarray, limit: int, *, fill: bool = True) -> np.ndarray:
-    """Make a candidate choice fit ``limit`` bytes, then (``fill``) spend what is left.
-
-    Over budget: repeatedly apply the downgrade (any tensor, to any smaller candidate) with
-    the smallest proxy error added per byte saved until the file fits.  Then, with ``fill``,
-    repeatedly apply the upgrade with the largest proxy error saved per byte that still fits
-    (the greedy solver's fill-up).  The result always fits: every tensor can reach its
-    smallest candidate and ``limit >= min bytes`` is checked by the caller.
-    """
-    index = np.asarray(index, dtype=np.int64).copy()
-    rows = np.arange(len(p.names))
-    total = p.total_bytes(index)
-    while total > limit:
-        cur_b = p.bytes[rows, index][:, None]
-        cur_e = p.error[rows, index][:, None]
-        saved = cur_b - p.bytes
-        ok = p.valid & (saved > 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cost = np.where(ok, (p.error - cur_e) / np.maximum(saved, 1), np.inf)
-        # among equal costs prefer the move that saves more (fewer moves, less overshoot noise)
-        t, k = np.unravel_index(int(np.lexsort((-saved.ravel(), cost.ravel()))[0]), cost.shape)
-        if not np.isfinite(cost[t, k]):
-            raise AllocationError(f"projection stuck at {total} bytes over the limit {limit}")
-        index[t] = k
-        total -= int(saved[t, k])
-    if fill:
-        left = limit - total
-        while left > 0:
-            cur_b = p.bytes[rows, index][:, None]
-            cur_e = p.error[rows, index][:, None]
-            extra = p.bytes - cur_b
-            gain = cur_e - p.error
-            ok = p.valid & (gain > 0) & (extra <= left)
-            if not ok.any():
-                break
-            with np.errstate(divide="ignore", invalid="ignore"):
-                per_byte = np.where(extra > 0, gain / np.maximum(extra, 1), np.inf)
-                ratio = np.where(ok, per_byte, -np.inf)
-            t, k = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
-            left -= int(extra[t, k])
-            index[t] = k
-    return index
 
 
 @dataclass

@@ -18,11 +18,11 @@ from autobits.envs._core import (
     AllocTask,
     FeatureSpecError,
     action_of_rank,
-    project,
     rank_of_action,
 )
 from autobits.errors import BudgetError
 from autobits.solvers.lagrange import greedy_index
+from autobits.solvers.projection import project
 from autobits.specs import DEFAULT_CANDIDATES
 
 __all__ = ["BitAllocEnv", "STATE_NAMES", "REWARD_MODES", "ACTION_MODES"]
@@ -102,7 +102,7 @@ class BitAllocEnv(gym.Env):
     cheapest proxy-error-per-byte downgrades until the file fits (which tends to undo the
     policy's upgrades first: they are the cheapest downgrades by the proxy).  Either way,
     with ``fill`` (default) the leftover bytes are then spent on the upgrades with the most
-    proxy error saved per byte that still fit (:func:`autobits.envs._core.project`).
+    proxy error saved per byte that still fit (:func:`autobits.solvers.projection.project`).
 
     * quality ``-log(q / q_greedy)``, clipped to [-5, 5]: ``q`` is the measured KLD of the
       projected allocation (``reward_mode="kld"``, via the task's ``evaluate``) or its summed

@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from autobits import __version__
 from autobits.allocation import FLOAT_KEPT, Allocation
 from autobits.errors import AllocationError, AutobitsError
 from autobits.formats import get_format
+from autobits.io import atomic_path
 
 __all__ = [
     "ExportError",
@@ -429,42 +429,34 @@ def export_gguf(
     reader = gguf.GGUFReader(lm.gguf.path, "r") if lm.gguf is not None else None
     kv = _source_kv(reader) if reader is not None else _hf_kv(lm)
     items = _plan(lm, alloc, importance, reader)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    writer = gguf.GGUFWriter(tmp, lm.architecture)
-    try:
-        for key, value, vtype, sub in kv:
-            writer.add_key_value(key, value, vtype, sub_type=sub)
-        writer.add_file_type(file_type_for(lm, alloc.tensors))
-        writer.add_quantization_version(QUANTIZATION_VERSION)
-        writer.add_string(AUTOBITS_VERSION_KEY, __version__)
-        writer.add_string(AUTOBITS_ALLOCATION_KEY, json.dumps(alloc.to_json(), sort_keys=True))
-        for it in items:
-            nbytes = int(np.prod(it.byte_shape, dtype=np.int64))
-            writer.add_tensor_info(it.name, it.byte_shape, np.dtype(np.uint8), nbytes,
-                                   raw_dtype=it.ggml_type)
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for it in items:
-            data = it.make()
-            if data.dtype != np.uint8 or tuple(data.shape) != it.byte_shape:
-                raise ExportError(
-                    f"tensor {it.name!r}: produced {data.dtype} {tuple(data.shape)}, "
-                    f"expected uint8 {it.byte_shape}"
-                )
-            writer.write_tensor_data(data)
-        writer.close()
+    with atomic_path(out, suffix=".partial") as tmp:
+        writer = gguf.GGUFWriter(tmp, lm.architecture)
+        try:
+            for key, value, vtype, sub in kv:
+                writer.add_key_value(key, value, vtype, sub_type=sub)
+            writer.add_file_type(file_type_for(lm, alloc.tensors))
+            writer.add_quantization_version(QUANTIZATION_VERSION)
+            writer.add_string(AUTOBITS_VERSION_KEY, __version__)
+            writer.add_string(AUTOBITS_ALLOCATION_KEY, json.dumps(alloc.to_json(), sort_keys=True))
+            for it in items:
+                nbytes = int(np.prod(it.byte_shape, dtype=np.int64))
+                writer.add_tensor_info(it.name, it.byte_shape, np.dtype(np.uint8), nbytes,
+                                       raw_dtype=it.ggml_type)
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for it in items:
+                data = it.make()
+                if data.dtype != np.uint8 or tuple(data.shape) != it.byte_shape:
+                    raise ExportError(
+                        f"tensor {it.name!r}: produced {data.dtype} {tuple(data.shape)}, "
+                        f"expected uint8 {it.byte_shape}"
+                    )
+                writer.write_tensor_data(data)
+        finally:
+            writer.close()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            writer.close()
-        finally:
-            tmp.unlink(missing_ok=True)
-        raise
     log.info("wrote %s: %d tensors, %d bytes (%.4f bpw tensors) in %.1fs", out, len(items),
              out.stat().st_size, alloc.bpw, time.perf_counter() - t0)
     return out

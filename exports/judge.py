@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from autobits.errors import AutobitsError
+from autobits.io import atomic_path
 
 __all__ = [
     "JudgeError",
@@ -332,12 +333,8 @@ def llama_quantize(
         entries[len(importance)].name = None
         keep.append(entries)
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(lc.llama_model_imatrix_data))
-    tmp = dst.with_name(f".{dst.name}.partial")
-    try:
+    with atomic_path(dst, suffix=".partial") as tmp:
         rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise JudgeError(f"llama_model_quantize {key} of {str(src)!r} failed (code {rc})")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst

@@ -10,7 +10,7 @@ A checkpoint is a folder::
                                       NAME.zeros   float16 (N, K/group)
                                   per float tensor NAME: NAME (float32 or float16)
 
-in the split layout the kernels read (:mod:`autobits.kernels.layout`); the numbers are
+in the split layout the kernels read (:mod:`autobits.packed_layout`); the numbers are
 exactly those of the format's quantizer, so the checkpoint decodes to what the in-memory
 evaluator uses.  Float tensors are the quantizable tensors allocated ``F16``/``F32`` and the
 tensors never quantized (norms, biases, in float32): the folder holds every weight the model
@@ -20,9 +20,9 @@ GGUF file and are refused.
 The folder is written under a temporary name beside ``OUT_DIR`` and renamed into place; an
 interrupted export leaves nothing behind, and an existing checkpoint is replaced whole.
 
-:func:`evaluate_packed` / :func:`eval_packed` run ``autobits eval --packed DIR``: the model
-is loaded, its reference computed, its linear layers swapped for ``QuantLinear`` (triton or
-torch backend), and the metrics measured exactly as for an in-memory allocation.
+Evaluating a checkpoint through the kernels (``autobits eval --packed DIR``) composes this
+module with :mod:`autobits.kernels` and lives in the application layer,
+:mod:`autobits.app.packed_eval`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Mapping
@@ -40,7 +38,8 @@ import numpy as np
 
 from autobits.allocation import Allocation
 from autobits.errors import AutobitsError
-from autobits.kernels.layout import (
+from autobits.io import atomic_dir
+from autobits.packed_layout import (
     FloatWeight,
     KernelError,
     PackedCheckpoint,
@@ -56,8 +55,6 @@ __all__ = [
     "PackedCheckpointError",
     "export_packed",
     "load_packed",
-    "evaluate_packed",
-    "eval_packed",
 ]
 
 log = logging.getLogger(__name__)
@@ -174,23 +171,10 @@ def export_packed(
                        "meta": allocation.meta},
         "tensors": entries,
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    old = None
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "autobits-packed",
                                                         "version": str(PACKED_VERSION)})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not out_dir.exists():
-            os.replace(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     n_packed = sum(1 for e in entries.values() if "bits" in e)
     log.info("packed checkpoint %s: %d tensors (%d packed), %s bytes in %.1fs",
              out_dir, len(entries), n_packed, f"{quantized_bytes:,}", time.perf_counter() - t0)
@@ -292,91 +276,3 @@ def load_packed(out_dir: str | os.PathLike) -> PackedCheckpoint:
             f"{str(wpath)!r} holds {len(extra)} array(s) the manifest does not list: {extra[:5]}"
         )
     return ckpt
-
-
-# ----------------------------------------------------------------------- evaluating
-def evaluate_packed(
-    packed_dir: str | os.PathLike,
-    *,
-    backend: str = "triton",
-    model: str | None = None,
-    text: str = "stdlib",
-    ctx: int = 512,
-    windows: int = 8,
-):
-    """Metrics of a packed checkpoint on held-out windows, as ``autobits eval`` measures them.
-
-    Loads ``model`` (default: the manifest's), computes the float reference, swaps in the
-    checkpoint's tensors (:func:`autobits.kernels.quant_linear.swap_linears`) and scores the
-    swapped model.  With ``backend="triton"`` and no GPU the kernels run in Triton's
-    interpreter (slow: use few, short windows).  Returns ``(metrics, split, lm)``.
-    """
-    from autobits.evaluate import Evaluator
-    from autobits.kernels import BACKENDS, triton_matmul, use_interpreter
-    from autobits.model import load_model
-    from autobits.text import load_text, make_windows
-
-    if backend not in BACKENDS:
-        raise PackedCheckpointError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if windows < 1:
-        raise PackedCheckpointError(f"windows must be at least 1, got {windows}")
-    ckpt = load_packed(packed_dir)
-    if backend == "triton":
-        use_interpreter()
-        triton_matmul()  # a missing triton fails before the model is loaded
-    from autobits.kernels.quant_linear import swap_linears
-
-    lm = load_model(model or ckpt.model)
-    quantizable = {s.name for s in lm.specs if s.quantizable}
-    formats = {n: f for n, f in ckpt.formats.items() if n in quantizable}
-    try:
-        alloc = Allocation.build(lm.name, lm.specs, formats, meta={"rule": Path(packed_dir).name})
-    except AutobitsError as e:
-        raise PackedCheckpointError(
-            f"checkpoint {str(packed_dir)!r} does not match model {lm.name!r}: {e}"
-        ) from None
-    corpus = load_text(text)
-    split = make_windows(corpus, lm.tokenizer, ctx=ctx).split(calib=0, eval=windows)
-
-    class _Swapped(Evaluator):
-        def apply(self, tensors):  # the checkpoint is already in the model
-            pass
-
-    ev = _Swapped(lm, split.eval)
-    swap_linears(lm, ckpt, backend=backend)
-    return ev.evaluate(alloc), split, lm
-
-
-def eval_packed(args) -> int:
-    """``autobits eval --packed DIR [--backend triton|torch]``: the CLI handler (prints a table).
-
-    ``args.backend`` None means triton on a CUDA machine, the torch reference otherwise
-    (Triton's CPU interpreter is for short checks, not for full evaluations); ``args.model``
-    None means the model named in the manifest.
-    """
-    import torch
-
-    from autobits.allocation import write_json_atomic
-    from autobits.cli import format_table
-
-    backend = getattr(args, "backend", None)
-    if backend is None:
-        backend = "triton" if torch.cuda.is_available() else "torch"
-        log.info("--backend not given: using %s", backend)
-    m, split, lm = evaluate_packed(
-        args.packed, backend=backend, model=getattr(args, "model", None),
-        text=args.text, ctx=args.ctx, windows=args.windows,
-    )
-    label = f"{Path(args.packed).name} ({backend})"
-    print(format_table(
-        [[label, f"{m.kld:.6f}", f"{m.ppl:.4f}", f"{m.ref_ppl:.4f}", f"{m.top1:.4f}",
-          f"{m.bytes:,}", f"{m.bpw:.4f}", f"{m.seconds:.1f}"]],
-        ["checkpoint", "KLD", "PPL", "ref PPL", "top-1", "bytes", "bpw", "seconds"],
-    ))
-    print(f"\n{lm.name}, {m.windows} held-out windows x {args.ctx} tokens "
-          f"(windows {split.eval_ids[0]}..{split.eval_ids[-1]}), packed checkpoint {args.packed}")
-    if getattr(args, "json", None):
-        write_json_atomic(args.json, {**m.to_json(), "model": lm.name, "packed": str(args.packed),
-                                      "backend": backend, "text": split.to_json()})
-        print(f"metrics written to {args.json}")
-    return 0

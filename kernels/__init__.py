@@ -1,7 +1,8 @@
 """autobits.kernels: Triton kernels for packed mixed-bit weights, their torch reference, QuantLinear.
 
-* :mod:`~autobits.kernels.layout`: the split layout the kernels read (``codes``, ``scales``,
-  ``zeros``) and its conversion from the ``INT{B}_G{G}`` formats.
+* the split layout the kernels read (``codes``, ``scales``, ``zeros``) and its conversion from
+  the ``INT{B}_G{G}`` formats live in core, :mod:`autobits.packed_layout` (the packed-checkpoint
+  writer in :mod:`autobits.exports.packed` uses them too).
 * :mod:`~autobits.kernels.reference`: dequantize-then-matmul in torch (CPU path, test oracle).
 * :mod:`~autobits.kernels.triton_kernels`: fused dequantize + GEMV/GEMM Triton kernels.
 * :mod:`~autobits.kernels.quant_linear`: ``QuantLinear`` and ``swap_linears``.
@@ -18,25 +19,10 @@ import logging
 import os
 import sys
 
-from autobits.kernels.layout import (
-    BITS,
-    GROUPS,
-    FloatWeight,
-    KernelError,
-    PackedCheckpoint,
-    PackedWeight,
-    pack_weight,
-)
+from autobits.packed_layout import KernelError
 
 __all__ = [
-    "BITS",
-    "GROUPS",
     "BACKENDS",
-    "FloatWeight",
-    "KernelError",
-    "PackedCheckpoint",
-    "PackedWeight",
-    "pack_weight",
     "triton_available",
     "use_interpreter",
     "triton_matmul",

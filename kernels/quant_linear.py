@@ -1,7 +1,7 @@
 """``QuantLinear``: an ``nn.Linear`` replacement holding packed weights, and ``swap_linears``.
 
 ``QuantLinear`` keeps ``codes`` (uint8), ``scales`` and ``zeros`` (fp16) as buffers in the
-layout of :mod:`autobits.kernels.layout` and multiplies through one of two backends:
+layout of :mod:`autobits.packed_layout` and multiplies through one of two backends:
 
 * ``"triton"``: the fused dequantize + GEMV/GEMM kernels (CUDA tensors, or CPU tensors in
   Triton's interpreter mode);
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from autobits.kernels import BACKENDS, triton_matmul, use_interpreter
-from autobits.kernels.layout import KernelError, PackedCheckpoint, PackedWeight, pack_weight
+from autobits.packed_layout import KernelError, PackedCheckpoint, PackedWeight, pack_weight
 from autobits.kernels.reference import dequantize, quant_matmul_ref
 
 __all__ = ["QuantLinear", "swap_linears"]
@@ -36,7 +36,7 @@ def _check_backend(backend: str) -> str:
 class QuantLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored as packed ``INT{bits}_G{group}`` codes.
 
-    ``weight`` is a :class:`~autobits.kernels.layout.PackedWeight`; ``bias`` an optional float
+    ``weight`` is a :class:`~autobits.packed_layout.PackedWeight`; ``bias`` an optional float
     tensor (an ``nn.Parameter`` is kept as is, so a bias shared with other code stays shared).
     ``config`` passes explicit kernel meta-parameters to the triton backend (no autotuning).
     """

@@ -19,7 +19,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from autobits.kernels.layout import KernelError, PackedWeight, packed_format_name
+from autobits.packed_layout import KernelError, PackedWeight, packed_format_name
 
 __all__ = ["unpack_codes", "dequantize", "dequantize_weight", "quant_matmul_ref"]
 
@@ -71,7 +71,7 @@ def dequantize(codes, scales, zeros, *, bits: int, group: int) -> torch.Tensor:
 
 
 def dequantize_weight(weight: PackedWeight) -> torch.Tensor:
-    """:func:`dequantize` of a :class:`~autobits.kernels.layout.PackedWeight`."""
+    """:func:`dequantize` of a :class:`~autobits.packed_layout.PackedWeight`."""
     return dequantize(weight.codes, weight.scales, weight.zeros, bits=weight.bits, group=weight.group)
 
 

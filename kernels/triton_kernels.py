@@ -1,7 +1,7 @@
 """Triton kernels: fused dequantize + matmul for ``INT{2,3,4,5,6,8}_G{32,64,128}`` weights.
 
 ``y = x @ W.T (+ bias)`` where ``W`` (``N x K``) is stored in the split layout of
-:mod:`autobits.kernels.layout` (packed ``codes``, fp16 ``scales`` and ``zeros`` per group)
+:mod:`autobits.packed_layout` (packed ``codes``, fp16 ``scales`` and ``zeros`` per group)
 and is never materialised in float: each program dequantizes the tile of ``W`` it needs
 into registers.
 
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from autobits.kernels.layout import BITS, GROUPS, KernelError
+from autobits.packed_layout import BITS, GROUPS, KernelError
 
 __all__ = [
     "INTERPRET",

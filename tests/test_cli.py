@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from autobits.cli import main
+from autobits.app.cli import main
 
 
 def _run(capsys, *argv):

@@ -59,21 +59,25 @@ def test_absolutize_paths_for_jobs(tmp_path):
     assert dashboard_url("https://h:1") == "https://h:1"
 
 
-def test_cluster_args_and_no_ray_mode():
+def test_ray_options_and_no_ray_mode():
     import argparse
 
-    from autobits.cluster import add_cluster_args, cluster_evaluate_factory
+    from autobits.app.options import add_ray_args, ray_options_from_args
+    from autobits.cluster import RayOptions, cluster_evaluate_factory
     from autobits.errors import AutobitsError
 
     p = argparse.ArgumentParser()
-    add_cluster_args(p)
-    a = p.parse_args(["--address", "127.0.0.1:1", "--workers", "3", "--worker-threads", "2"])
-    assert (a.address, a.workers, a.worker_threads) == ("127.0.0.1:1", 3, 2)
-    many, close = cluster_evaluate_factory(None, p.parse_args(["--workers", "0"]))
+    add_ray_args(p)
+    a = ray_options_from_args(p.parse_args(["--address", "127.0.0.1:1", "--workers", "3",
+                                            "--worker-threads", "2"]))
+    assert a == RayOptions(address="127.0.0.1:1", workers=3, worker_threads=2) and a.uses_ray
+    many, close = cluster_evaluate_factory(None, ray_options_from_args(p.parse_args(["--workers", "0"])))
     assert many is None
     close()
     with pytest.raises(AutobitsError, match="--workers must be 0"):
-        cluster_evaluate_factory(None, p.parse_args(["--workers", "-1"]))
+        ray_options_from_args(p.parse_args(["--workers", "-1"]))
+    with pytest.raises(AutobitsError, match="cannot use --address"):
+        RayOptions(address="127.0.0.1:1", workers=0)
 
 
 def test_lost_actor_classification():
@@ -85,90 +89,6 @@ def test_lost_actor_classification():
     assert _lost(rx.ActorDiedError()) and _lost(rx.OutOfMemoryError("low memory"))
     assert _lost(rx.ActorUnavailableError("restarting", None))
     assert not _lost(ValueError("bad allocation")) and not _lost(rx.RayTaskError("f", "tb", ValueError()))
-
-
-def test_evaluation_batcher_batches_terminal_steps_in_env_order():
-    """Three environments ending at different steps: the evaluations requested in one
-    vectorised step reach evaluate_many together, in environment order."""
-    import gymnasium as gym
-
-    from autobits.cluster.agents import BatchedEvalVecEnv
-
-    calls: list[list] = []
-
-    def evaluate_many(allocs):
-        calls.append(list(allocs))
-        time.sleep(0.01)
-        return [a * 10 for a in allocs]
-
-    class Toy(gym.Env):
-        observation_space = gym.spaces.Box(-1, 1, (1,), np.float32)
-        action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
-
-        def __init__(self, evaluate, length):
-            self.evaluate, self.length, self.t, self.ident = evaluate, length, 0, length
-
-        def reset(self, *, seed=None, options=None):
-            self.t = 0
-            return np.zeros(1, np.float32), {}
-
-        def step(self, action):
-            self.t += 1
-            done = self.t >= self.length
-            reward = float(self.evaluate(self.ident)) if done else 0.0
-            return np.zeros(1, np.float32), reward, done, False, {}
-
-    vec = BatchedEvalVecEnv([lambda ev, n=n: Toy(ev, n) for n in (2, 1, 2)], evaluate_many)
-    vec.reset()
-    rewards = []
-    for _ in range(4):
-        vec.step_async(np.zeros((3, 1), np.float32))
-        _, r, _, _ = vec.step_wait()
-        rewards.append(r.tolist())
-    vec.close()
-    assert calls == [[1], [2, 1, 2], [1], [2, 1, 2]]
-    assert rewards == [[0, 10, 0], [20, 10, 20], [0, 10, 0], [20, 10, 20]]
-    assert vec.batcher.batches == [1, 3, 1, 3]
-
-
-def test_sb3_sac_learns_on_the_batched_vec_env():
-    """SB3's SAC accepts the batched VecEnv (step-based train_freq, VecNormalize on top)."""
-    import gymnasium as gym
-    from stable_baselines3 import SAC
-    from stable_baselines3.common.vec_env import VecNormalize
-
-    from autobits.cluster.agents import BatchedEvalVecEnv
-
-    sizes: list[int] = []
-
-    def evaluate_many(allocs):
-        sizes.append(len(allocs))
-        return [float(a) for a in allocs]
-
-    class Toy(gym.Env):
-        observation_space = gym.spaces.Box(-1, 1, (2,), np.float32)
-        action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
-
-        def __init__(self, evaluate):
-            self.evaluate, self.t = evaluate, 0
-
-        def reset(self, *, seed=None, options=None):
-            super().reset(seed=seed)
-            self.t = 0
-            return np.zeros(2, np.float32), {}
-
-        def step(self, action):
-            self.t += 1
-            done = self.t >= 3
-            r = -abs(self.evaluate(float(action[0]))) if done else 0.0
-            return np.full(2, self.t / 3, np.float32), r, done, False, {}
-
-    vec = VecNormalize(BatchedEvalVecEnv([Toy] * 3, evaluate_many), norm_reward=False)
-    model = SAC("MlpPolicy", vec, train_freq=(3, "step"), learning_starts=6, batch_size=8,
-                gradient_steps=1, seed=0, policy_kwargs={"net_arch": [8]}, device="cpu")
-    model.learn(total_timesteps=30)
-    vec.close()
-    assert sizes and set(sizes) == {3}  # every terminal step evaluated the 3 envs together
 
 
 # ------------------------------------------------------------ a local Ray cluster
@@ -291,12 +211,11 @@ def local_cluster():
 def _search_args(tiny_folder, *extra: str):
     import argparse
 
-    from autobits.cluster import add_cluster_args
-    from autobits.commands.search import add_prepare_args
+    from autobits.app.options import add_prepare_args, add_ray_args
 
     p = argparse.ArgumentParser()
     add_prepare_args(p)
-    add_cluster_args(p)
+    add_ray_args(p)
     return p.parse_args(["--model", str(tiny_folder), "--ctx", "64", "--calib-windows", "2",
                          "--windows", "1", "--reward-windows", "2", "--reward-ctx", "64", *extra])
 
@@ -307,9 +226,9 @@ def test_search_through_address_survives_a_killed_actor(local_cluster, tiny_lm, 
     import ray
 
     from autobits.agents import SearchProblem
-    from autobits.agents.optuna_agent import OptunaAgent
+    from autobits.agents.optuna_agent import OptunaAgent, OptunaConfig
     from autobits.cluster import cluster_evaluate_factory
-    from autobits.commands.search import prepare_config_from_args
+    from autobits.app.options import prepare_config_from_args, ray_options_from_args
     from autobits.errors import AutobitsError
     from autobits.pipeline import prepare
     from autobits.solvers import solve
@@ -329,10 +248,10 @@ def test_search_through_address_survives_a_killed_actor(local_cluster, tiny_lm, 
                              evaluate=evaluate, warm_start=warm, evaluate_many=evaluate_many)
 
     # the undisturbed reference: the same batched search, evaluated in this process
-    local = OptunaAgent(sampler="random", space="categorical", batch=3).search(
+    local = OptunaAgent(OptunaConfig(sampler="random", space="categorical", batch=3)).search(
         problem(lambda allocs: [prepared.reward(a) for a in allocs]), evals=evals, seed=1)
 
-    many, close = cluster_evaluate_factory(prepared, args)
+    many, close = cluster_evaluate_factory(prepared, ray_options_from_args(args))
     pool = many.__self__
     killed: list[int] = []
     try:
@@ -348,7 +267,7 @@ def test_search_through_address_survives_a_killed_actor(local_cluster, tiny_lm, 
                 killed.append(pid)
 
         pool.on_dispatch = kill_mid_evaluation
-        result = OptunaAgent(sampler="random", space="categorical", batch=3).search(
+        result = OptunaAgent(OptunaConfig(sampler="random", space="categorical", batch=3)).search(
             problem(many, evaluate=lambda a: many([a])[0]), evals=evals, seed=1)
         stats = pool.stats
         with pytest.raises(AutobitsError, match="need 10 CPUs, the Ray cluster has 3"):
@@ -377,7 +296,7 @@ def test_cli_search_through_address(local_cluster, tiny_folder, tmp_path, capsys
 
     import ray
 
-    from autobits.cli import main
+    from autobits.app.cli import main
 
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="autobits.cluster.search"):
@@ -397,7 +316,7 @@ def test_cli_search_through_address(local_cluster, tiny_folder, tmp_path, capsys
 @pytest.mark.ray
 @pytest.mark.timeout(400)
 def test_submit_search_as_job_and_list_it(local_cluster, tiny_folder, tmp_path, capsys):
-    from autobits.cli import main
+    from autobits.app.cli import main
 
     out = tmp_path / "run"
     code = main(["submit", "--address", local_cluster.dashboard, "--wait", "--timeout", "300", "--",

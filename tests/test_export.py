@@ -10,7 +10,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from autobits.allocation import Allocation  # noqa: E402
-from autobits.cli import main  # noqa: E402
+from autobits.app.cli import main  # noqa: E402
 from autobits.evaluate import WeightCache  # noqa: E402
 from autobits.formats import dequantize, quantize  # noqa: E402
 from autobits.exports import gguf as gx  # noqa: E402

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from autobits.calibrate import CalibrationError, calibrate
-from autobits.cli import main
+from autobits.app.cli import main
 from autobits.evaluate import WeightCache
 from autobits.features import (
     FEATURE_NAMES,

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.judge
 pytest.importorskip("llama_cpp")
 
 from autobits.allocation import Allocation  # noqa: E402
-from autobits.cli import main  # noqa: E402
+from autobits.app.cli import main  # noqa: E402
 from autobits.evaluate import Evaluator  # noqa: E402
 from autobits.exports.gguf import export_gguf  # noqa: E402
 from autobits.exports.judge import (  # noqa: E402

@@ -22,8 +22,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from autobits.formats import get_format  # noqa: E402
-from autobits.kernels import KernelError, PackedCheckpoint, PackedWeight, pack_weight  # noqa: E402
-from autobits.kernels.layout import (  # noqa: E402
+from autobits.packed_layout import (  # noqa: E402
+    KernelError,
+    PackedCheckpoint,
+    PackedWeight,
+    pack_weight,
     BITS, GROUPS, FloatWeight, join_blocks, parse_packed_format, split_blocks,
 )
 from autobits.kernels.reference import dequantize_weight, quant_matmul_ref, unpack_codes  # noqa: E402

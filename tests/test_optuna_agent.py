@@ -9,13 +9,21 @@ import logging
 import numpy as np
 import pytest
 
-from autobits.agents import AGENTS, SearchProblem
-from autobits.agents.optuna_agent import JOURNAL, OptunaAgent, project, tensor_groups
+from autobits.agents import (
+    AGENTS,
+    AgentConfigError,
+    AgentError,
+    OptunaConfig,
+    SearchProblem,
+    make_agent,
+)
+from autobits.agents.optuna_agent import JOURNAL, OptunaAgent, tensor_groups
+from autobits.solvers.projection import project
 from autobits.candidates import Candidate, CandidateTable
 from autobits.evaluate import Metrics
 from autobits.formats import get_format
 from autobits.solvers import solve
-from autobits.solvers._common import pack
+from autobits.solvers.problem import pack
 from autobits.specs import TensorSpec
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -94,14 +102,14 @@ def make_problem(table, evaluate, *, bpw=5.0):
 
 # ----------------------------------------------------------------- unit
 def test_registered_and_options():
-    assert AGENTS["optuna"] is OptunaAgent
-    with pytest.raises(ValueError, match="sampler"):
-        OptunaAgent(sampler="nope")
-    with pytest.raises(ValueError, match="space"):
-        OptunaAgent(space="nope")
-    with pytest.raises(ValueError, match="bias_range"):
-        OptunaAgent(bias_range=0)
-    with pytest.raises(ValueError, match="evals"):
+    assert AGENTS["optuna"].cls is OptunaAgent and AGENTS["optuna"].config is OptunaConfig
+    with pytest.raises(AgentConfigError, match="sampler"):
+        OptunaAgent(OptunaConfig(sampler="nope"))
+    with pytest.raises(AgentConfigError, match="space"):
+        OptunaAgent(OptunaConfig(space="nope"))
+    with pytest.raises(AgentConfigError, match="bias_range"):
+        OptunaAgent(OptunaConfig(bias_range=0))
+    with pytest.raises(AgentError, match="evals"):
         OptunaAgent().search(make_problem(synthetic_table(small_specs(n_layers=1)),
                                           lambda a: None), evals=0, seed=0)
 
@@ -129,7 +137,7 @@ def test_project_fits_and_fills(table):
 def test_feasible_and_warm_start_first(table, space):
     ev = SyntheticKLD(table)
     prob = make_problem(table, ev)
-    res = OptunaAgent(space=space, n_startup=4).search(prob, evals=12, seed=0)
+    res = OptunaAgent(OptunaConfig(space=space, n_startup=4)).search(prob, evals=12, seed=0)
     assert len(res.history) == 12 == ev.calls
     assert ev.seen[0] == tuple(sorted(prob.warm_start.tensors.items()))  # trial 0 is the greedy
     assert res.meta["warm_kld"] == res.history[0].kld
@@ -148,7 +156,7 @@ def test_other_samplers(table, sampler):
         pytest.importorskip("cmaes")
     ev = SyntheticKLD(table)
     prob = make_problem(table, ev)
-    res = OptunaAgent(sampler=sampler, n_startup=2).search(prob, evals=5, seed=0)
+    res = OptunaAgent(OptunaConfig(sampler=sampler, n_startup=2)).search(prob, evals=5, seed=0)
     assert len(res.history) == 5 and res.best.bytes <= prob.limit_bytes
     assert ev.seen[0] == tuple(sorted(prob.warm_start.tensors.items()))
 
@@ -162,7 +170,7 @@ def test_batches_through_evaluate_many(table):
         return [ev(a) for a in allocs]
 
     prob = dataclasses.replace(make_problem(table, ev), evaluate_many=many)
-    res = OptunaAgent(batch=3, n_startup=4).search(prob, evals=10, seed=0)
+    res = OptunaAgent(OptunaConfig(batch=3, n_startup=4)).search(prob, evals=10, seed=0)
     assert len(res.history) == 10 == ev.calls and res.meta["batch"] == 3
     assert max(rounds) == 3 and sum(rounds) <= 10  # a round of one goes through evaluate
     assert ev.seen[0] == tuple(sorted(prob.warm_start.tensors.items()))
@@ -171,7 +179,7 @@ def test_batches_through_evaluate_many(table):
 
 def test_timeout_stops_early_and_resumes(table, tmp_path):
     ev = SyntheticKLD(table)
-    res = OptunaAgent(timeout=1e-6).search(make_problem(table, ev), evals=5, seed=0,
+    res = OptunaAgent(OptunaConfig(timeout=1e-6)).search(make_problem(table, ev), evals=5, seed=0,
                                            out_dir=tmp_path)
     assert len(res.history) == 1 == ev.calls  # the warm start, always
     res = OptunaAgent().search(make_problem(table, ev), evals=5, seed=0, out_dir=tmp_path,
@@ -184,7 +192,7 @@ def test_patience_stops_a_search_with_nothing_new(table):
     ev = SyntheticKLD(table)
     prob = dataclasses.replace(make_problem(table, ev), limit_bytes=table.max_bytes(),
                                warm_start=None)
-    res = OptunaAgent(patience=5).search(prob, evals=20, seed=0)
+    res = OptunaAgent(OptunaConfig(patience=5)).search(prob, evals=20, seed=0)
     assert len(res.history) == 1 == ev.calls and res.meta["trials"] == 6
 
 
@@ -197,7 +205,7 @@ def test_improves_on_warm_start(table):
 def test_deterministic(table):
     runs = []
     for seed in (3, 3, 4):
-        res = OptunaAgent(n_startup=4).search(make_problem(table, SyntheticKLD(table)), evals=15,
+        res = OptunaAgent(OptunaConfig(n_startup=4)).search(make_problem(table, SyntheticKLD(table)), evals=15,
                                               seed=seed)
         runs.append(([e.kld for e in res.history], res.best.tensors))
     assert runs[0] == runs[1]
@@ -207,16 +215,16 @@ def test_deterministic(table):
 @pytest.mark.parametrize("k", [3, 7])  # interrupted among the startup trials, and after them
 def test_resume_interrupted(table, tmp_path, caplog, k):
     evals = 14
-    full = OptunaAgent(n_startup=4).search(make_problem(table, SyntheticKLD(table)), evals=evals,
+    full = OptunaAgent(OptunaConfig(n_startup=4)).search(make_problem(table, SyntheticKLD(table)), evals=evals,
                                            seed=1, out_dir=tmp_path / "full")
     first = SyntheticKLD(table, fail_after=k)
     with pytest.raises(KeyboardInterrupt):
-        OptunaAgent(n_startup=4).search(make_problem(table, first), evals=evals, seed=1,
+        OptunaAgent(OptunaConfig(n_startup=4)).search(make_problem(table, first), evals=evals, seed=1,
                                         out_dir=tmp_path / "run")
     assert first.calls == k and (tmp_path / "run" / JOURNAL).is_file()
     second = SyntheticKLD(table)
     with caplog.at_level(logging.INFO, logger="autobits.agents.optuna_agent"):
-        res = OptunaAgent(n_startup=4).search(make_problem(table, second), evals=evals, seed=1,
+        res = OptunaAgent(OptunaConfig(n_startup=4)).search(make_problem(table, second), evals=evals, seed=1,
                                               out_dir=tmp_path / "run", resume=True)
     assert f"resuming: {k} of {evals}" in caplog.text
     assert second.calls == evals - k and len(res.history) == evals
@@ -226,21 +234,21 @@ def test_resume_interrupted(table, tmp_path, caplog, k):
     assert res.best.tensors == full.best.tensors
     # resuming a finished search evaluates nothing; asking for more continues it
     again = SyntheticKLD(table)
-    res2 = OptunaAgent(n_startup=4).search(make_problem(table, again), evals=evals + 3, seed=1,
+    res2 = OptunaAgent(OptunaConfig(n_startup=4)).search(make_problem(table, again), evals=evals + 3, seed=1,
                                            out_dir=tmp_path / "run", resume=True)
     assert again.calls == 3 and len(res2.history) == evals + 3
 
 
 def test_resume_refuses_other_settings(table, tmp_path):
     OptunaAgent().search(make_problem(table, SyntheticKLD(table)), evals=3, seed=0, out_dir=tmp_path)
-    with pytest.raises(ValueError, match="cannot resume.*space"):
-        OptunaAgent(space="offsets").search(make_problem(table, SyntheticKLD(table)), evals=3,
+    with pytest.raises(AgentError, match="cannot resume.*space"):
+        OptunaAgent(OptunaConfig(space="offsets")).search(make_problem(table, SyntheticKLD(table)), evals=3,
                                             seed=0, out_dir=tmp_path, resume=True)
-    with pytest.raises(ValueError, match="out_dir"):
+    with pytest.raises(AgentError, match="out_dir"):
         OptunaAgent().search(make_problem(table, SyntheticKLD(table)), evals=3, seed=0, resume=True)
     # without resume an existing journal is replaced by a new search
     ev = SyntheticKLD(table)
-    res = OptunaAgent(space="offsets").search(make_problem(table, ev), evals=3, seed=0,
+    res = OptunaAgent(OptunaConfig(space="offsets")).search(make_problem(table, ev), evals=3, seed=0,
                                               out_dir=tmp_path)
     assert ev.calls == 3 and len(res.history) == 3
 
@@ -264,7 +272,7 @@ def test_tiny_model_search(tiny_lm, tmp_path):
     # block tensors trade bits among themselves
     limit = int(5.6 * table.params // 8)
     prob = SearchProblem(table=table, features=None, limit_bytes=limit, evaluate=ev.evaluate)
-    res = AGENTS["optuna"](space="offsets", n_startup=3).search(prob, evals=6, seed=0,
+    res = make_agent("optuna", OptunaConfig(space="offsets", n_startup=3)).search(prob, evals=6, seed=0,
                                                                 out_dir=tmp_path)
     assert len(res.history) == 6 and res.best.bytes <= limit
     assert res.best_metrics.kld <= res.history[0].kld and res.best_metrics.kld > 0

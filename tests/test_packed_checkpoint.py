@@ -18,10 +18,11 @@ import torch  # noqa: E402
 from autobits.allocation import Allocation  # noqa: E402
 from autobits.evaluate import Evaluator, WeightCache  # noqa: E402
 from autobits.exports.packed import (  # noqa: E402
-    MANIFEST, WEIGHTS, PackedCheckpointError, evaluate_packed, export_packed, load_packed,
+    MANIFEST, WEIGHTS, PackedCheckpointError, export_packed, load_packed,
 )
 from autobits.formats import get_format  # noqa: E402
-from autobits.kernels.layout import join_blocks  # noqa: E402
+from autobits.app.packed_eval import evaluate_packed  # noqa: E402
+from autobits.packed_layout import join_blocks  # noqa: E402
 from autobits.kernels.quant_linear import QuantLinear, swap_linears  # noqa: E402
 from autobits.model import load_model  # noqa: E402
 
@@ -196,41 +197,17 @@ def test_evaluate_packed_same_metrics_as_in_memory(tiny_folder, tiny_lm, tiny_ck
         evaluate_packed(out, backend="cuda")
 
 
-def test_eval_packed_cli_helper(tiny_folder, tiny_ckpt, tmp_path, capsys):
-    """The handler the lead wires to ``autobits eval --packed DIR --backend torch``."""
-    import argparse
-
-    from autobits.exports.packed import eval_packed
+def test_eval_packed_cli(tiny_folder, tiny_ckpt, tmp_path, capsys):
+    """``autobits eval --packed DIR --backend torch`` prints the table and writes the JSON."""
+    from autobits.app.cli import main
 
     out, _ = tiny_ckpt
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
-    args = argparse.Namespace(packed=str(out), backend="torch", model=str(tiny_folder),
-                              text=str(text), ctx=16, windows=1, json=str(tmp_path / "m.json"))
-    assert eval_packed(args) == 0
+    rc = main(["eval", "--packed", str(out), "--backend", "torch", "--model", str(tiny_folder),
+               "--text", str(text), "--ctx", "16", "--windows", "1",
+               "--json", str(tmp_path / "m.json")])
+    assert rc == 0
     assert "tiny-mix (torch)" in capsys.readouterr().out
     payload = json.loads((tmp_path / "m.json").read_text())
     assert payload["backend"] == "torch" and payload["windows"] == 1 and payload["kld"] >= 0
-
-
-@pytest.mark.slow
-def test_smollm2_triton_matches_torch(smol_path, tmp_path):
-    """A packed SmolLM2-135M (hidden 576 fits groups of 32/64, ffn_down's 1536 also 128; every
-    bit width, float embeddings): a few tokens through the Triton kernels (interpreter, GEMM
-    path) give the torch backend's logits."""
-    lm = load_model("smollm2-135m")
-    mix = {"attn_q": "INT4_G64", "attn_k": "INT6_G32", "attn_v": "INT8_G32",
-           "attn_output": "INT5_G64", "ffn_gate": "INT8_G32", "ffn_up": "INT3_G64",
-           "ffn_down": "INT4_G128", "token_embd": "F16"}
-    out = export_packed(lm, _mix(lm, mix), tmp_path / "smol")
-    ck = load_packed(out)
-    assert len(ck.packed) == 30 * 7
-    ids = lm.tokenizer("Packed weights, decoded in registers.", return_tensors="pt")["input_ids"][:, :4]
-    swap_linears(lm, ck, backend="torch")
-    want = _scored_logits(lm, ids)
-    for mod in lm.model.modules():
-        if isinstance(mod, QuantLinear):
-            mod.backend = "triton"
-    got = _scored_logits(lm, ids)
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
-    assert torch.equal(got[0].argmax(-1), want[0].argmax(-1))

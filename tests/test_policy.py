@@ -100,7 +100,7 @@ def test_bad_policy_files(tmp_path):
 
 def _stub_measure(monkeypatch, *, version=1):
     """Replace the slow model measurement of the agents commands by a synthetic model."""
-    import autobits.commands.agents as cmd
+    import autobits.app.commands.agents as cmd
     from autobits.specs import DEFAULT_CANDIDATES
 
     from test_env import fake_evaluate
@@ -121,7 +121,7 @@ def _stub_measure(monkeypatch, *, version=1):
 def test_train_policy_and_allocate_commands(tmp_path, monkeypatch, capsys):
     import json
 
-    from autobits.cli import main
+    from autobits.app.cli import main
 
     _stub_measure(monkeypatch)
     out = tmp_path / "p.zip"
@@ -139,7 +139,7 @@ def test_train_policy_and_allocate_commands(tmp_path, monkeypatch, capsys):
 
 
 def test_allocate_refuses_foreign_spec_with_exit_2(trained, tmp_path, monkeypatch, capsys):
-    from autobits.cli import main
+    from autobits.app.cli import main
 
     _stub_measure(monkeypatch, version=7)
     code = main(["allocate", "--policy", str(trained[1]), "--model", "m", "--target-bpw", "5",
@@ -159,7 +159,7 @@ def test_train_policy_and_allocate_end_to_end_on_tiny_model(tiny_folder, tmp_pat
     """The real pipeline (text, calibration, candidates, features, held-out evaluation)."""
     import json
 
-    from autobits.cli import main
+    from autobits.app.cli import main
 
     small = ["--ctx", "64", "--calib-windows", "2", "--reward-windows", "1", "--reward-ctx", "32"]
     policy = tmp_path / "tiny.zip"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from autobits.agents.base import Evaluation, SearchResult
-from autobits.agents.report import REPORT_FILES, pareto_front, write_report
+from autobits.app.report import REPORT_FILES, pareto_front, write_report
 from autobits.allocation import Allocation
 from autobits.evaluate import Metrics
 from autobits.specs import TensorSpec
@@ -63,7 +63,9 @@ def test_write_report(tmp_path, result):
     uni = allocation(sp, {"ffn_down": "Q4_0", "attn_q": "Q4_0", "token_embd": "Q4_0",
                           "attn_v": "Q4_0"})
     baselines = {"greedy": (greedy, metrics(greedy, 0.03)), "uniform": (uni, metrics(uni, 0.2))}
-    paths = write_report(res, tmp_path, heldout=held, baselines=baselines, specs=sp)
+    paths = write_report(name="optuna", allocation=res.best, reward=res.best_metrics, search=res,
+                         out_dir=tmp_path, heldout=held, baselines=baselines, specs=sp,
+                         limit_bytes=res.best.bytes + 10)
     assert set(paths) == set(REPORT_FILES)
     for key, name in REPORT_FILES.items():
         assert paths[key] == tmp_path / name and paths[key].is_file()
@@ -91,8 +93,25 @@ def test_write_report(tmp_path, result):
 def test_write_report_minimal(tmp_path, result):
     sp, res = result
     res.history = []
-    paths = write_report(res, tmp_path / "new", heldout=None, baselines=None, specs=sp)
+    paths = write_report(name="optuna", allocation=res.best, search=res, out_dir=tmp_path / "new",
+                         specs=sp, limit_bytes=res.best.bytes)
     assert all(p.is_file() for p in paths.values())
     assert "Comparison" not in paths["report"].read_text()
     with pytest.raises(ValueError, match="specs"):
-        write_report(res, tmp_path, specs=[])
+        write_report(name="optuna", allocation=res.best, out_dir=tmp_path, specs=[],
+                     limit_bytes=res.best.bytes)
+
+
+def test_write_report_for_a_solver(tmp_path, result):
+    """A solver's report has no search record: no evaluations plot, no selection, its own
+    title, and its reward-slice KLD when it was measured."""
+    sp, res = result
+    held = metrics(res.best, 0.025)
+    paths = write_report(name="greedy", allocation=res.best, reward=metrics(res.best, 0.021),
+                         out_dir=tmp_path, specs=sp, limit_bytes=res.best.bytes + 10, heldout=held)
+    assert set(paths) == {"report", "bits_by_depth", "pareto"}
+    assert not (tmp_path / REPORT_FILES["best_kld"]).exists()
+    md = paths["report"].read_text()
+    assert md.startswith("# greedy solver: synthetic")
+    assert "evaluations:" not in md and "## Selection" not in md
+    assert "| calibration KLD | 0.02100 |" in md and "| greedy (this solver) | 0.02500 |" in md

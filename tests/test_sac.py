@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from autobits.agents import AGENTS, SearchProblem
+from autobits.agents import AGENTS, AgentError, SACConfig, SearchProblem, make_agent
 from autobits.solvers import solve
 
 from test_env import fake_evaluate, problem, synthetic_features
@@ -15,7 +15,7 @@ TINY = {"net_arch": (32, 32), "batch_size": 32, "gradient_steps": 4, "log_every"
 
 def test_sac_is_registered():
     assert "sac" in AGENTS
-    assert AGENTS["sac"].name == "sac"
+    assert AGENTS["sac"].cls.name == "sac" and AGENTS["sac"].config is SACConfig
 
 
 def test_short_sac_run_is_feasible_and_never_worse_than_greedy(tmp_path):
@@ -23,7 +23,7 @@ def test_short_sac_run_is_feasible_and_never_worse_than_greedy(tmp_path):
     weights = {n: 4.0 for n in table.tensors if ".attn_v" in n}  # the proxy misjudges attn_v
     prob = SearchProblem(table=table, features=feats, limit_bytes=limit,
                          evaluate=fake_evaluate(table, weights=weights))
-    res = AGENTS["sac"](pretrain_episodes=8, **TINY).search(prob, evals=6, seed=0, out_dir=tmp_path)
+    res = make_agent("sac", SACConfig(pretrain_episodes=8, **TINY)).search(prob, evals=6, seed=0, out_dir=tmp_path)
     greedy = solve("greedy", table, limit_bytes=limit)
     assert res.agent == "sac"
     assert res.best.bytes <= limit and res.best.model == table.model
@@ -42,7 +42,7 @@ def test_sac_with_warm_start_and_residual_actions():
     warm = solve("uniform", table, limit_bytes=limit)
     prob = SearchProblem(table=table, features=feats, limit_bytes=limit,
                          evaluate=fake_evaluate(table), warm_start=warm)
-    res = AGENTS["sac"](pretrain_episodes=2, action="residual", **TINY).search(prob, evals=4, seed=1)
+    res = make_agent("sac", SACConfig(pretrain_episodes=2, action="residual", **TINY)).search(prob, evals=4, seed=1)
     assert res.history[0].bytes == warm.bytes  # the warm start is evaluated first
     assert res.best.bytes <= limit
 
@@ -50,8 +50,8 @@ def test_sac_with_warm_start_and_residual_actions():
 def test_sac_rejects_too_few_evaluations():
     table, feats, limit = problem()
     prob = SearchProblem(table=table, features=feats, limit_bytes=limit, evaluate=fake_evaluate(table))
-    with pytest.raises(ValueError, match="evals=1"):
-        AGENTS["sac"]().search(prob, evals=1, seed=0)
+    with pytest.raises(AgentError, match="evals=1"):
+        make_agent("sac").search(prob, evals=1, seed=0)
 
 
 def test_sac_on_tiny_model_with_real_evaluator(tiny_lm):
@@ -75,7 +75,7 @@ def test_sac_on_tiny_model_with_real_evaluator(tiny_lm):
     ev = Evaluator(tiny_lm, windows)
     limit = int(5.5 * table.params // 8)
     prob = SearchProblem(table=table, features=feats, limit_bytes=limit, evaluate=ev.evaluate)
-    res = AGENTS["sac"](pretrain_episodes=2, **TINY).search(prob, evals=3, seed=0)
+    res = make_agent("sac", SACConfig(pretrain_episodes=2, **TINY)).search(prob, evals=3, seed=0)
     assert res.best.bytes <= limit
     assert np.isfinite(res.best_metrics.kld) and res.best_metrics.kld >= 0
     assert res.best_metrics.windows == 1
@@ -84,8 +84,8 @@ def test_sac_on_tiny_model_with_real_evaluator(tiny_lm):
 def test_sac_sensitivity_actions_with_gsde():
     table, feats, limit = problem(seed=5)
     prob = SearchProblem(table=table, features=feats, limit_bytes=limit, evaluate=fake_evaluate(table))
-    res = AGENTS["sac"](pretrain_episodes=2, action="sensitivity", use_sde=True,
-                        finetune_gradient_steps=8, **TINY).search(prob, evals=4, seed=0)
+    res = make_agent("sac", SACConfig(pretrain_episodes=2, action="sensitivity", use_sde=True,
+                        finetune_gradient_steps=8, **TINY)).search(prob, evals=4, seed=0)
     assert res.best.bytes <= limit
     assert res.meta["over_budget"] == 0  # the corrected greedy allocation always fits
     assert res.meta["options"]["use_sde"] and res.meta["options"]["action"] == "sensitivity"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from autobits.cli import main
+from autobits.app.cli import main
 
 TINY = ["--ctx", "64", "--calib-windows", "2", "--windows", "1", "--reward-windows", "1",
         "--reward-ctx", "64"]
@@ -51,3 +51,58 @@ def test_search_bad_input(tiny_folder, tmp_path, capsys, argv, message):
     code = main(["search", "--model", str(tiny_folder), *TINY, "--out", str(tmp_path / "r"), *argv])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "r" / "allocation.json").exists()
+
+
+def test_search_fold_gguf_and_export_fold_write_the_same_file(tiny_folder, tmp_path, capsys):
+    """One prepare and one fold rule: `search --fold --imatrix --gguf` and `export --fold
+    --imatrix` of the allocation it found write byte-identical files."""
+    out = tmp_path / "run"
+    searched = tmp_path / "searched.gguf"
+    code = main(["search", "--model", str(tiny_folder), *TINY, "--target-bpw", "5",
+                 "--agent", "greedy", "--fold", "--imatrix", "--out", str(out),
+                 "--gguf", str(searched)])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    exported = tmp_path / "exported.gguf"
+    code = main(["export", "--model", str(tiny_folder), "--allocation", str(out / "allocation.json"),
+                 "--ctx", "64", "--calib-windows", "2", "--fold", "--imatrix",
+                 "--gguf", str(exported)])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert searched.read_bytes() == exported.read_bytes()
+    # and without folding the file differs (the test can tell files apart)
+    plain = tmp_path / "plain.gguf"
+    assert main(["export", "--model", str(tiny_folder), "--allocation", str(out / "allocation.json"),
+                 "--gguf", str(plain)]) == 0
+    assert plain.read_bytes() != exported.read_bytes()
+
+
+def test_search_library_call_matches_the_cli(tiny_folder, tmp_path, capsys):
+    """`autobits.app.search` is what the CLI runs: same allocation and metrics, and a solver's
+    outcome carries no fake search record."""
+    from autobits.allocation import Budget
+    from autobits.app import SearchConfig, search
+    from autobits.pipeline import PrepareConfig
+
+    cfg = SearchConfig(prepare=PrepareConfig(model=str(tiny_folder), ctx=64, calib_windows=2,
+                                             eval_windows=1, reward_windows=1, reward_ctx=64),
+                       budget=Budget(target_bpw=6), allocator="greedy", out=tmp_path / "lib")
+    outcome = search(cfg)
+    assert outcome.search is None and outcome.reward is not None
+    assert "greedy" not in outcome.baselines and "ilp" in outcome.baselines
+    assert set(outcome.baselines) <= {"uniform", "llamacpp", "ilp"}
+    assert outcome.allocation.bytes <= outcome.limit_bytes
+    code = main(["search", "--model", str(tiny_folder), *TINY, "--target-bpw", "6",
+                 "--agent", "greedy", "--out", str(tmp_path / "cli")])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    lib = json.loads(outcome.paths["metrics"].read_text())
+    assert cli["kld"] == lib["kld"] == outcome.heldout.kld
+    assert json.loads((tmp_path / "cli" / "allocation.json").read_text())["tensors"] == \
+        outcome.allocation.tensors
+    assert not (tmp_path / "lib" / "best_kld.png").exists()  # a solver has no evaluations plot
+
+
+def test_sac_refuses_ray_workers(tiny_folder, tmp_path, capsys):
+    code = main(["search", "--model", str(tiny_folder), *TINY, "--target-bpw", "6",
+                 "--agent", "sac", "--workers", "2", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "sac evaluates in this process" in err and len(err.strip().splitlines()) == 1

@@ -26,7 +26,7 @@ from autobits.allocation import Allocation
 from autobits.candidates import CandidateTable
 from autobits.errors import BudgetError
 from autobits.formats import get_format
-from autobits.solvers._common import check_limit, choice_summary, describe_bytes
+from autobits.solvers.problem import check_limit, choice_summary, describe_bytes
 from autobits.solvers.lagrange import greedy, lower_hull
 from autobits.solvers.integer import ilp, ilp_solve
 from autobits.solvers.presets import (
@@ -38,11 +38,14 @@ from autobits.solvers.presets import (
     pick_llamacpp,
     use_more_bits,
 )
+from autobits.solvers.projection import fill_up, project
 from autobits.solvers.pure import best_uniform, pick_uniform, uniform
 
 __all__ = [
     "SOLVERS",
     "solve",
+    "project",
+    "fill_up",
     "check_limit",
     "uniform",
     "best_uniform",

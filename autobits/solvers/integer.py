@@ -26,7 +26,7 @@ from scipy.sparse import csr_array
 
 from autobits.candidates import CandidateTable
 from autobits.errors import BudgetError
-from autobits.solvers._common import Packed, check_limit, pack
+from autobits.solvers.problem import Packed, check_limit, pack
 from autobits.solvers.lagrange import greedy_index
 
 __all__ = ["ilp", "ilp_solve"]

@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from autobits.candidates import CandidateTable
-from autobits.solvers._common import Packed, check_limit, pack
+from autobits.solvers.problem import Packed, check_limit, pack
+from autobits.solvers.projection import fill_up
 
 __all__ = ["greedy", "lower_hull", "greedy_index"]
 
@@ -101,35 +102,11 @@ def _downgrades(p: Packed, limit: int, *, rounds: int) -> list[np.ndarray]:
     return out
 
 
-def _fill_up(p: Packed, index: np.ndarray, limit: int, *, max_moves: int | None = None) -> np.ndarray:
-    """Spend leftover bytes: repeatedly apply the fitting move with the best error saved per byte."""
-    index = index.copy()
-    rows = np.arange(len(p.names))
-    left = limit - p.total_bytes(index)
-    moves = 0
-    cap = max_moves if max_moves is not None else 4 * p.bytes.size
-    while left > 0 and moves < cap:
-        cur_b = p.bytes[rows, index][:, None]
-        cur_e = p.error[rows, index][:, None]
-        extra = p.bytes - cur_b
-        gain = cur_e - p.error
-        ok = p.valid & (gain > 0) & (extra <= left)
-        if not ok.any():
-            break
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(ok, np.where(extra > 0, gain / np.maximum(extra, 1), np.inf), -np.inf)
-        t, k = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
-        left -= int(extra[t, k])
-        index[t] = k
-        moves += 1
-    return index
-
-
 def greedy_index(p: Packed, limit: int, *, rounds: int = 8) -> np.ndarray:
     """Greedy solution as one candidate index per row of ``p`` (no budget check)."""
     best, best_err = None, np.inf
     for index in _downgrades(p, limit, rounds=rounds):
-        index = _fill_up(p, index, limit)
+        index = fill_up(p, index, limit)
         err = p.total_error(index)
         if err < best_err:
             best, best_err = index, err

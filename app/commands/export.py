@@ -3,64 +3,39 @@
     autobits export --model M --allocation FILE --gguf OUT.gguf [--imatrix] [--fold]
     autobits judge --gguf FILE [--reference REF.gguf] [--text SRC] [--ctx 512] [--windows N]
 
-``--imatrix`` and ``--fold`` need the calibration module (``autobits.calibrate``) and Scale
-Folding (``autobits.folding``); the calibration windows are the first ``--calib-windows`` of
-``--text``.  With ``--fold`` the importance vectors are measured again on the folded model
-(folding rescales the input channels the vectors describe).
+``--imatrix`` and ``--fold`` measure the model with :func:`autobits.pipeline.prepare` on the
+first ``--calib-windows`` of ``--text``, with the options and defaults of ``autobits search``
+(Scale Folding searched for :attr:`PrepareConfig.fold_format`; the importance vectors of a
+folded model are the calibration's rescaled by the folding scales), so ``search --fold
+--imatrix --gguf`` and ``export --fold --imatrix`` of the same allocation write the same file.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 from pathlib import Path
 from typing import Callable
 
+from autobits.app.options import (
+    add_prepare_args,
+    add_text_args,
+    format_table,
+    prepare_config_from_args,
+)
 from autobits.errors import AutobitsError
+from autobits.exports.gguf import export_gguf
+from autobits.exports.packed import export_packed
+from autobits.io import write_json_atomic
+from autobits.pipeline import prepare
 
 __all__ = ["register", "cmd_export", "cmd_judge"]
 
 log = logging.getLogger(__name__)
 
 
-def _optional(module: str, attr: str, what: str):
-    """``module.attr``, or an AutobitsError naming the missing piece."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name is not None and module.startswith(e.name):
-            raise AutobitsError(f"{what} needs {module}, which is not available yet") from None
-        raise
-    fn = getattr(mod, attr, None)
-    if fn is None:
-        raise AutobitsError(f"{what} needs {module}.{attr}, which is not available yet")
-    return fn
-
-
-def _calibration(lm, args):
-    from autobits.text import load_text, make_windows
-
-    calibrate = _optional("autobits.calibrate", "calibrate", "--imatrix/--fold")
-    if args.calib_windows < 1:
-        raise AutobitsError(f"--calib-windows must be at least 1, got {args.calib_windows}")
-    windows = make_windows(load_text(args.text), lm.tokenizer, ctx=args.ctx)
-    split = windows.split(calib=args.calib_windows, eval=0)
-    # only E[x^2] (and the folding statistics) are needed: no Fisher backward pass
-    return calibrate(lm, split.calib, fisher_windows=0, progress=False)
-
-
-def _dominant_format(lm, alloc) -> str:
-    """The format holding most parameters of ``alloc`` (what folding is searched for)."""
-    count: dict[str, int] = {}
-    for s in lm.quantizable:
-        count[alloc.tensors[s.name]] = count.get(alloc.tensors[s.name], 0) + s.numel
-    return max(sorted(count), key=lambda f: count[f])
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from autobits.allocation import Allocation
-    from autobits.cli import format_table
     from autobits.model import load_model
 
     if args.gguf is None and args.packed is None:
@@ -72,24 +47,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     alloc = Allocation.load(args.allocation, lm.specs, lm.name)
     importance = None
     if args.imatrix or args.fold:
-        calib = _calibration(lm, args)
-        if args.fold:
-            fold = _optional("autobits.folding", "fold", "--fold")
-            fmt = _dominant_format(lm, alloc)
-            report = fold(lm, calib, fmt=fmt, imatrix=bool(args.imatrix))  # folds lm in place
-            log.info("folded for %s: %s", fmt, getattr(report, "folded", "?"))
-            if args.imatrix:  # folding rescaled the input channels: measure them again
-                calib = _calibration(lm, args)
-        if args.imatrix:
-            importance = {s.name: v for s in lm.quantizable
-                          if (v := calib.importance(s.name)) is not None}
+        # the same measurement and fold rule as `autobits search` (so both write one file)
+        cfg = prepare_config_from_args(args, eval_windows=0)
+        importance = prepare(cfg, lm=lm, candidates=False).importance()
     if args.packed is not None:
-        export_packed = _optional("autobits.exports.packed", "export_packed", "--packed")
         path = Path(export_packed(lm, alloc, out, importance=importance))
         print(f"packed checkpoint written to {path}")
         return 0
-    from autobits.exports.gguf import export_gguf
-
     path = export_gguf(lm, alloc, out, importance=importance)
     size = path.stat().st_size
     print(format_table(
@@ -103,8 +67,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
-    from autobits.allocation import write_json_atomic
-    from autobits.cli import format_table
     from autobits.exports.judge import judge, llama_windows, open_llama
 
     if args.windows < 1:
@@ -133,21 +95,13 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
 def register(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Add ``export`` and ``judge`` to the CLI's subparsers."""
-    from autobits.cli import add_model_args, add_text_args
-
     p = sub.add_parser("export", help="write an allocation as a GGUF file (or packed checkpoint)")
-    add_model_args(p)
     p.add_argument("--allocation", required=True, help="allocation JSON file")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--gguf", help="output GGUF file (its folder must exist)")
     g.add_argument("--packed", help="output folder of a packed checkpoint (INT*_G* formats)")
-    p.add_argument("--imatrix", action="store_true",
-                   help="round with calibration importance vectors (autobits.calibrate)")
-    p.add_argument("--fold", action="store_true", help="apply Scale Folding first (autobits.folding)")
-    p.add_argument("--text", default="stdlib", help="calibration text for --imatrix/--fold")
-    p.add_argument("--ctx", type=int, default=512, help="calibration window length (default 512)")
-    p.add_argument("--calib-windows", type=int, default=16,
-                   help="calibration windows for --imatrix/--fold (default 16)")
+    # --imatrix/--fold measure the model on the calibration windows exactly as a search does
+    add_prepare_args(p, eval_windows=False)
 
     p = sub.add_parser("judge", help="perplexity / KLD / top-1 of a GGUF file in llama.cpp")
     p.add_argument("--gguf", required=True, help="GGUF file to judge")

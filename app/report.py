@@ -1,12 +1,12 @@
-"""The report of one search: ``report.md`` and three PNG plots in the run directory.
+"""The report of one search: ``report.md`` and its PNG plots in the run directory.
 
-* ``best_kld.png`` -- calibration KLD of every evaluation and the best so far, versus the
-  number of evaluations (the warm start is evaluation 1);
+* ``best_kld.png`` (agents) -- calibration KLD of every evaluation and the best so far,
+  versus the number of evaluations (the warm start is evaluation 1);
 * ``bits_by_depth.png`` -- bits per weight of every tensor's format over block depth, one
   line per role (the tensors outside the blocks at the ends);
 * ``pareto.png`` -- bytes versus held-out KLD of the agent and of the solvers/agents given
-  as baselines, with their Pareto front; beside it, every allocation the search evaluated
-  (bytes versus calibration KLD).
+  as baselines, with their Pareto front; beside it, for an agent, every allocation the
+  search evaluated (bytes versus calibration KLD).
 
 Plots are drawn with matplotlib's Agg renderer on :class:`matplotlib.figure.Figure`
 objects (no pyplot state, safe in any process); every file is written to a temporary name
@@ -15,18 +15,18 @@ in the run directory and renamed into place.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from autobits.agents.base import SearchResult
 from autobits.allocation import Allocation
+from autobits.errors import AutobitsError
 from autobits.evaluate import Metrics
+from autobits.io import write_atomic
 from autobits.specs import DEFAULT_CANDIDATES, QUANTIZABLE_ROLES, TensorSpec
 
 __all__ = ["write_report", "pareto_front", "REPORT_FILES"]
@@ -36,22 +36,6 @@ log = logging.getLogger(__name__)
 #: Files :func:`write_report` writes, by key of its returned mapping.
 REPORT_FILES = {"report": "report.md", "best_kld": "best_kld.png",
                 "bits_by_depth": "bits_by_depth.png", "pareto": "pareto.png"}
-
-
-def _write_atomic(path: Path, write: Callable[[io.IOBase], None], *, binary: bool) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as fh:
-            write(fh)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # a normal file's mode, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -70,11 +54,12 @@ def _bits(spec: TensorSpec, fmt: str) -> float:
 
 
 def _save_fig(fig, path: Path) -> Path:
-    return _write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
+    return write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
 
 
 # ------------------------------------------------------------------ plots
 def _plot_best(result: SearchResult, path: Path) -> Path:
+    """Calibration KLD of every evaluation of a search, and the best so far."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.2))
@@ -136,24 +121,30 @@ def _plot_bits(alloc: Allocation, specs: Sequence[TensorSpec], path: Path) -> Pa
     return _save_fig(fig, path)
 
 
-def _plot_pareto(result: SearchResult, heldout: Metrics | None,
+def _plot_pareto(name: str, search: SearchResult | None, heldout: Metrics | None,
                  baselines: Mapping[str, tuple[Allocation, Metrics]], path: Path) -> Path:
+    """Held-out size versus KLD of the answer and the baselines (and, for a search, every
+    evaluation's calibration KLD beside it)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.5))
-    ax, ax2 = fig.subplots(1, 2)
+    if search is not None:
+        fig = Figure(figsize=(11, 4.5))
+        ax, ax2 = fig.subplots(1, 2)
+    else:
+        fig = Figure(figsize=(6, 4.5))
+        ax, ax2 = fig.add_subplot(), None
     pts: list[tuple[str, int, float]] = []
     if heldout is not None:
-        pts.append((result.agent, heldout.bytes, heldout.kld))
+        pts.append((name, heldout.bytes, heldout.kld))
     pts += [(name, m.bytes, m.kld) for name, (_, m) in baselines.items()]
     if pts:
         front = pareto_front([(b, k) for _, b, k in pts])
-        for i, (name, b, k) in enumerate(pts):
-            mine = name == result.agent
+        for i, (label, b, k) in enumerate(pts):
+            mine = i == 0 and heldout is not None
             ax.scatter([b / 1e6], [k], s=60 if mine else 35, marker="*" if mine else "o",
                        color="tab:orange" if mine else ("tab:blue" if i in front else "grey"),
                        zorder=3)
-            ax.annotate(name, (b / 1e6, k), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(label, (b / 1e6, k), textcoords="offset points", xytext=(5, 4), fontsize=8)
         fx = [pts[i][1] / 1e6 for i in front]
         fy = [pts[i][2] for i in front]
         ax.step(fx, fy, where="post", color="tab:blue", alpha=0.5, lw=1, label="Pareto front")
@@ -167,18 +158,19 @@ def _plot_pareto(result: SearchResult, heldout: Metrics | None,
     ax.set_ylabel("held-out KLD (nats/token)")
     ax.set_title("solvers and agents: size versus held-out KLD")
     ax.grid(alpha=0.3)
-    h = result.history
-    if h:
-        ax2.scatter([e.bpw for e in h], [e.kld for e in h], s=9, alpha=0.4,
-                    c=[e.index for e in h], cmap="viridis")
-        ax2.scatter([result.best_metrics.bpw], [result.best_metrics.kld], s=80,
-                    marker="*", color="tab:orange", label="best", zorder=3)
-        ax2.legend(fontsize=8)
-        ax2.ticklabel_format(axis="x", useOffset=False)
-    ax2.set_xlabel("bits per weight (file)")
-    ax2.set_ylabel("calibration KLD")
-    ax2.set_title(f"{result.agent}: every evaluation (colour = order)")
-    ax2.grid(alpha=0.3)
+    if search is not None:
+        h = search.history
+        if h:
+            ax2.scatter([e.bpw for e in h], [e.kld for e in h], s=9, alpha=0.4,
+                        c=[e.index for e in h], cmap="viridis")
+            ax2.scatter([search.best_metrics.bpw], [search.best_metrics.kld], s=80,
+                        marker="*", color="tab:orange", label="best", zorder=3)
+            ax2.legend(fontsize=8)
+            ax2.ticklabel_format(axis="x", useOffset=False)
+        ax2.set_xlabel("bits per weight (file)")
+        ax2.set_ylabel("calibration KLD")
+        ax2.set_title(f"{search.agent}: every evaluation (colour = order)")
+        ax2.grid(alpha=0.3)
     fig.tight_layout()
     return _save_fig(fig, path)
 
@@ -213,26 +205,25 @@ def _role_table(alloc: Allocation, specs: Sequence[TensorSpec]) -> list[str]:
     return lines
 
 
-def _budget_line(result: SearchResult) -> str:
-    meta = {**result.best.meta, **result.meta}
-    limit = meta.get("limit_bytes")
-    if limit is None:
-        return "- budget: not recorded"
-    return f"- budget: {int(limit):,} bytes ({int(limit) * 8 / result.best.params:.4f} bpw, file-level)"
+def _budget_line(limit_bytes: int, params: int) -> str:
+    return f"- budget: {int(limit_bytes):,} bytes ({int(limit_bytes) * 8 / params:.4f} bpw, file-level)"
 
 
-def _markdown(result: SearchResult, heldout: Metrics | None,
-              baselines: Mapping[str, tuple[Allocation, Metrics]], specs: Sequence[TensorSpec],
-              plots: Mapping[str, Path]) -> str:
-    best, bm, h = result.best, result.best_metrics, result.history
-    at = next((e.index + 1 for e in h if e.kld == bm.kld and e.bytes == bm.bytes), None)
-    secs = sum(e.seconds for e in h)
-    lines = [f"# {result.agent} search: {best.model}", "", _budget_line(result),
-             f"- evaluations: {len(h)} ({secs / 60:.1f} min evaluating)"
-             + (f"; best found at evaluation {at}" if at else ""), ""]
-    lines += ["## Best allocation", "", "| | value |", "|---|---:|",
-              f"| bytes | {best.bytes:,} |", f"| bpw | {best.bpw:.4f} |",
-              f"| calibration KLD | {bm.kld:.5f} |"]
+def _markdown(name: str, best: Allocation, reward: Metrics | None, search: SearchResult | None,
+              heldout: Metrics | None, baselines: Mapping[str, tuple[Allocation, Metrics]],
+              specs: Sequence[TensorSpec], plots: Mapping[str, Path], limit_bytes: int) -> str:
+    kind = "search" if search is not None else "solver"
+    lines = [f"# {name} {kind}: {best.model}", "", _budget_line(limit_bytes, best.params)]
+    if search is not None:
+        h, bm = search.history, search.best_metrics
+        at = next((e.index + 1 for e in h if e.kld == bm.kld and e.bytes == bm.bytes), None)
+        secs = sum(e.seconds for e in h)
+        lines.append(f"- evaluations: {len(h)} ({secs / 60:.1f} min evaluating)"
+                     + (f"; best found at evaluation {at}" if at else ""))
+    lines += ["", "## Answer", "", "| | value |", "|---|---:|",
+              f"| bytes | {best.bytes:,} |", f"| bpw | {best.bpw:.4f} |"]
+    if reward is not None:
+        lines.append(f"| calibration KLD | {reward.kld:.5f} |")
     if heldout is not None:
         lines += [f"| held-out KLD | {heldout.kld:.5f} |", f"| held-out PPL | {heldout.ppl:.4f} "
                   f"(reference {heldout.ref_ppl:.4f}) |", f"| held-out top-1 | {heldout.top1:.4f} |"]
@@ -240,21 +231,22 @@ def _markdown(result: SearchResult, heldout: Metrics | None,
     if heldout is not None or baselines:
         ref = heldout
         lines += ["## Comparison (held-out)", "",
-                  "| allocation | KLD | PPL | top-1 | bytes | bpw | KLD vs " + result.agent + " |",
+                  "| allocation | KLD | PPL | top-1 | bytes | bpw | KLD vs " + name + " |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         if heldout is not None:
-            lines.append(_row(result.agent, heldout, None, " (this search)"))
-        for name, (_, m) in sorted(baselines.items(), key=lambda kv: kv[1][1].kld):
-            lines.append(_row(name, m, ref))
+            lines.append(_row(name, heldout, None, f" (this {kind})"))
+        for other, (_, m) in sorted(baselines.items(), key=lambda kv: kv[1][1].kld):
+            lines.append(_row(other, m, ref))
         if heldout is not None and baselines:
             beaten = [n for n, (_, m) in baselines.items()
                       if heldout.kld <= m.kld and heldout.bytes <= m.bytes]
-            lines += ["", f"{result.agent} has a held-out KLD at most that of "
+            lines += ["", f"{name} has a held-out KLD at most that of "
                       f"{', '.join(sorted(beaten))} at equal or smaller size." if beaten else
-                      f"{result.agent} does not reach the held-out KLD of any baseline at equal "
+                      f"{name} does not reach the held-out KLD of any baseline at equal "
                       f"or smaller size."]
         lines.append("")
-    sel = result.meta.get("selection")
+    meta = search.meta if search is not None else {}
+    sel = meta.get("selection")
     if sel:
         lines += ["## Selection", "", f"The best allocations of the search were re-measured on "
                   f"the selection slice (calibration windows disjoint from the reward slice); "
@@ -271,7 +263,7 @@ def _markdown(result: SearchResult, heldout: Metrics | None,
                 "pareto": "Pareto points of solvers and agents"}
     for key, p in plots.items():
         lines += [f"![{captions[key]}]({p.name})", ""]
-    scalars = {k: v for k, v in result.meta.items() if isinstance(v, (str, int, float))}
+    scalars = {k: v for k, v in meta.items() if isinstance(v, (str, int, float))}
     if scalars:
         lines += ["## Search settings", "", "| key | value |", "|---|---|"]
         for k, v in scalars.items():
@@ -280,27 +272,32 @@ def _markdown(result: SearchResult, heldout: Metrics | None,
     return "\n".join(lines)
 
 
-def write_report(result: SearchResult, out_dir: str | os.PathLike, *, heldout: Metrics | None = None,
-                 baselines: Mapping[str, tuple[Allocation, Metrics]] | None = None,
-                 specs: Sequence[TensorSpec]) -> dict[str, Path]:
-    """Write ``report.md`` and the plots of ``result`` into ``out_dir``; return their paths.
+def write_report(*, name: str, allocation: Allocation, out_dir: str | os.PathLike,
+                 specs: Sequence[TensorSpec], limit_bytes: int, reward: Metrics | None = None,
+                 search: SearchResult | None = None, heldout: Metrics | None = None,
+                 baselines: Mapping[str, tuple[Allocation, Metrics]] | None = None
+                 ) -> dict[str, Path]:
+    """Write ``report.md`` and its plots into ``out_dir``; return their paths by
+    :data:`REPORT_FILES` key (``best_kld`` only for a search).
 
-    ``heldout`` is the best allocation's held-out metrics; ``baselines`` maps a solver or
-    agent name to its allocation and held-out metrics at the same budget; ``specs`` are the
-    model's tensors (for bits per weight and roles).  Keys of the result:
-    :data:`REPORT_FILES`.
+    ``name`` is the solver or agent that answered ``allocation`` within ``limit_bytes``;
+    ``reward`` its reward-slice metrics; ``search`` the agent's record (history, selection),
+    None for a solver; ``heldout`` the answer's held-out metrics; ``baselines`` maps a solver
+    name to its allocation and held-out metrics at the same budget; ``specs`` the model's
+    tensors (for bits per weight and roles).
     """
     if not specs:
-        raise ValueError(f"specs must list the model's tensors, got {len(specs)=}")
+        raise AutobitsError(f"specs must list the model's tensors, got {len(specs)=}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     baselines = dict(baselines or {})
-    plots = {
-        "best_kld": _plot_best(result, out / REPORT_FILES["best_kld"]),
-        "bits_by_depth": _plot_bits(result.best, specs, out / REPORT_FILES["bits_by_depth"]),
-        "pareto": _plot_pareto(result, heldout, baselines, out / REPORT_FILES["pareto"]),
-    }
-    text = _markdown(result, heldout, baselines, specs, plots)
-    report = _write_atomic(out / REPORT_FILES["report"], lambda fh: fh.write(text), binary=False)
+    plots = {}
+    if search is not None:
+        plots["best_kld"] = _plot_best(search, out / REPORT_FILES["best_kld"])
+    plots["bits_by_depth"] = _plot_bits(allocation, specs, out / REPORT_FILES["bits_by_depth"])
+    plots["pareto"] = _plot_pareto(name, search, heldout, baselines, out / REPORT_FILES["pareto"])
+    text = _markdown(name, allocation, reward, search, heldout, baselines, specs, plots,
+                     limit_bytes)
+    report = write_atomic(out / REPORT_FILES["report"], text)
     log.info("report written to %s", report)
     return {"report": report, **plots}

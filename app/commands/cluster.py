@@ -16,6 +16,7 @@ import json
 import sys
 import time
 
+from autobits.app.options import format_table
 from autobits.errors import AutobitsError
 
 __all__ = ["register", "cmd_submit", "cmd_jobs"]
@@ -30,7 +31,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not command:
         raise AutobitsError("give the command to run after '--', e.g. -- search --target-bpw 4.5 "
                             "--out /abs/run")
-    from autobits.cli import build_parser
+    from autobits.app.cli import build_parser
 
     build_parser().parse_args(command)  # a typo fails here, not on the cluster
     sid = jobs.submit(address=args.address, command=command, working_dir=args.working_dir,
@@ -52,7 +53,6 @@ def _when(t: float | None) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from autobits.cli import format_table
     from autobits.cluster import jobs
 
     if args.logs:
@@ -61,7 +61,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     infos = jobs.list_jobs(address=args.address)
     rows = []
     for j in infos:
-        entry = j.entrypoint.split(" -m autobits.cli ", 1)[-1]
+        entry = j.entrypoint.split(" -m autobits.app.cli ", 1)[-1]
         if len(entry) > 70:
             entry = entry[:67] + "..."
         secs = j.seconds
@@ -72,7 +72,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if args.json == "-":
             print(json.dumps(payload, indent=2))
             return 0
-        from autobits.allocation import write_json_atomic
+        from autobits.io import write_json_atomic
 
         write_json_atomic(args.json, payload)
     if rows:

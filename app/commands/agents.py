@@ -19,7 +19,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from autobits.app.options import (
+    add_budget_args,
+    add_prepare_args,
+    budget_from_args,
+    format_table,
+    prepare_config_from_args,
+)
 from autobits.errors import AutobitsError, BudgetError
+from autobits.io import write_json_atomic
+from autobits.pipeline import prepare
 
 __all__ = ["register", "cmd_train_policy", "cmd_allocate", "parse_bpw_range"]
 
@@ -42,30 +51,7 @@ def parse_bpw_range(text: str) -> tuple[float, float]:
 
 def _measure(model: str, args: argparse.Namespace, *, eval_windows: int):
     """Load and measure ``model`` with the shared pipeline (windows, calibration, features)."""
-    from autobits.pipeline import PrepareConfig, prepare
-
-    cfg = PrepareConfig(model=model, text=args.text, ctx=args.ctx,
-                        calib_windows=args.calib_windows, eval_windows=max(1, eval_windows),
-                        reward_windows=min(args.reward_windows, args.calib_windows),
-                        reward_ctx=min(args.reward_ctx, args.ctx), fold=args.fold,
-                        imatrix=args.imatrix)
-    return prepare(cfg)
-
-
-def _add_measure_args(p: argparse.ArgumentParser) -> None:
-    """train-policy's measurement options (``allocate`` takes ``search``'s)."""
-    p.add_argument("--text", default="stdlib",
-                   help="stdlib (default), debian-handbook, or a path to a text file")
-    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--calib-windows", type=int, default=8,
-                   help="calibration windows for the features (default 8)")
-    p.add_argument("--reward-windows", type=int, default=2,
-                   help="calibration windows of the KLD reward (default 2)")
-    p.add_argument("--reward-ctx", type=int, default=256,
-                   help="tokens of each reward window (default 256)")
-    p.add_argument("--fold", action="store_true", help="apply Scale Folding before quantizing")
-    p.add_argument("--imatrix", action="store_true",
-                   help="quantize with calibration importance vectors (llama.cpp's imatrix)")
+    return prepare(prepare_config_from_args(args, model=model, eval_windows=max(1, eval_windows)))
 
 
 def cmd_train_policy(args: argparse.Namespace) -> int:
@@ -104,8 +90,6 @@ def cmd_train_policy(args: argparse.Namespace) -> int:
 
 def cmd_allocate(args: argparse.Namespace) -> int:
     from autobits.agents.policy import load_policy
-    from autobits.allocation import write_json_atomic
-    from autobits.cli import budget_from_args, format_table
 
     t_start = time.perf_counter()
     policy = load_policy(args.policy)  # refuse a bad file before the slow measurement
@@ -139,8 +123,6 @@ def cmd_allocate(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
-    from autobits.cli import add_budget_args
-    from autobits.commands.search import add_prepare_args
 
     p = sub.add_parser("train-policy",
                        help="train a SAC allocation policy across models and budgets")
@@ -161,7 +143,7 @@ def register(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     p.add_argument("--sde", action="store_true", help="explore with gSDE noise")
     p.add_argument("--gradient-steps", type=int, default=64,
                    help="SAC updates per episode (default 64)")
-    _add_measure_args(p)
+    add_prepare_args(p, model=False, eval_windows=False)
 
     p = sub.add_parser("allocate",
                        help="allocate a model's formats with a trained policy (no search)")

@@ -11,11 +11,14 @@ The JSON holds ``{"model", "version", "feature_names", "tensors": [{"name", "fea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import time
 from typing import Callable
 
+from autobits.app.options import add_prepare_args, format_table, prepare_config_from_args
 from autobits.calibrate import CalibrationError
+from autobits.io import write_json_atomic
+from autobits.pipeline import PrepareConfig, prepare
 
 __all__ = ["register", "cmd_features"]
 
@@ -36,20 +39,11 @@ _SUMMARY = (
 
 def register(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Add ``features`` to the CLI's subparsers."""
-    from autobits.cli import add_model_args
-
     p = sub.add_parser("features", help="per-tensor sensitivity features and candidate table")
-    add_model_args(p)
-    p.add_argument("--text", default="stdlib",
-                   help="calibration text: stdlib (default), debian-handbook, or a text file")
-    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--calib-windows", type=int, default=8,
-                   help="calibration windows, taken from the start of the text (default 8)")
-    p.add_argument("--fisher-windows", type=int, default=4,
-                   help="of those, windows that also measure the output Fisher by a backward "
-                   "pass (default 4; 0: unweighted proxy)")
-    p.add_argument("--imatrix", action="store_true",
-                   help="quantize candidates with the calibration's importance vectors")
+    add_prepare_args(p, eval_windows=False)
+    p.add_argument("--fisher-windows", type=int, default=PrepareConfig.fisher_windows,
+                   help="of the calibration windows, those that also measure the output Fisher "
+                   f"by a backward pass (default {PrepareConfig.fisher_windows}; 0: unweighted proxy)")
     p.add_argument("--workers", type=int, default=None,
                    help="threads quantizing candidates (default: CPU count)")
     p.add_argument("--calibration", metavar="NPZ", help="reuse a saved calibration")
@@ -61,53 +55,22 @@ def register(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     return {"features": cmd_features}
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    if args.ctx < 2:
-        raise CalibrationError(f"--ctx must be at least 2 tokens, got {args.ctx}")
-    if args.calib_windows < 1:
-        raise CalibrationError(f"--calib-windows must be at least 1, got {args.calib_windows}")
-    if args.fisher_windows < 0:
-        raise CalibrationError(f"--fisher-windows must be 0 or more, got {args.fisher_windows}")
-    if args.fisher_windows > args.calib_windows:
-        raise CalibrationError(f"--fisher-windows ({args.fisher_windows}) exceeds "
-                               f"--calib-windows ({args.calib_windows})")
-    if args.workers is not None and args.workers < 1:
-        raise CalibrationError(f"--workers must be at least 1, got {args.workers}")
-
-
 def cmd_features(args: argparse.Namespace) -> int:
-    from autobits.allocation import write_json_atomic
-    from autobits.calibrate import Calibration, calibrate
-    from autobits.cli import format_table
-    from autobits.features import build_candidates, extract_features
+    from autobits.calibrate import Calibration
     from autobits.model import load_model
 
-    _check_args(args)
-    progress = not args.no_progress
+    if args.workers is not None and args.workers < 1:
+        raise CalibrationError(f"--workers must be at least 1, got {args.workers}")
+    cfg = dataclasses.replace(prepare_config_from_args(args, eval_windows=0),
+                              fisher_windows=args.fisher_windows)
     lm = load_model(args.model)
-    t0 = time.perf_counter()
-    text_info = None
-    if args.calibration:
-        calib = Calibration.load(args.calibration, lm=lm)
-    else:
-        from autobits.text import load_text, make_windows
-
-        corpus = load_text(args.text)
-        split = make_windows(corpus, lm.tokenizer, ctx=args.ctx).split(
-            calib=args.calib_windows, eval=0)
-        text_info = split.to_json()
-        calib = calibrate(lm, split.calib, fisher_windows=args.fisher_windows, progress=progress)
+    calib = Calibration.load(args.calibration, lm=lm) if args.calibration else None
+    prep = prepare(cfg, lm=lm, calibration=calib, progress=not args.no_progress,
+                   workers=args.workers)
+    calib, table, feats = prep.calib, prep.table, prep.features
     if args.save_calibration:
         calib.save(args.save_calibration)
-    t_calib = time.perf_counter() - t0
-    t = time.perf_counter()
-    table = build_candidates(lm, calib, imatrix=args.imatrix, workers=args.workers,
-                             progress=progress)
-    t_cand = time.perf_counter() - t
-    t = time.perf_counter()
-    feats = extract_features(lm, calib, table)
-    t_feat = time.perf_counter() - t
-
+    t_calib, t_cand, t_feat = (prep.timings.get(k, 0.0) for k in ("calibrate", "candidates", "features"))
     rows = []
     for name in feats.names:
         f, r = feats.row(name), feats.raw[name]
@@ -123,11 +86,13 @@ def cmd_features(args: argparse.Namespace) -> int:
     print(f"time: calibration {t_calib:.1f}s, candidates {t_cand:.1f}s, features {t_feat:.1f}s")
     timing = {"calibration": t_calib, "candidates": t_cand, "features": t_feat}
     if args.json:
+        text_info = None if args.calibration else prep.split.to_json()
         payload = feats.to_json() | {
             "calibration": {"windows": calib.n_windows, "ctx": calib.ctx,
                             "fisher_tokens": calib.fisher_tokens, "text": text_info},
-            "weighting": weighting, "timing": timing,
-        }  # fmt: skip
+            "weighting": weighting,
+            "timing": timing,
+        }
         write_json_atomic(args.json, payload)
         print(f"features written to {args.json}")
     if args.csv:

@@ -1,0 +1,194 @@
+"""Command-line options and the one place they become the library's configs.
+
+Every command and bench that takes these options adds them with the ``add_*`` functions
+and turns them into typed configs with the ``*_from_args`` functions, so the defaults, the
+help texts and the validation live once:
+
+* :func:`add_prepare_args` / :func:`prepare_config_from_args` -> :class:`PrepareConfig`
+  (model, text, windows, fold, imatrix);
+* :func:`add_budget_args` / :func:`budget_from_args` -> :class:`Budget`;
+* :func:`add_agent_args` / :func:`agent_config_from_args` -> the agent's config dataclass
+  (:class:`~autobits.agents.OptunaConfig`, :class:`~autobits.agents.SACConfig`);
+* :func:`add_ray_args` / :func:`ray_options_from_args` -> :class:`RayOptions`;
+* :func:`search_config_from_args` -> the whole :class:`~autobits.app.workflow.SearchConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from autobits.allocation import Budget
+from autobits.cluster import RayOptions
+from autobits.errors import AutobitsError
+from autobits.pipeline import PrepareConfig
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "add_model_args",
+    "add_text_args",
+    "add_budget_args",
+    "budget_from_args",
+    "add_prepare_args",
+    "prepare_config_from_args",
+    "add_agent_args",
+    "agent_config_from_args",
+    "add_ray_args",
+    "ray_options_from_args",
+    "search_config_from_args",
+    "format_table",
+]
+
+DEFAULT_MODEL = "smollm2-135m"
+_PREPARE_DEFAULTS = PrepareConfig()
+
+
+def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    """A plain-text table: left-aligned columns, a dashed rule under the header."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def add_model_args(p: argparse.ArgumentParser, *, default: str | None = DEFAULT_MODEL) -> None:
+    p.add_argument(
+        "--model", default=default,
+        help="built-in name (smollm2-135m, gemma3-270m), GGUF file or Hugging Face folder "
+        f"(default: {default or 'the one named by the input file'})",
+    )
+
+
+def add_text_args(p: argparse.ArgumentParser, *, windows: bool = True) -> None:
+    """``--text``, ``--ctx`` and (``windows``) the held-out ``--windows``."""
+    d = _PREPARE_DEFAULTS
+    p.add_argument("--text", default=d.text,
+                   help=f"{d.text} (default), debian-handbook, or a path to a text file")
+    p.add_argument("--ctx", type=int, default=d.ctx,
+                   help=f"window length in tokens (default {d.ctx})")
+    if windows:
+        p.add_argument("--windows", type=int, default=d.eval_windows,
+                       help=f"held-out evaluation windows (default {d.eval_windows})")
+
+
+def add_budget_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--target-bpw", type=float, help="target file-level bits per weight")
+    g.add_argument("--max-bytes", type=int, help="maximum tensor bytes of the file")
+
+
+def budget_from_args(args: argparse.Namespace) -> Budget | None:
+    """The budget of ``--target-bpw`` / ``--max-bytes``; None when neither was given."""
+    if args.target_bpw is None and args.max_bytes is None:
+        return None
+    return Budget(target_bpw=args.target_bpw, max_bytes=args.max_bytes)
+
+
+def add_prepare_args(p: argparse.ArgumentParser, *, model: bool = True,
+                     eval_windows: bool = True) -> None:
+    """Model, text and measurement options (``model=False``: no ``--model``, for commands
+    that name several; ``eval_windows=False``: no ``--windows``, for those that measure no
+    held-out text)."""
+    d = _PREPARE_DEFAULTS
+    if model:
+        add_model_args(p)
+    add_text_args(p, windows=eval_windows)
+    p.add_argument("--calib-windows", type=int, default=d.calib_windows,
+                   help=f"calibration windows (from the start of the text; default {d.calib_windows})")
+    p.add_argument("--reward-windows", type=int, default=d.reward_windows,
+                   help=f"calibration windows the search reward is measured on (default {d.reward_windows})")
+    p.add_argument("--reward-ctx", type=int, default=d.reward_ctx,
+                   help=f"tokens of each reward window (default {d.reward_ctx})")
+    p.add_argument("--select-windows", type=int, default=d.select_windows,
+                   help="calibration windows (after the reward ones, full --ctx) on which an "
+                        "agent's best allocations are re-measured before one is chosen; 0 "
+                        f"trusts the reward slice alone (default {d.select_windows})")
+    p.add_argument("--fold", action="store_true",
+                   help=f"apply Scale Folding (searched for {d.fold_format}) before quantizing")
+    p.add_argument("--imatrix", action="store_true",
+                   help="quantize with calibration importance vectors (llama.cpp's imatrix)")
+
+
+def prepare_config_from_args(args: argparse.Namespace, *, model: str | None = None,
+                             eval_windows: int | None = None) -> PrepareConfig:
+    """The :class:`PrepareConfig` of :func:`add_prepare_args`'s options (``model`` and
+    ``eval_windows`` override the options, for commands that measure several models or no
+    held-out text)."""
+    d = _PREPARE_DEFAULTS
+    ctx = args.ctx
+    windows = getattr(args, "windows", d.eval_windows) if eval_windows is None else eval_windows
+    return PrepareConfig(
+        model=model or args.model, text=args.text, ctx=ctx, calib_windows=args.calib_windows,
+        eval_windows=windows, reward_windows=min(args.reward_windows, args.calib_windows),
+        reward_ctx=min(args.reward_ctx, ctx), select_windows=args.select_windows,
+        fold=args.fold, imatrix=args.imatrix,
+    )
+
+
+def add_agent_args(p: argparse.ArgumentParser) -> None:
+    """The agents' command-line hyperparameters (the rest keep their config defaults)."""
+    from autobits.agents import OptunaConfig, SACConfig
+
+    g = p.add_argument_group("agents")
+    g.add_argument("--evals", type=int, default=300,
+                   help="evaluations for the learning agents (default 300)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--sampler", default=OptunaConfig.sampler,
+                   choices=("tpe", "cmaes", "gp", "random"),
+                   help=f"Optuna sampler (default {OptunaConfig.sampler})")
+    g.add_argument("--space", default=OptunaConfig.space,
+                   choices=("groups", "offsets", "categorical"),
+                   help=f"Optuna search space (default {OptunaConfig.space})")
+    g.add_argument("--sac-action", default=SACConfig.action,
+                   choices=("absolute", "residual", "sensitivity"),
+                   help=f"SAC action mapping (default {SACConfig.action})")
+    g.add_argument("--pretrain-episodes", type=int, default=SACConfig.pretrain_episodes,
+                   help=f"SAC episodes on the proxy reward first (default {SACConfig.pretrain_episodes})")
+
+
+def agent_config_from_args(agent: str, args: argparse.Namespace):
+    """The config of ``agent`` from :func:`add_agent_args`'s options (None for a solver)."""
+    from autobits.agents import OptunaConfig, SACConfig
+
+    if agent == "optuna":
+        return OptunaConfig(sampler=args.sampler, space=args.space)
+    if agent == "sac":
+        return SACConfig(action=args.sac_action, pretrain_episodes=args.pretrain_episodes)
+    return None
+
+
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    """``--address``, ``--workers`` and ``--worker-threads`` (a "Ray" argument group)."""
+    g = p.add_argument_group("Ray (distributed evaluation)")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster to run the evaluations on (host:port of its head, or "
+                   "'auto'); default: $RAY_ADDRESS inside a Ray job; with only --workers N, "
+                   "an embedded local Ray (no dashboard) that stops when the search ends")
+    g.add_argument("--workers", type=int, default=None,
+                   help="evaluator actors (default with --address or in a Ray job: the "
+                   "cluster's CPUs // --worker-threads; without: none, the search evaluates "
+                   "in this process; 0: never Ray)")
+    g.add_argument("--worker-threads", type=int, default=1,
+                   help="torch threads (and Ray CPUs) per evaluator actor (default 1)")
+
+
+def ray_options_from_args(args: argparse.Namespace) -> RayOptions:
+    return RayOptions(address=args.address, workers=args.workers,
+                      worker_threads=args.worker_threads)
+
+
+def search_config_from_args(args: argparse.Namespace):
+    """The :class:`~autobits.app.workflow.SearchConfig` of ``autobits search``'s options."""
+    from autobits.app.workflow import SearchConfig
+
+    budget = budget_from_args(args)
+    if budget is None:
+        raise AutobitsError("search needs a budget: --target-bpw B or --max-bytes N")
+    gguf = None if args.gguf is None else (Path(args.gguf) if args.gguf else True)
+    return SearchConfig(
+        prepare=prepare_config_from_args(args), budget=budget, allocator=args.agent,
+        agent=agent_config_from_args(args.agent, args), evals=args.evals, seed=args.seed,
+        out=Path(args.out), gguf=gguf, resume=args.resume, ray=ray_options_from_args(args),
+    )

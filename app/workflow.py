@@ -1,0 +1,323 @@
+"""The whole search job behind one library call.
+
+    outcome = search(SearchConfig(prepare=PrepareConfig(model="smollm2-135m"),
+                                  budget=Budget(target_bpw=4.5), allocator="optuna",
+                                  agent=OptunaConfig(sampler="tpe"), evals=300,
+                                  out=Path("runs/x"), gguf=True))
+
+does, in order: check every output path and the Ray address before the slow work; load the
+model and check the budget; :func:`~autobits.pipeline.prepare` it; allocate with the
+:class:`Allocator` named by ``allocator`` (a solver, or an agent warm-started from greedy,
+searching on the reward slice, its best answers re-measured on the selection slice); measure
+the answer and the other solvers at the same budget on the held-out windows; write
+``allocation.json``, ``metrics.json``, ``report.md`` with its plots and, with ``gguf``, the
+GGUF file.  The CLI (``autobits search``), the Ray job entrypoint and the benches call it;
+nothing else writes this sequence out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from autobits.agents import AGENTS, SearchProblem, SearchResult, make_agent
+from autobits.agents.base import AgentConfigError
+from autobits.agents.selection import select
+from autobits.allocation import Allocation, Budget
+from autobits.cluster import RayOptions, cluster_evaluate_factory
+from autobits.errors import AutobitsError
+from autobits.evaluate import Metrics
+from autobits.io import write_json_atomic
+from autobits.pipeline import PrepareConfig, Prepared, prepare
+from autobits.solvers import SOLVERS, solve
+
+__all__ = ["SearchConfig", "SearchOutcome", "Allocated", "Allocator", "SolverAllocator",
+           "AgentAllocator", "allocator_names", "make_allocator", "search", "check_out_dir"]
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ allocators
+@dataclass
+class Allocated:
+    """What an allocator answers: the allocation, its reward-slice metrics, and for a search
+    agent the search record (history, selection); None for a solver."""
+
+    allocation: Allocation
+    reward: Metrics | None
+    search: SearchResult | None = None
+
+
+class Allocator(Protocol):
+    """A solver or a search agent: ``allocate(prepared, limit_bytes=...) -> Allocated``."""
+
+    name: str
+
+    def allocate(self, prepared: Prepared, *, limit_bytes: int) -> Allocated: ...
+
+
+@dataclass(frozen=True)
+class SolverAllocator:
+    """A non-learned solver (:data:`autobits.solvers.SOLVERS`): one allocation, measured once
+    on the reward slice for the report."""
+
+    name: str
+
+    def allocate(self, prepared: Prepared, *, limit_bytes: int) -> Allocated:
+        alloc = solve(self.name, prepared.table, limit_bytes=limit_bytes)
+        return Allocated(allocation=alloc, reward=prepared.reward(alloc))
+
+
+@dataclass(frozen=True)
+class AgentAllocator:
+    """A search agent warm-started from the greedy solver; its best answers are re-measured
+    on the selection slice before one is chosen (:func:`~autobits.agents.selection.select`).
+
+    :param name: registered agent name (:data:`autobits.agents.AGENTS`)
+    :param config: the agent's config dataclass (None: its defaults)
+    :param evals: evaluations on the reward slice
+    :param seed: random seed of the search
+    :param ray: where the evaluations run (SAC evaluates in this process only)
+    :param out_dir: the run folder (the agent's journal or checkpoints live there)
+    :param resume: continue an interrupted search in ``out_dir``
+    """
+
+    name: str
+    config: Any = None
+    evals: int = 300
+    seed: int = 0
+    ray: RayOptions = field(default_factory=RayOptions)
+    out_dir: Path | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in AGENTS:
+            raise AgentConfigError(f"agent {self.name!r} is not available; built: {sorted(AGENTS)}")
+        if self.evals < 1:
+            raise AgentConfigError(f"--evals must be at least 1, got {self.evals}")
+        if self.name == "sac" and self.ray.uses_ray:
+            raise AgentConfigError(
+                "--agent sac evaluates in this process (one environment, one evaluation per "
+                "episode); --address/--workers apply to --agent optuna"
+            )
+
+    def allocate(self, prepared: Prepared, *, limit_bytes: int) -> Allocated:
+        agent = make_agent(self.name, self.config)
+        warm = solve("greedy", prepared.table, limit_bytes=limit_bytes)
+        many, close = cluster_evaluate_factory(prepared, self.ray)
+        try:
+            problem = SearchProblem(table=prepared.table, features=prepared.features,
+                                    limit_bytes=limit_bytes, evaluate=prepared.reward,
+                                    warm_start=warm, evaluate_many=many)
+            result = agent.search(problem, evals=self.evals, seed=self.seed,
+                                  out_dir=self.out_dir, resume=self.resume)
+        finally:
+            close()
+        if prepared.config.select_windows > 0:
+            result = select(result, measure=prepared.select, warm_start=warm)
+        return Allocated(allocation=result.best, reward=result.best_metrics, search=result)
+
+
+def allocator_names() -> tuple[str, ...]:
+    """Every name ``allocator=`` accepts: the solvers, then the agents."""
+    return tuple(SOLVERS) + tuple(sorted(AGENTS))
+
+
+def make_allocator(name: str, *, agent: Any = None, evals: int = 300, seed: int = 0,
+                   ray: RayOptions | None = None, out_dir: Path | None = None,
+                   resume: bool = False) -> Allocator:
+    """The :class:`Allocator` called ``name``; a solver takes no agent config."""
+    ray = ray or RayOptions()
+    if name in SOLVERS:
+        if agent is not None:
+            raise AgentConfigError(f"{name!r} is a solver; it takes no agent config")
+        if ray.uses_ray:
+            raise AgentConfigError(f"{name!r} is a solver: it evaluates nothing on Ray "
+                                   f"(--address/--workers apply to the agents)")
+        return SolverAllocator(name)
+    return AgentAllocator(name=name, config=agent, evals=evals, seed=seed, ray=ray,
+                          out_dir=out_dir, resume=resume)
+
+
+# ------------------------------------------------------------------ the job
+@dataclass(frozen=True)
+class SearchConfig:
+    """One search job.
+
+    :param prepare: how the model is measured (model, text, windows, fold, imatrix)
+    :param budget: the size budget (bits per weight or bytes, over the whole file)
+    :param allocator: a solver (``uniform``, ``llamacpp``, ``greedy``, ``ilp``) or an agent
+        (``optuna``, ``sac``)
+    :param agent: the agent's config dataclass (None: its defaults; solvers take none)
+    :param evals: evaluations of an agent's search
+    :param seed: random seed of an agent's search
+    :param out: run folder for allocation.json, metrics.json, report.md (None: write nothing)
+    :param gguf: also export the answer as GGUF: True for ``OUT/<model>-<bpw>bpw.gguf``, a
+        path, or None for no export
+    :param resume: continue an interrupted agent search in ``out``
+    :param ray: where an agent's evaluations run
+    :param baselines: solvers measured on the held-out windows at the same budget for the
+        report (those equal to ``allocator`` are skipped)
+    """
+
+    prepare: PrepareConfig
+    budget: Budget
+    allocator: str = "greedy"
+    agent: Any = None
+    evals: int = 300
+    seed: int = 0
+    out: Path | None = None
+    gguf: Path | bool | None = None
+    resume: bool = False
+    ray: RayOptions = field(default_factory=RayOptions)
+    baselines: tuple[str, ...] = tuple(SOLVERS)
+
+    def __post_init__(self) -> None:
+        if self.allocator not in allocator_names():
+            raise AgentConfigError(
+                f"allocator must be one of {', '.join(allocator_names())}, got {self.allocator!r}"
+            )
+        bad = sorted(set(self.baselines) - set(SOLVERS))
+        if bad:
+            raise AgentConfigError(f"baselines must be solvers {tuple(SOLVERS)}, got {bad}")
+        if not (self.gguf is None or self.gguf is True or isinstance(self.gguf, Path)):
+            raise AutobitsError(f"gguf must be True, a Path or None, got {self.gguf!r}")
+        if self.gguf is True and self.out is None:
+            raise AutobitsError("gguf=True writes into the run folder: give out too")
+        if self.resume and self.out is None:
+            raise AutobitsError("resume continues the search in its run folder: give out too")
+
+    def allocator_for(self) -> Allocator:
+        return make_allocator(self.allocator, agent=self.agent, evals=self.evals, seed=self.seed,
+                              ray=self.ray, out_dir=self.out, resume=self.resume)
+
+
+@dataclass
+class SearchOutcome:
+    """What :func:`search` found, measured and wrote."""
+
+    allocation: Allocation
+    #: held-out metrics of the answer
+    heldout: Metrics
+    #: reward-slice metrics of the answer (what the search optimised)
+    reward: Metrics | None
+    #: the agent's search record (history, selection); None for a solver
+    search: SearchResult | None
+    #: solver name -> (allocation, held-out metrics) at the same budget
+    baselines: dict[str, tuple[Allocation, Metrics]]
+    limit_bytes: int
+    prepared: Prepared
+    #: "allocation", "metrics", "report" (+ plots), "gguf" -> the files written
+    paths: dict[str, Path] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def metrics_json(self, config: SearchConfig) -> dict:
+        """The ``metrics.json`` payload: the answer's held-out metrics and how they were had."""
+        p = self.prepared
+        payload = {**self.heldout.to_json(), "model": p.lm.name, "agent": config.allocator,
+                   "budget": config.budget.describe(), "limit_bytes": self.limit_bytes,
+                   "text": p.split.to_json(), "timings": {**p.timings, **self.timings},
+                   "baselines": {n: m.to_json() for n, (_, m) in self.baselines.items()}}
+        if self.search is not None and "selection" in self.search.meta:
+            payload["selection"] = self.search.meta["selection"]
+        if "gguf" in self.paths:
+            payload["gguf"] = str(self.paths["gguf"])
+        return payload
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse a run folder that cannot be written before any slow work starts."""
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise AutobitsError(f"--out {str(out)!r}: {str(probe)!r} is a file, expected a folder")
+    import os
+
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise AutobitsError(f"--out {str(out)!r}: folder {str(probe)!r} is not writable")
+
+
+def _gguf_path(config: SearchConfig, model: str, alloc: Allocation) -> Path | None:
+    if config.gguf is None:
+        return None
+    if config.gguf is True:
+        return config.out / f"{Path(model).name}-{alloc.bpw:.2f}bpw.gguf"
+    return Path(config.gguf)
+
+
+def search(config: SearchConfig, *, lm=None, prepared: Prepared | None = None) -> SearchOutcome:
+    """Run one search job (see the module docstring); returns what it found and wrote.
+
+    ``lm`` reuses a loaded model, ``prepared`` a prepared one (then ``config.prepare`` must
+    be the config it was prepared with).
+    """
+    allocator = config.allocator_for()  # a bad agent config fails here, before any work
+    if config.out is not None:
+        check_out_dir(config.out)
+    if isinstance(config.gguf, Path) and not config.gguf.parent.is_dir():
+        raise AutobitsError(f"--gguf: output folder {str(config.gguf.parent)!r} does not exist")
+    if prepared is not None and prepared.config != config.prepare:
+        raise AutobitsError("prepared was made with another PrepareConfig than config.prepare")
+
+    if prepared is None:
+        if lm is None:
+            from autobits.model import load_model
+
+            lm = load_model(config.prepare.model)
+        limit = config.budget.check_feasible(lm.specs, config.prepare.formats)
+        prepared = prepare(config.prepare, lm=lm)
+    else:
+        limit = config.budget.check_feasible(prepared.lm.specs, config.prepare.formats)
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    got = allocator.allocate(prepared, limit_bytes=limit)
+    timings["allocate"] = time.perf_counter() - t
+    alloc = got.allocation
+
+    t = time.perf_counter()
+    heldout = prepared.heldout(alloc)
+    baselines: dict[str, tuple[Allocation, Metrics]] = {}
+    for method in config.baselines:
+        if method == config.allocator:
+            continue
+        try:
+            b = solve(method, prepared.table, limit_bytes=limit)
+        except AutobitsError as e:  # e.g. no llama.cpp preset fits this budget
+            log.info("baseline %s skipped: %s", method, e)
+            continue
+        baselines[method] = (b, prepared.heldout(b))
+    timings["heldout"] = time.perf_counter() - t
+
+    outcome = SearchOutcome(allocation=alloc, heldout=heldout, reward=got.reward,
+                            search=got.search, baselines=baselines, limit_bytes=limit,
+                            prepared=prepared, timings=timings)
+    if config.out is not None:
+        _write(outcome, config)
+    return outcome
+
+
+def _write(outcome: SearchOutcome, config: SearchConfig) -> None:
+    from autobits.app.report import write_report
+    from autobits.exports.gguf import export_gguf
+
+    out, p = config.out, outcome.prepared
+    outcome.paths["allocation"] = outcome.allocation.save(out / "allocation.json")
+    gguf_path = _gguf_path(config, p.lm.name, outcome.allocation)
+    if gguf_path is not None:
+        t = time.perf_counter()
+        outcome.paths["gguf"] = export_gguf(p.lm, outcome.allocation, gguf_path,
+                                            importance=p.importance())
+        outcome.timings["gguf"] = time.perf_counter() - t
+    outcome.paths.update(write_report(
+        name=config.allocator, allocation=outcome.allocation, reward=outcome.reward,
+        search=outcome.search, out_dir=out, heldout=outcome.heldout,
+        baselines=outcome.baselines, specs=p.lm.specs, limit_bytes=outcome.limit_bytes,
+    ))
+    outcome.paths["metrics"] = write_json_atomic(out / "metrics.json", outcome.metrics_json(config))

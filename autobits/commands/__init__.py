@@ -1,1 +1,0 @@
-"""Subcommands of the autobits CLI, one module per family (see autobits.cli.COMMAND_MODULES)."""
