@@ -24,6 +24,8 @@ from autobits.app.options import (
     format_table,
 )
 from autobits.errors import AutobitsError
+from autobits.io import write_json_atomic
+from autobits.pipeline import PrepareConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -55,8 +57,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"file size range {lo:,}..{hi:,} bytes ({lo * 8 / n:.3f}..{hi * 8 / n:.3f} bpw)"
     )
     if args.json:
-        from autobits.io import write_json_atomic
-
         write_json_atomic(args.json, {
             "model": lm.name, "architecture": lm.architecture, "params": n,
             "tensors": [
@@ -73,15 +73,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from autobits.allocation import Allocation
     from autobits.evaluate import Evaluator
+    from autobits.formats import get_format
     from autobits.model import load_model
-    from autobits.pipeline import PrepareConfig, prepare
+    from autobits.pipeline import prepare
     from autobits.text import load_text, make_windows
 
     if args.packed:
         return _eval_packed(args)
     if args.windows < 1:
         raise AutobitsError(f"--windows must be at least 1, got {args.windows}")
+    if args.uniform:  # a bad input fails before the model loads
+        get_format(args.uniform)
+    if args.allocation:
+        Allocation.read(args.allocation)
+    corpus = load_text(args.text)
     lm = load_model(args.model or DEFAULT_MODEL)
+    lm.check_context(args.ctx)
     if args.allocation:
         alloc = Allocation.load(args.allocation, lm.specs, lm.name)
     else:
@@ -93,8 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             fold=True)
         split = prepare(cfg, lm=lm, candidates=False).split
     else:
-        split = make_windows(load_text(args.text), lm.tokenizer, ctx=args.ctx).split(
-            calib=0, eval=args.windows)
+        split = make_windows(corpus, lm.tokenizer, ctx=args.ctx).split(calib=0, eval=args.windows)
     t0 = time.perf_counter()
     ev = Evaluator(lm, split.eval, llama_numerics=args.llama_numerics)
     ref_s = time.perf_counter() - t0
@@ -121,7 +127,6 @@ def _eval_packed(args: argparse.Namespace) -> int:
     a CUDA machine, the torch reference otherwise; ``--model`` None: the manifest's model)."""
     import torch
 
-    from autobits.io import write_json_atomic
     from autobits.app.packed_eval import evaluate_packed
 
     backend = args.backend
@@ -155,7 +160,7 @@ COMMAND_MODULES = (features, search, export, agents, cluster)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="autobits", description="Mixed-precision quantization search for language models."
     )
     parser.add_argument("--version", action="version", version=f"autobits {__version__}")
@@ -182,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_text_args(p)
     p.add_argument("--fold", action="store_true",
                    help="apply Scale Folding (calibrated on the start of the text) first")
-    p.add_argument("--calib-windows", type=int, default=8,
-                   help="calibration windows for --fold (default 8)")
+    p.add_argument("--calib-windows", type=int, default=PrepareConfig.calib_windows,
+                   help=f"calibration windows for --fold (default {PrepareConfig.calib_windows})")
     p.add_argument("--llama-numerics", action="store_true",
                    help="round activations as llama.cpp's CPU matmuls do (8-bit blocks per the "
                    "weight's format), to match `autobits judge --kv-type f32`")
@@ -192,6 +197,27 @@ def build_parser() -> argparse.ArgumentParser:
     for mod in COMMAND_MODULES:
         COMMANDS.update(mod.register(sub))
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error shape: one line on stderr, exit code 2 (no usage
+    dump); ``--help`` still prints the usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)}\n")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _os_message(e: OSError) -> str:
+    """``'path': reason`` for a failed read or write (unwritable folder, full disk...)."""
+    where = e.filename if e.filename is not None else None
+    reason = e.strerror or type(e).__name__
+    if where is None:
+        return _one_line(f"{reason}: {e}")
+    return _one_line(f"{str(where)!r}: {reason}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -204,11 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except AutobitsError as e:
-        print(f"autobits {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        message = _one_line(e)
+    except OSError as e:  # what the user's paths and disk cause: never a traceback
+        message = _os_message(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    print(f"autobits {args.command}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -190,5 +190,6 @@ def search_config_from_args(args: argparse.Namespace):
     return SearchConfig(
         prepare=prepare_config_from_args(args), budget=budget, allocator=args.agent,
         agent=agent_config_from_args(args.agent, args), evals=args.evals, seed=args.seed,
-        out=Path(args.out), gguf=gguf, resume=args.resume, ray=ray_options_from_args(args),
+        out=Path(args.out), gguf=gguf, resume=args.resume, force=args.force,
+        ray=ray_options_from_args(args),
     )

@@ -18,6 +18,7 @@ nothing else writes this sequence out.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,9 @@ class SearchConfig:
     :param gguf: also export the answer as GGUF: True for ``OUT/<model>-<bpw>bpw.gguf``, a
         path, or None for no export
     :param resume: continue an interrupted agent search in ``out``
+    :param force: write into a non-empty ``out`` (files of an earlier run are replaced, an
+        agent's journal or checkpoints started afresh); without it a non-empty ``out`` is
+        refused unless resuming, so no run silently mixes with or destroys another
     :param ray: where an agent's evaluations run
     :param baselines: solvers measured on the held-out windows at the same budget for the
         report (those equal to ``allocator`` are skipped)
@@ -172,6 +176,7 @@ class SearchConfig:
     out: Path | None = None
     gguf: Path | bool | None = None
     resume: bool = False
+    force: bool = False
     ray: RayOptions = field(default_factory=RayOptions)
     baselines: tuple[str, ...] = tuple(SOLVERS)
 
@@ -189,6 +194,9 @@ class SearchConfig:
             raise AutobitsError("gguf=True writes into the run folder: give out too")
         if self.resume and self.out is None:
             raise AutobitsError("resume continues the search in its run folder: give out too")
+        if self.resume and self.force:
+            raise AutobitsError("--resume continues the run in --out, --force starts it afresh: "
+                                "give one of them")
 
     def allocator_for(self) -> Allocator:
         return make_allocator(self.allocator, agent=self.agent, evals=self.evals, seed=self.seed,
@@ -228,19 +236,23 @@ class SearchOutcome:
         return payload
 
 
-def check_out_dir(out: Path) -> None:
-    """Refuse a run folder that cannot be written before any slow work starts."""
+def check_out_dir(out: Path, *, resume: bool = False, force: bool = False) -> None:
+    """Refuse a run folder that cannot be written, or that holds another run (unless
+    ``resume`` continues it or ``force`` replaces it), before any slow work starts."""
     probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
+    while not probe.exists() and probe.parent != probe:
         probe = probe.parent
-    if probe.exists() and not probe.is_dir():
+    if not probe.is_dir():
         raise AutobitsError(f"--out {str(out)!r}: {str(probe)!r} is a file, expected a folder")
-    import os
-
-    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+    if not os.access(probe, os.W_OK | os.X_OK):
         raise AutobitsError(f"--out {str(out)!r}: folder {str(probe)!r} is not writable")
+    if probe == out and any(out.iterdir()) and not (resume or force):
+        raise AutobitsError(
+            f"--out {str(out)!r} is not empty (an earlier run?): give a new folder, --resume "
+            f"to continue that search, or --force to replace its files"
+        )
+    if resume and not out.is_dir():
+        raise AutobitsError(f"--resume: run folder {str(out)!r} does not exist")
 
 
 def _gguf_path(config: SearchConfig, model: str, alloc: Allocation) -> Path | None:
@@ -259,7 +271,9 @@ def search(config: SearchConfig, *, lm=None, prepared: Prepared | None = None) -
     """
     allocator = config.allocator_for()  # a bad agent config fails here, before any work
     if config.out is not None:
-        check_out_dir(config.out)
+        check_out_dir(config.out, resume=config.resume, force=config.force)
+    if config.ray.uses_ray:
+        config.ray.check_reachable()  # a wrong --address fails now, not after prepare
     if isinstance(config.gguf, Path) and not config.gguf.parent.is_dir():
         raise AutobitsError(f"--gguf: output folder {str(config.gguf.parent)!r} does not exist")
     if prepared is not None and prepared.config != config.prepare:

@@ -188,6 +188,14 @@ class Allocation:
     @classmethod
     def load(cls, path: str | os.PathLike, specs: Sequence[TensorSpec], model: str) -> "Allocation":
         """Read an allocation file and validate it against ``specs`` (sizes are recounted)."""
+        payload = cls.read(path)
+        return cls.build(model, specs, payload["tensors"], meta=payload["meta"])
+
+    @staticmethod
+    def read(path: str | os.PathLike) -> dict:
+        """An allocation file's JSON, checked for everything that needs no model: that it
+        parses, its schema version, format names as strings, ``meta`` an object (commands
+        call it before loading the model, then :meth:`load`)."""
         p = Path(path)
         if not p.is_file():
             raise AllocationError(f"allocation file {str(p)!r} does not exist")
@@ -204,7 +212,18 @@ class Allocation:
             raise AllocationError(
                 f"allocation file {str(p)!r} has version {version!r}, expected {ALLOCATION_VERSION}"
             )
-        return cls.build(model, specs, payload["tensors"], meta=payload.get("meta") or {})
+        bad = [(t, f) for t, f in payload["tensors"].items() if not isinstance(f, str)]
+        if bad:
+            raise AllocationError(
+                f"allocation file {str(p)!r}: tensor {bad[0][0]!r} has format {bad[0][1]!r}, "
+                f"expected a format name (a string)"
+            )
+        meta = payload.setdefault("meta", {})
+        if not isinstance(meta, dict):
+            raise AllocationError(
+                f"allocation file {str(p)!r}: 'meta' is a {type(meta).__name__}, expected an object"
+            )
+        return payload
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ __all__ = [
     "FoldStats", "Site", "apply_fold", "collect_site_stats", "fold", "fold_scales", "fold_state",
     "folded_calibration", "max_relative_logit_diff", "replace_reference", "site_error",
     "site_plan",
-]  # fmt: skip
+]
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def site_plan(lm: LoadedModel) -> tuple[Site, ...]:
                  norm=p + "ffn_norm.weight", norm_offset=offset),
             Site(p + "ffn_out", b, "ffn_out", (p + "ffn_down.weight",), d_ff,
                  rows=(p + "ffn_up.weight",)),
-        ]  # fmt: skip
+        ]
     o_in = lm.spec(f"blk.{blocks[0]}.attn_output.weight").shape[1] if blocks else 0
     if blocks and o_in != n_heads * head_dim:
         raise FoldError(f"attn_output reads {o_in} channels, expected {n_heads}x{head_dim}")
@@ -362,7 +362,7 @@ def folded_calibration(calib: Any, lm: LoadedModel) -> Any:
             st, sq_mean=st.sq_mean / se**2, abs_mean=st.abs_mean / se,
             abs_max=st.abs_max / se, x4_mean=st.x4_mean / se**4,
             h=(st.h / np.outer(se, se)).astype(np.float32),
-        )  # fmt: skip
+        )
         for n in site.rows:
             if n in gains:
                 gains[n] = gains[n] * s**2
@@ -444,7 +444,7 @@ class FoldGroup:
     def to_json(self, *, scales: bool = False) -> dict:
         d = {k: getattr(self, k) for k in (
             "site", "block", "kind", "alpha", "beta", "error_before", "error_after", "energy",
-            "scale_min", "scale_max")}  # fmt: skip
+            "scale_min", "scale_max")}
         d |= {"consumers": list(self.consumers), "compensated": list(self.compensated),
               "grid": [list(g) for g in self.grid], "gain": self.gain}
         if scales:
@@ -491,7 +491,7 @@ class FoldReport:
             "tokens": self.tokens, "seconds": self.seconds, "folded": self.folded,
             "error_before": self.error_before, "error_after": self.error_after,
             "groups": [g.to_json(scales=scales) for g in self.groups],
-        }  # fmt: skip
+        }
 
 
 # ------------------------------------------------------------------------------ fold
@@ -534,7 +534,7 @@ def _search(lm: LoadedModel, site: Site, st: FoldStats, fmt: str,
         compensated=site.compensated, alpha=alpha, beta=beta, error_before=before,
         error_after=err, energy=energy, grid=tuple((al, be, e) for e, al, be, _ in scored),
         scale_min=float(s.min()), scale_max=float(s.max()), scales=s,
-    )  # fmt: skip
+    )
 
 
 def fold(
@@ -580,7 +580,7 @@ def fold(
         betas=tuple(sorted({float(b) for b in betas})), imatrix=bool(imatrix),
         tokens=max((stats[s.id].tokens for s in sites), default=0),
         seconds=0.0, groups=tuple(groups),
-    )  # fmt: skip
+    )
     apply_fold(lm, report.scales())  # also marks lm as folded
     seconds = time.perf_counter() - t0
     log.info("folded %d of %d sites for %s: calibration error %.4g -> %.4g (%.1fs)",

@@ -21,7 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Callable, Iterator, Mapping
 
-__all__ = ["atomic_path", "write_atomic", "write_json_atomic", "atomic_dir", "file_mode"]
+from autobits.errors import AutobitsError
+
+__all__ = ["OutputError", "atomic_path", "write_atomic", "write_json_atomic", "atomic_dir",
+           "file_mode"]
 
 
 def _umask() -> int:
@@ -35,24 +38,39 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+class OutputError(AutobitsError):
+    """A file or folder that cannot be written (missing or read-only folder, full disk)."""
+
+
+def _output_error(path: Path, e: OSError) -> OutputError:
+    return OutputError(f"cannot write {str(path)!r}: {e.strerror or e}")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on a clean exit it is renamed to ``path``.
 
     The folder is created if missing.  On an exception the temporary file is removed and
-    ``path`` is left as it was.
+    ``path`` is left as it was; an operating-system error while writing (a full disk, a
+    read-only folder) is an :class:`OutputError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None or Path(e.filename) in (path, tmp, path.parent):
+            raise _output_error(path, e) from e
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[IO], None], *,
@@ -87,8 +105,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     place (restored if the rename fails); on an exception the temporary folder is removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise _output_error(path, e) from e
     old = None
     try:
         yield tmp

@@ -125,6 +125,20 @@ class LoadedModel:
     def n_params(self) -> int:
         return sum(s.numel for s in self.specs)
 
+    @property
+    def context_length(self) -> int | None:
+        """The context the model was trained for (None when its config does not say)."""
+        n = getattr(self.model.config, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def check_context(self, ctx: int) -> None:
+        """Refuse windows longer than the trained context (positions past it are untrained)."""
+        n = self.context_length
+        if n is not None and ctx > n:
+            raise ModelLoadError(
+                f"--ctx {ctx} exceeds the trained context of {self.name!r} ({n} tokens)"
+            )
+
     def spec(self, name: str) -> TensorSpec:
         for s in self.specs:
             if s.name == name:
@@ -242,7 +256,7 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
         arch = info.architecture
         src_dir = _converted_folder(path)
         kwargs = {"local_files_only": True}
-    log.info("loading %s (%s) from %s", name_or_path, arch, path)
+    log.debug("loading %s (%s) from %s", name_or_path, arch, path)
     tokenizer, model = _from_pretrained(src_dir, path, kwargs)
     model.eval()
     model.requires_grad_(False)
@@ -252,6 +266,11 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
     specs = _hf_specs(arch, model, tied)
     if info is not None:
         specs = _reconcile_with_gguf(specs, info)
+    for pname, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise ModelLoadError(
+                f"{str(path)!r}: weight {pname!r} contains NaN or Inf; expected finite weights"
+            )
     name = str(name_or_path)
     return LoadedModel(
         name=name, path=path, architecture=arch, model=model, tokenizer=tokenizer,

@@ -168,15 +168,18 @@ def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: boo
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
+    corpus = load_text(config.text)  # a missing or empty text fails before the model loads
+    timings["text"] = time.perf_counter() - t
+    t = time.perf_counter()
     if lm is None:
         lm = load_model(config.model)
     timings["load"] = time.perf_counter() - t
+    lm.check_context(config.ctx)
 
     t = time.perf_counter()
-    corpus = load_text(config.text)
     windows = make_windows(corpus, lm.tokenizer, ctx=config.ctx)
     split = windows.split(calib=config.calib_windows, eval=config.eval_windows)
-    timings["text"] = time.perf_counter() - t
+    timings["text"] += time.perf_counter() - t
 
     t = time.perf_counter()
     if calibration is not None:

@@ -53,7 +53,7 @@ __all__ = [
     "HANDBOOK_DIR", "SOURCES", "Corpus", "TextError", "WindowSplit", "Windows", "adds_bos",
     "handbook_text", "html_to_text", "load_text", "make_windows", "stdlib_module_names",
     "stdlib_text", "tokenize",
-]  # fmt: skip
+]
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class WindowSplit:
         keys = ("corpus", "sha256", "ctx", "add_bos", "n_windows")
         return {k: getattr(self, k) for k in keys} | {
             "calib_ids": list(self.calib_ids), "eval_ids": list(self.eval_ids)
-        }  # fmt: skip
+        }
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,7 +172,7 @@ class Windows:
             _readonly(self.tokens[:calib].copy()), _readonly(self.tokens[n - eval :].copy()),
             tuple(range(calib)), tuple(range(n - eval, n)),
             corpus=self.corpus, sha256=self.sha256, ctx=ctx, add_bos=self.add_bos, n_windows=n,
-        )  # fmt: skip
+        )
 
 
 # The collector runs in a fresh interpreter (``python -I -S``: no site-packages, no
@@ -266,7 +266,7 @@ def _stdlib_docs() -> tuple[tuple[str, ...], str]:
     log.info(
         "stdlib text: %d modules, %d docstrings, %d characters in %.2f s",
         len(out["modules"]), out["docstrings"], len(text), time.perf_counter() - t0,
-    )  # fmt: skip
+    )
     return tuple(out["modules"]), text
 
 
@@ -426,7 +426,7 @@ def handbook_text(directory: str | os.PathLike[str] = HANDBOOK_DIR) -> str:
     log.info(
         "debian-handbook text: %d pages, %d characters in %.2f s",
         len(pages), len(text), time.perf_counter() - t0,
-    )  # fmt: skip
+    )
     return text
 
 
@@ -470,7 +470,7 @@ def load_text(source: str | os.PathLike[str] | None = None) -> Corpus:
             f"text source must be {' or '.join(map(repr, SOURCES))} or a file path, got {source!r}"
         )
     log.info("loaded text %r: %d characters, sha256 %.12s", corpus.name, len(corpus.text),
-             corpus.sha256)  # fmt: skip
+             corpus.sha256)
     return corpus
 
 
@@ -586,10 +586,10 @@ def make_windows(
     log.info(
         "tokenised %r: %d characters -> %d tokens in %.2f s; %d windows of %d tokens%s",
         corpus.name, len(corpus.text), len(ids), seconds, n, ctx, " (BOS first)" if add_bos else "",
-    )  # fmt: skip
+    )
     if n == 0:
         log.warning("text %r gives no window of %d tokens (%d)", corpus.name, ctx, len(stream))
     return Windows(
         corpus.name, corpus.sha256, ctx, _readonly(tokens), add_bos=bool(add_bos),
         bos_token_id=None if bos is None else int(bos), text_tokens=len(ids),
-    )  # fmt: skip
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable
@@ -53,6 +54,23 @@ class RayOptions:
             )
         if self.worker_threads < 1:
             raise AutobitsError(f"--worker-threads must be at least 1, got {self.worker_threads}")
+
+    def check_reachable(self, *, timeout: float = 5.0) -> None:
+        """Fail fast on an ``address`` nothing answers at (a TCP connection to its host:port),
+        before a search prepares its model; ``"auto"``, an embedded Ray and a Ray job's own
+        ``$RAY_ADDRESS`` are not probed."""
+        if not self.address or self.address == "auto":
+            return
+        hostport = self.address.split("://", 1)[-1].rstrip("/")
+        host, sep, port = hostport.rpartition(":")
+        if not sep or not port.isdigit():
+            raise AutobitsError(f"--address must be host:port (or 'auto'), got {self.address!r}")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+        except OSError as e:
+            raise AutobitsError(
+                f"--address {self.address}: no Ray head answers there ({e.strerror or e})"
+            ) from None
 
     @property
     def uses_ray(self) -> bool:

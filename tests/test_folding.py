@@ -52,7 +52,7 @@ def qwen2_folder(tmp_path_factory, smol_tokenizer):
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=512, tie_word_embeddings=False,
         bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id,
-    )  # fmt: skip
+    )
     model = transformers.Qwen2ForCausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -75,7 +75,7 @@ def gemma3_folder(tmp_path_factory, smol_tokenizer):
         max_position_embeddings=512, sliding_window=16,
         bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id,
         pad_token_id=smol_tokenizer.eos_token_id,
-    )  # fmt: skip
+    )
     model = transformers.Gemma3ForCausalLM(cfg)
     _randomize_norms(model, 2)
     return _save(model, tmp_path_factory.mktemp("tiny-gemma3"), smol_tokenizer)

@@ -109,7 +109,7 @@ def test_stdlib_corpus_identical_in_a_fresh_interpreter():
     out = subprocess.run(
         [sys.executable, "-c", STDLIB_SHA_SNIPPET.format(repo=str(REPO))],
         capture_output=True, text=True, env=env, timeout=120, check=True,
-    )  # fmt: skip
+    )
     sha, n = out.stdout.split()
     assert (sha, int(n)) == (here.sha256, len(here.text))
 
@@ -219,13 +219,13 @@ def test_html_to_text_keeps_inline_code_and_drops_pre_and_navigation():
         "cell one cell two",
     ]
     gone = ("Reading package lists", "script text", "navigation", "Prev", "ebook", "Page title",
-            "color: red", "1.1. Section")  # fmt: skip
+            "color: red", "1.1. Section")
     for dropped in gone:
         assert dropped not in text
 
 
 @pytest.mark.skipif(not HANDBOOK_DIR.is_dir(), reason="debian-handbook not installed "
-                    "(apt-get install -y debian-handbook)")  # fmt: skip
+                    "(apt-get install -y debian-handbook)")
 def test_debian_handbook_extraction():
     c = load_text("debian-handbook")
     assert c.name == "debian-handbook"
@@ -331,7 +331,7 @@ def test_split_takes_calib_from_start_eval_from_end():
     assert record == {
         "corpus": "t", "sha256": w.sha256, "ctx": 10, "add_bos": True, "n_windows": n,
         "calib_ids": [0, 1, 2, 3, 4], "eval_ids": [n - 3, n - 2, n - 1],
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("calib,eval_", [(0, 4), (4, 0), (2, 2), (0, 0)])

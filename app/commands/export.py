@@ -43,6 +43,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.gguf or args.packed)
     if not out.parent.is_dir():  # before the slow model load
         raise AutobitsError(f"output folder {str(out.parent)!r} does not exist")
+    Allocation.read(args.allocation)
     lm = load_model(args.model)
     alloc = Allocation.load(args.allocation, lm.specs, lm.name)
     importance = None

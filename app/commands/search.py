@@ -55,6 +55,9 @@ def register(sub) -> dict:
                    help="solver or agent (default greedy)")
     add_agent_args(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out, replacing an earlier run's files (and "
+                   "starting an agent's journal afresh)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--gguf", nargs="?", const="", default=None, metavar="PATH",
                    help="also export the allocation as a GGUF file (default path: "
