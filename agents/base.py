@@ -100,9 +100,15 @@ class SearchResult:
 
 
 class Agent(Protocol):
-    """Search agents: ``search(problem, evals=N, seed=S, out_dir=DIR) -> SearchResult``."""
+    """Search agents: ``search(problem, evals=N, seed=S, out_dir=DIR) -> SearchResult``.
+
+    ``batched``: the agent measures batches through ``problem.evaluate_many`` when it is
+    given (so Ray evaluator actors help it); an agent that evaluates one allocation at a
+    time in its own loop says False.
+    """
 
     name: ClassVar[str]
+    batched: ClassVar[bool]
 
     def search(
         self, problem: SearchProblem, *, evals: int, seed: int, out_dir: Path | None = None,

@@ -228,6 +228,7 @@ class OptunaAgent:
     :class:`OptunaConfig`."""
 
     name: ClassVar[str] = "optuna"
+    batched: ClassVar[bool] = True
 
     def __init__(self, config: OptunaConfig | None = None) -> None:
         config = OptunaConfig() if config is None else config

@@ -331,6 +331,7 @@ class SACAgent:
     configured by a :class:`SACConfig`."""
 
     name = "sac"
+    batched = False  # one environment, one evaluation per episode
 
     def __init__(self, config: SACConfig | None = None):
         c = SACConfig() if config is None else config

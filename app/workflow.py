@@ -99,16 +99,18 @@ class AgentAllocator:
             raise AgentConfigError(f"agent {self.name!r} is not available; built: {sorted(AGENTS)}")
         if self.evals < 1:
             raise AgentConfigError(f"--evals must be at least 1, got {self.evals}")
-        if self.name == "sac" and self.ray.uses_ray:
+        if not AGENTS[self.name].cls.batched and self.ray.requested:
+            batched = sorted(n for n, a in AGENTS.items() if a.cls.batched)
             raise AgentConfigError(
-                "--agent sac evaluates in this process (one environment, one evaluation per "
-                "episode); --address/--workers apply to --agent optuna"
+                f"--agent {self.name} evaluates in this process (one allocation at a time); "
+                f"--address/--workers apply to --agent {'/'.join(batched)}"
             )
 
     def allocate(self, prepared: Prepared, *, limit_bytes: int) -> Allocated:
         agent = make_agent(self.name, self.config)
         warm = solve("greedy", prepared.table, limit_bytes=limit_bytes)
-        many, close = cluster_evaluate_factory(prepared, self.ray)
+        many, close = (cluster_evaluate_factory(prepared, self.ray) if AGENTS[self.name].cls.batched
+                       else (None, lambda: None))
         try:
             problem = SearchProblem(table=prepared.table, features=prepared.features,
                                     limit_bytes=limit_bytes, evaluate=prepared.reward,
@@ -135,7 +137,7 @@ def make_allocator(name: str, *, agent: Any = None, evals: int = 300, seed: int 
     if name in SOLVERS:
         if agent is not None:
             raise AgentConfigError(f"{name!r} is a solver; it takes no agent config")
-        if ray.uses_ray:
+        if ray.requested:
             raise AgentConfigError(f"{name!r} is a solver: it evaluates nothing on Ray "
                                    f"(--address/--workers apply to the agents)")
         return SolverAllocator(name)

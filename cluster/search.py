@@ -73,6 +73,12 @@ class RayOptions:
             ) from None
 
     @property
+    def requested(self) -> bool:
+        """Ray asked for on the command line (``address`` or ``workers`` > 0), not merely
+        available (``$RAY_ADDRESS`` inside a Ray job)."""
+        return bool(self.address or self.workers)
+
+    @property
     def uses_ray(self) -> bool:
         """Ray only when asked for: an address, workers > 0, or inside a Ray job."""
         if self.workers == 0:
