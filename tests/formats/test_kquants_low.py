@@ -200,13 +200,13 @@ def test_make_q3_quants_matches_scalar_port():
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_fast_paths_and_chunking_do_not_change_bytes(name, monkeypatch):
-    from autobits.formats import kquants_low
+    from autobits.formats import ggml, kquants_low
 
     fmt = get_format(name)
     x = _rows(9, nrows=24, row=512)
     imp = _importance(10, 512)
     want = [fmt.quantize(x), fmt.quantize(x, imp)]
-    monkeypatch.setattr(kquants_low, "_SAFE_ABS", np.float32(0))  # always the exact rounding
+    monkeypatch.setattr(ggml, "FAST_ROUNDING", False)  # always the exact rounding
     monkeypatch.setattr(kquants_low, "_BLOCK_CHUNK", 5)
     monkeypatch.setattr(kquants_low, "_REQ_CHUNK", 3)
     got = [fmt.quantize(x), fmt.quantize(x, imp)]
