@@ -16,10 +16,11 @@ Q8_0      34     d, qs[32] (int8)                                      ``q_j * d
 fifth bit of value ``j`` is bit ``j`` of the little-endian uint32 ``qh``.
 
 Without importance the bytes are identical to ggml's ``quantize_row_q*_ref`` (and gguf-py's
-``gguf.quants.quantize``).  With an importance vector they are identical to llama.cpp's
+``gguf.quants.quantize``); Q4_0 ... Q5_1 take the fast paths of
+:mod:`autobits.formats.legacy_fast` there.  With an importance vector they are identical to llama.cpp's
 imatrix path (``quantize_q4_0`` -> ``quantize_row_q4_0_impl`` ...): every value gets the
 weight ``importance_j * sqrt(sigma2 + x_j**2)`` where ``sigma2`` is the mean square of the
-value's *whole row*, then Q4_0/Q5_0 use ``make_qx_quants(rmse_type=1)`` and Q4_1/Q5_1 use
+value's *whole row* (the format hook receives the tensor's row length), then Q4_0/Q5_0 use ``make_qx_quants(rmse_type=1)`` and Q4_1/Q5_1 use
 ``make_qkx3_quants(rmin=-0.9, rdelta=0.05, nstep=36)``.  Q8_0 ignores importance, as ggml does.
 
 All arithmetic is float32 in the C code's order (sums run over the within-block or within-row
