@@ -169,6 +169,15 @@ def _pack_q3_codes(L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return hmask, _pack_2bit(L)
 
 
+def _clamp(a: np.ndarray, lo, hi) -> np.ndarray:
+    """In-place ``MAX(lo, MIN(hi, a))`` (np.clip's wrapper costs more; NumPy's min/max are
+    much faster against an array than against a scalar)."""
+    if a.dtype == np.float32 and a.size > 4096:  # (small arrays: the lookup costs more)
+        lo, hi = const(lo, a.shape), const(hi, a.shape)
+    np.maximum(a, lo, out=a)
+    return np.minimum(a, hi, out=a)
+
+
 def _requantize(blocks, xt, d, m, lo, hi, offset, search_codes) -> np.ndarray:
     """Final codes ``clamp(nearest_int((x + m) / d), lo, hi) + offset`` of every value.
 
@@ -416,15 +425,6 @@ def _q3_events(x, w, wx, lf, sums, nmax: int, sweeps: int) -> None:
     lf[:, c] = lv
     sums[0, c] = sx
     sums[1, c] = s2
-
-
-def _clamp(a: np.ndarray, lo, hi) -> np.ndarray:
-    """In-place ``MAX(lo, MIN(hi, a))`` (np.clip's wrapper costs more; NumPy's min/max are
-    much faster against an array than against a scalar)."""
-    if a.dtype == np.float32 and a.size > 4096:  # (small arrays: the lookup costs more)
-        lo, hi = const(lo, a.shape), const(hi, a.shape)
-    np.maximum(a, lo, out=a)
-    return np.minimum(a, hi, out=a)
 
 
 def _q3_sweep_small(x, w, wx, la, sums, changed, nmax) -> None:
