@@ -301,7 +301,7 @@ def _q3_search(xt: np.ndarray, nmax: int, do_rmse: bool) -> tuple[np.ndarray, _Q
         np.multiply(iscale, x, out=lf)
         np.rint(lf, out=lf)
         np.clip(lf, np.float32(-nmax), np.float32(nmax - 1), out=lf)
-        if do_rmse:
+        if do_rmse and live.size:  # (no live sub-block: nothing to refine)
             sc = _q3_descent(x, lf, nmax, history)
         else:
             sc = np.float32(1) / iscale
