@@ -5,8 +5,6 @@ Import side effects register every format class with :mod:`autobits.formats.base
 
 from __future__ import annotations
 
-import importlib
-
 from autobits.formats.base import (
     FORMAT_TABLE,
     Format,
@@ -17,15 +15,8 @@ from autobits.formats.base import (
     quantize,
 )
 
-# Each module registers its classes on import; a module not written yet is skipped so the
-# registry holds exactly the formats that exist.
-for _mod in ("floats", "legacy", "iq4nl", "kquants", "kquants_low", "packed"):
-    try:
-        importlib.import_module(f"autobits.formats.{_mod}")
-    except ModuleNotFoundError as _e:  # pragma: no cover - only while a module is missing
-        if _e.name != f"autobits.formats.{_mod}":
-            raise
-del _mod
+# Importing a format module registers its classes (listings follow FORMAT_TABLE order).
+from autobits.formats import floats, iq4nl, kquants, kquants_low, legacy, packed  # noqa: F401
 
 __all__ = [
     "FORMAT_TABLE",

@@ -8,10 +8,12 @@ does not divide a tensor's row length is never valid for that tensor.
 
 Subclasses implement two vectorised hooks over a whole tensor at once:
 
-* ``_quantize_blocks(blocks, importance)``: ``blocks`` is ``float32 (n_blocks, block_size)``;
+* ``_quantize_blocks(blocks, importance, *, row_length)``: ``blocks`` is
+  ``float32 (n_blocks, block_size)``, the tensor's rows cut into blocks in order;
   ``importance`` is ``None`` or ``float32 (n_blocks, block_size)`` (the per-input-channel
-  importance vector broadcast over rows, as llama.cpp's imatrix).  Returns
-  ``uint8 (n_blocks, type_size)``.
+  importance vector broadcast over rows, as llama.cpp's imatrix); ``row_length`` is the
+  tensor's row length (a multiple of ``block_size``), for formats whose blocks depend on
+  statistics of their whole row.  Returns ``uint8 (n_blocks, type_size)``.
 * ``_dequantize_blocks(data)``: ``uint8 (n_blocks, type_size)`` -> ``float32 (n_blocks, block_size)``.
 
 Subclassing registers the format under its ``name`` (like gguf-py's ``quants.py``).
@@ -86,9 +88,18 @@ class NonFiniteInput(FormatError):
 
 
 def _all_finite(x: np.ndarray) -> bool:
-    from autobits.formats._lanes import all_finite  # the fast check lives with the fast paths
+    """``np.isfinite(x).all()`` without a full boolean temporary in the common case.
 
-    return all_finite(x)
+    ``x . x`` is finite only if every value is finite (NaN and inf propagate; a sum of
+    squares never cancels); a huge but finite tensor may overflow it, then the exact
+    check decides.
+    """
+    flat = np.asarray(x).reshape(-1)
+    if flat.dtype == np.float32 and flat.size:
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(np.dot(flat, flat)):
+                return True
+    return bool(np.isfinite(flat).all())
 
 
 class Format:
@@ -167,7 +178,7 @@ class Format:
             nrows = blocks.shape[0] * self.block_size // row
             imp = np.broadcast_to(imp, (nrows, row)).reshape(-1, self.block_size)
         try:
-            out = self._quantize_blocks(blocks, imp)
+            out = self._quantize_blocks(blocks, imp, row_length=row)
         except NonFiniteInput:
             raise FormatError(self._not_finite(tensor)) from None
         return out.reshape(x.shape[:-1] + (row // self.block_size * self.type_size,))
@@ -189,7 +200,9 @@ class Format:
         return self._dequantize_blocks(blocks).reshape(shape)
 
     # ------------------------------------------------------------------ hooks
-    def _quantize_blocks(self, blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    def _quantize_blocks(
+        self, blocks: np.ndarray, importance: np.ndarray | None, *, row_length: int
+    ) -> np.ndarray:
         raise NotImplementedError
 
     def _dequantize_blocks(self, data: np.ndarray) -> np.ndarray:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from autobits.formats import _lanes as lanes
 from autobits.formats.base import Format
+from autobits.formats.ggml import fp16_bits
 
 __all__ = ["F32", "F16", "BF16", "fp32_to_bf16_bits", "bf16_bits_to_fp32"]
 
@@ -57,7 +57,9 @@ class F32(Format):
 
     name = "F32"
 
-    def _quantize_blocks(self, blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    def _quantize_blocks(
+        self, blocks: np.ndarray, importance: np.ndarray | None, *, row_length: int
+    ) -> np.ndarray:
         x = np.ascontiguousarray(blocks, dtype="<f4")
         return x.view(np.uint8).reshape(x.shape[0], 4)
 
@@ -71,8 +73,10 @@ class F16(Format):
 
     name = "F16"
 
-    def _quantize_blocks(self, blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        h = lanes.fp16_bits(np.ascontiguousarray(blocks, dtype=np.float32).reshape(-1))
+    def _quantize_blocks(
+        self, blocks: np.ndarray, importance: np.ndarray | None, *, row_length: int
+    ) -> np.ndarray:
+        h = fp16_bits(np.ascontiguousarray(blocks, dtype=np.float32).reshape(-1))
         return h.astype("<u2", copy=False).view(np.uint8).reshape(-1, 2)
 
     def _dequantize_blocks(self, data: np.ndarray) -> np.ndarray:
@@ -85,7 +89,9 @@ class BF16(Format):
 
     name = "BF16"
 
-    def _quantize_blocks(self, blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    def _quantize_blocks(
+        self, blocks: np.ndarray, importance: np.ndarray | None, *, row_length: int
+    ) -> np.ndarray:
         b = _bf16_bits_finite(blocks).astype("<u2", copy=False)  # quantize() checked finiteness
         return b.view(np.uint8).reshape(-1, 2)
 

@@ -24,20 +24,20 @@ from __future__ import annotations
 import numpy as np
 
 from autobits.formats.base import Format
-from autobits.formats.legacy import (
+from autobits.formats.ggml import (
+    F32,
+    GROUP_MAX_EPS,
     first_absmax,
     fp16_bytes,
     fp16_from_bytes,
     pack_nibbles,
     safe_inverse,
-    seq_sum,
+    seqsum,
     unpack_nibbles,
 )
 
 __all__ = ["IQ4_NL", "KVALUES_IQ4NL", "best_index_iq4nl"]
 
-F32 = np.float32
-GROUP_MAX_EPS = F32(1e-15)
 NTRY = 7
 CHUNK = 4096  # blocks quantized together
 
@@ -91,7 +91,7 @@ def _fit(xt: np.ndarray, wt: np.ndarray, idv: np.ndarray):
     """
     q = _grid_value(idv[None, :] * xt)
     wq = wt * q
-    return seq_sum(wq * xt, axis=0), seq_sum(wq * q, axis=0)
+    return seqsum(wq * xt), seqsum(wq * q)
 
 
 def quantize_iq4_nl_blocks(blocks: np.ndarray, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +100,7 @@ def quantize_iq4_nl_blocks(blocks: np.ndarray, importance: np.ndarray | None) ->
     n, bs = x.shape
     xt = np.ascontiguousarray(x.T)
     if importance is not None:
-        sigma2 = seq_sum(xt * xt, axis=0) * (F32(2) / F32(bs))
+        sigma2 = seqsum(xt * xt) * (F32(2) / F32(bs))
         wt = np.ascontiguousarray(np.asarray(importance, dtype=F32).T) * np.sqrt(sigma2[None, :] + xt * xt)
     else:
         wt = xt * xt
@@ -132,7 +132,7 @@ class IQ4_NL(Format):
     name = "IQ4_NL"
     uses_importance = True
 
-    def _quantize_blocks(self, blocks, importance):
+    def _quantize_blocks(self, blocks, importance, *, row_length):
         out = np.empty((blocks.shape[0], self.type_size), dtype=np.uint8)
         # chunks keep the (32, chunk) temporaries cache-sized and the memory bounded
         for s in range(0, blocks.shape[0], CHUNK):

@@ -7,8 +7,8 @@ Ported from llama.cpp ``ggml/src/ggml-quants.c`` (block layouts from ``ggml-comm
   ``quantize_row_q{4,5,6}_K_impl``.
 
 Everything is vectorised over all blocks of a tensor (the only Python loops run over the
-positions inside a sub-block and over the search steps); the numerical helpers live in
-:mod:`autobits.formats._kmath`.  Internally sub-blocks are held transposed, ``(k, R)``
+positions inside a sub-block and over the search steps); the scale searches are those of
+:mod:`autobits.formats.kscales`, the rounding and sums those of :mod:`autobits.formats.ggml`.  Internally sub-blocks are held transposed, ``(k, R)``
 with ``R = n_blocks * sub_blocks_per_block`` and column ``r = block * nsub + j``.
 
 Block layouts (bytes)::
@@ -22,13 +22,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from autobits.formats import _kmath as km
 from autobits.formats.base import Format
+from autobits.formats.ggml import (
+    F32,
+    GROUP_MAX_EPS,
+    QK_K,
+    fp16_round,
+    half_bytes,
+    nearest_int,
+    rint_is_exact,
+    seqsum,
+)
+from autobits.formats.kscales import (
+    make_qkx2_quants_t,
+    make_qkx3_quants_t,
+    make_qp_quants_t,
+    make_qx_quants_t,
+)
 
-__all__ = ["Q4_K", "Q5_K", "Q6_K"]
-
-F32 = np.float32
-QK_K = 256
+__all__ = ["Q4_K", "Q5_K", "Q6_K", "pack_scale_min_k4", "get_scale_min_k4"]
 
 
 def _transpose_sub(a: np.ndarray, size: int) -> np.ndarray:
@@ -60,13 +72,12 @@ def _requantize(
     # when they are in range nearest_int is exactly rint
     ends_lo = (xt.min(axis=0) + offset if offset is not None else xt.min(axis=0)) / d
     ends_hi = (xt.max(axis=0) + offset if offset is not None else xt.max(axis=0)) / d
-    safe = km._FAST_ROUNDING and km._all_safe(ends_lo, ends_hi, ~valid)
-    if safe:
+    if rint_is_exact(ends_lo, ends_hi, ~valid):
         np.rint(v, out=v)
         np.clip(v, F32(lo), F32(hi), out=v)
         r = v
     else:
-        r = np.clip(km.nearest_int(v), lo, hi)
+        r = np.clip(nearest_int(v), lo, hi)
     if shift:
         r += shift
     out = levels.astype(np.uint8)
@@ -74,8 +85,32 @@ def _requantize(
     return out
 
 
-def _f16_bytes(h: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(h, dtype=np.float16).view(np.uint8).reshape(-1, 2)
+# ------------------------------------------------------ 6-bit scales of Q4_K / Q5_K
+def pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Pack 8 scales and 8 mins (6-bit, ``(n, 8)``) into the 12-byte ``scales`` field of
+    ``block_q4_K`` / ``block_q5_K``; inverse of :func:`get_scale_min_k4`.
+
+    Reproduces the C byte arithmetic exactly, also for values above 63.
+    """
+    ls = np.asarray(ls).astype(np.int32)
+    lm = np.asarray(lm).astype(np.int32)
+    out = np.empty((ls.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = (ls[:, 0:4] | (((ls[:, 4:8] >> 4) << 6) & 0xFF)) & 0xFF
+    out[:, 4:8] = (lm[:, 0:4] | (((lm[:, 4:8] >> 4) << 6) & 0xFF)) & 0xFF
+    out[:, 8:12] = ((ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)) & 0xFF
+    return out
+
+
+def get_scale_min_k4(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unpack the 12-byte K ``scales`` field ``(n, 12)`` into (scales, mins), ``(n, 8)`` uint8."""
+    q = np.asarray(q, dtype=np.uint8)
+    sc = np.empty((q.shape[0], 8), dtype=np.uint8)
+    mn = np.empty((q.shape[0], 8), dtype=np.uint8)
+    sc[:, 0:4] = q[:, 0:4] & 63
+    mn[:, 0:4] = q[:, 4:8] & 63
+    sc[:, 4:8] = (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)
+    mn[:, 4:8] = (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)
+    return sc, mn
 
 
 # --------------------------------------------------------------------------- Q4_K / Q5_K
@@ -92,10 +127,10 @@ def _scale_min_quantize(
     with np.errstate(all="ignore"):
         if importance is None:
             # quantize_row_qX_K_ref: weights = rms(sub-block) + |x|, make_qkx2_quants
-            av_x = np.sqrt(km.seqsum(xt * xt) / F32(32))
+            av_x = np.sqrt(seqsum(xt * xt) / F32(32))
             wt = av_x + np.abs(xt)
             rmin, rdelta, nstep = ref
-            scales, mins, lt = km.make_qkx2_quants_t(xt, wt, nmax, rmin, rdelta, nstep, False)
+            scales, mins, lt = make_qkx2_quants_t(xt, wt, nmax, rmin, rdelta, nstep, False)
             scales = scales.reshape(n, 8)
             mins = mins.reshape(n, 8)
             max_scale = np.maximum(scales.max(axis=1), F32(0))
@@ -103,34 +138,34 @@ def _scale_min_quantize(
             inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0)).astype(F32)
             inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0)).astype(F32)
             # uint8 ls = nearest_int(...); ls = MIN(63, ls)
-            ls = np.minimum(km.nearest_int(inv_scale[:, None] * scales) & 0xFF, 63)
-            lm = np.minimum(km.nearest_int(inv_min[:, None] * mins) & 0xFF, 63)
-            d16, _ = km.fp16_round(max_scale / F32(63))
-            dmin16, _ = km.fp16_round(max_min / F32(63))
+            ls = np.minimum(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63)
+            lm = np.minimum(nearest_int(inv_min[:, None] * mins) & 0xFF, 63)
+            d16, _ = fp16_round(max_scale / F32(63))
+            dmin16, _ = fp16_round(max_min / F32(63))
         else:
             # quantize_row_qX_K_impl: weights = qw * sqrt(sigma2 + x^2), make_qkx3_quants,
             # then the 8 scales and 8 mins are themselves quantized with make_qp_quants
             bt = np.ascontiguousarray(blocks.T)  # (256, n)
-            sigma2 = F32(2) * km.seqsum(bt * bt) / F32(QK_K)
+            sigma2 = F32(2) * seqsum(bt * bt) / F32(QK_K)
             qwt = _transpose_sub(importance, 32)
             wt = qwt * np.sqrt(np.repeat(sigma2, 8) + xt * xt)
-            sw = km.seqsum(wt)
-            scales, mins, lt = km.make_qkx3_quants_t(xt, wt, nmax, -0.9, 0.05, 36, False)
+            sw = seqsum(wt)
+            scales, mins, lt = make_qkx3_quants_t(xt, wt, nmax, -0.9, 0.05, 36, False)
             swt = np.ascontiguousarray(sw.reshape(n, 8).T)
             st = np.ascontiguousarray(scales.reshape(n, 8).T)
             mt = np.ascontiguousarray(mins.reshape(n, 8).T)
-            d_block, ls_t = km.make_qp_quants_t(st, 63, swt)
-            m_block, lm_t = km.make_qp_quants_t(mt, 63, swt)
+            d_block, ls_t = make_qp_quants_t(st, 63, swt)
+            m_block, lm_t = make_qp_quants_t(mt, 63, swt)
             ls = ls_t.T.astype(np.int32)
             lm = lm_t.T.astype(np.int32)
             if nmax == 31:  # quantize_row_q5_K_impl clamps, q4_K_impl does not
                 ls = np.minimum(ls, 63)
                 lm = np.minimum(lm, 63)
-            d16, _ = km.fp16_round(d_block)
-            dmin16, _ = km.fp16_round(m_block)
+            d16, _ = fp16_round(d_block)
+            dmin16, _ = fp16_round(m_block)
 
-        packed = km.pack_scale_min_k4(ls, lm)
-        sc, m = km.get_scale_min_k4(packed)
+        packed = pack_scale_min_k4(ls, lm)
+        sc, m = get_scale_min_k4(packed)
         # requantize every sub-block with its final (fp16 x 6-bit) scale and min
         d = (d16.astype(F32)[:, None] * sc.astype(F32)).reshape(-1)
         dm = (dmin16.astype(F32)[:, None] * m.astype(F32)).reshape(-1)
@@ -143,7 +178,7 @@ def _dequant_scale_min(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = data.shape[0]
     d = data[:, 0:2].copy().view(np.float16).astype(F32)
     dmin = data[:, 2:4].copy().view(np.float16).astype(F32)
-    sc, m = km.get_scale_min_k4(data[:, 4:16])
+    sc, m = get_scale_min_k4(data[:, 4:16])
     return (d * sc.astype(F32)).reshape(n, 8, 1), (dmin * m.astype(F32)).reshape(n, 8, 1)
 
 
@@ -153,13 +188,15 @@ class Q4_K(Format):
     name = "Q4_K"
     uses_importance = True
 
-    def _quantize_blocks(self, blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    def _quantize_blocks(
+        self, blocks: np.ndarray, importance: np.ndarray | None, *, row_length: int
+    ) -> np.ndarray:
         n = blocks.shape[0]
         d16, dmin16, scales, L = _scale_min_quantize(blocks, importance, 15, (-1.0, 0.1, 20))
         L = L.reshape(n, 4, 2, 32)
         out = np.empty((n, self.type_size), dtype=np.uint8)
-        out[:, 0:2] = _f16_bytes(d16)
-        out[:, 2:4] = _f16_bytes(dmin16)
+        out[:, 0:2] = half_bytes(d16)
+        out[:, 2:4] = half_bytes(dmin16)
         out[:, 4:16] = scales
         out[:, 16:144] = (L[:, :, 0, :] | (L[:, :, 1, :] << 4)).reshape(n, 128)
         return out
@@ -179,15 +216,17 @@ class Q5_K(Format):
     name = "Q5_K"
     uses_importance = True
 
-    def _quantize_blocks(self, blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    def _quantize_blocks(
+        self, blocks: np.ndarray, importance: np.ndarray | None, *, row_length: int
+    ) -> np.ndarray:
         n = blocks.shape[0]
         d16, dmin16, scales, L = _scale_min_quantize(blocks, importance, 31, (-0.5, 0.1, 15))
         L = L.reshape(n, 8, 32)  # sub-block 2c+h is chunk c, half h
         low = (L & 0x0F).reshape(n, 4, 2, 32)
         high = L >> 4  # 0 or 1
         out = np.empty((n, self.type_size), dtype=np.uint8)
-        out[:, 0:2] = _f16_bytes(d16)
-        out[:, 2:4] = _f16_bytes(dmin16)
+        out[:, 0:2] = half_bytes(d16)
+        out[:, 2:4] = half_bytes(dmin16)
         out[:, 4:16] = scales
         qh = np.zeros((n, 32), dtype=np.uint8)
         for s in range(8):  # bit s of qh[l] is the high bit of sub-block s
@@ -213,20 +252,22 @@ class Q6_K(Format):
     name = "Q6_K"
     uses_importance = True
 
-    def _quantize_blocks(self, blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    def _quantize_blocks(
+        self, blocks: np.ndarray, importance: np.ndarray | None, *, row_length: int
+    ) -> np.ndarray:
         n = blocks.shape[0]
         xt = _transpose_sub(blocks, 16)  # (16, 16n)
         qwt = None if importance is None else _transpose_sub(importance, 16)
         with np.errstate(all="ignore"):
             # ref and impl share this: make_qx_quants(16, 32, x, L, 1, qw or NULL)
-            scales, lt = km.make_qx_quants_t(xt, 32, 1, qwt)
+            scales, lt = make_qx_quants_t(xt, 32, 1, qwt)
             S = scales.reshape(n, 16)
             imax = np.argmax(np.abs(S), axis=1)  # first largest |scale|
             max_scale = S[np.arange(n), imax]
-            zero = np.abs(max_scale) < km.GROUP_MAX_EPS
+            zero = np.abs(max_scale) < GROUP_MAX_EPS
             iscale = F32(-128) / max_scale
-            d16, d32 = km.fp16_round(F32(1) / iscale)
-            q = np.minimum(km.nearest_int(iscale[:, None] * S), 127)
+            d16, d32 = fp16_round(F32(1) / iscale)
+            q = np.minimum(nearest_int(iscale[:, None] * S), 127)
             q8 = (((q + 128) & 0xFF) - 128).astype(np.int8)  # int8 storage
             d = (d32[:, None] * q8.astype(F32)).reshape(-1)
             lt = _requantize(xt, None, d, -32, 31, 32, lt)
@@ -239,7 +280,7 @@ class Q6_K(Format):
         qh = hi[:, :, 0, :] | (hi[:, :, 1, :] << 2) | (hi[:, :, 2, :] << 4) | (hi[:, :, 3, :] << 6)
         out[:, 128:192] = qh.reshape(n, 64)
         out[:, 192:208] = q8.view(np.uint8)
-        out[:, 208:210] = _f16_bytes(d16)
+        out[:, 208:210] = half_bytes(d16)
         out[zero] = 0  # all-zero super-block: memset + d = 0
         return out
 

@@ -26,8 +26,9 @@ This is a port of ``ggml/src/ggml-quants.c``: without an importance vector the b
 are wrapped in ``np.float32``), ``nearest_int`` rounds half to even, and every sum is
 accumulated in C's order by looping over the small within-block axis in Python while each
 step is vectorised over all blocks of the tensor.  The helpers shared with the other
-k-quants (``make_qx_quants``, ``make_qkx2_quants``, ...) live in :mod:`autobits.formats._kmath`;
-``make_q3_quants``, used only by Q3_K, lives in :mod:`autobits.formats._q3`.
+k-quants (``make_qx_quants``, ``make_qkx2_quants``, ...) live in :mod:`autobits.formats.kscales`,
+the rounding, sums and fp16 conversions in :mod:`autobits.formats.ggml`; ``make_q3_quants``,
+Q3_K's own scale search and coordinate descent, is ported here with the format that uses it.
 """
 
 from __future__ import annotations
@@ -35,31 +36,40 @@ from __future__ import annotations
 import numpy as np
 
 from autobits.errors import FormatError
-from autobits.formats._kmath import (
+from autobits.formats import ggml
+from autobits.formats.base import Format
+from autobits.formats.ggml import (
+    GROUP_MAX_EPS,
+    QK_K,
+    SAFE_ABS,
+    const,
+    fp16_round,
+    half_bytes,
+    nearest_int,
+    seqsum,
+)
+from autobits.formats.kscales import (
     make_qkx2_quants_t,
     make_qkx3_quants_t,
     make_qp_quants,
     make_qx_quants,
     make_qx_quants_t,
-    nearest_int,
 )
-from autobits.formats._q3 import _clamp, _q3_search, _signed_absmax, make_q3_quants, make_q3_quants_t
-from autobits.formats.base import Format
 
 __all__ = ["Q2_K", "Q3_K", "make_q3_quants", "make_q3_quants_t"]
 
-QK_K = 256
 _SUB = 16  # values per sub-block
 _NSUB = QK_K // _SUB  # sub-blocks per super-block
-_GROUP_MAX_EPS = np.float32(1e-15)
 _F0 = np.float32(0.0)
-_HALF = np.float32(0.5)
 _SHIFT2 = np.array([0, 2, 4, 6], dtype=np.uint8)
 #: super-blocks quantized at a time (bounds the memory of big tensors)
 _BLOCK_CHUNK = 8192
 #: super-blocks per chunk of the final requantization (temporaries stay in cache)
 _REQ_CHUNK = 512
-_SAFE_ABS = np.float32(4194000.0)  # below 2**22 with margin: rint == nearest_int
+#: from this many columns on, a descent sweep first filters the candidates for a change
+_SMALL_SWEEP = 8192
+#: at most this many columns left: the remaining sweeps run change by change (_q3_events)
+_EVENTS = 1024
 
 
 # --------------------------------------------------------------------------- helpers
@@ -72,18 +82,6 @@ _SAFE_ABS = np.float32(4194000.0)  # below 2**22 with margin: rint == nearest_in
 def _to_columns(a: np.ndarray) -> np.ndarray:
     """``(nb, 256)`` super-blocks -> ``(16, 16 * nb)`` sub-block columns (contiguous copy)."""
     return np.ascontiguousarray(np.asarray(a, dtype=np.float32).reshape(-1, _SUB).T)
-
-
-def _seq_sum(a: np.ndarray) -> np.ndarray:
-    """Sum over axis 0 in C's order (``s = 0; s += a[0]; s += a[1]; ...``), in float32.
-
-    ``a`` is ``(k, n)``; the loop is over the short axis ``k`` and each step adds a whole
-    contiguous row, so it is both exact and fast (numpy's own ``sum`` is pairwise).
-    """
-    acc = np.zeros(a.shape[1:], dtype=np.float32)
-    for row in a:
-        acc += row
-    return acc
 
 
 def _block_sumsq(xt: np.ndarray) -> np.ndarray:
@@ -113,18 +111,7 @@ def _sigma_weights(
     for i in range(_SUB):
         np.sqrt(sigma2 + xt[i] * xt[i], out=wt[i])
         wt[i] *= qwt[i]
-    return wt, _seq_sum(wt)
-
-
-def _to_fp16(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``GGML_FP32_TO_FP16`` (round to nearest even) -> (raw uint16 bits, value as float32)."""
-    h = np.asarray(v, dtype=np.float32).astype(np.float16)
-    return h.view(np.uint16), h.astype(np.float32)
-
-
-def _fp16_bytes(bits: np.ndarray) -> np.ndarray:
-    """uint16 (n,) -> little-endian uint8 (n, 2)."""
-    return np.ascontiguousarray(bits, dtype="<u2").view(np.uint8).reshape(-1, 2)
+    return wt, seqsum(wt)
 
 
 def _pack_2bit(L: np.ndarray) -> np.ndarray:
@@ -182,6 +169,15 @@ def _pack_q3_codes(L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return hmask, _pack_2bit(L)
 
 
+def _clamp(a: np.ndarray, lo, hi) -> np.ndarray:
+    """In-place ``MAX(lo, MIN(hi, a))`` (np.clip's wrapper costs more; NumPy's min/max are
+    much faster against an array than against a scalar)."""
+    if a.dtype == np.float32 and a.size > 4096:  # (small arrays: the lookup costs more)
+        lo, hi = const(lo, a.shape), const(hi, a.shape)
+    np.maximum(a, lo, out=a)
+    return np.minimum(a, hi, out=a)
+
+
 def _requantize(blocks, xt, d, m, lo, hi, offset, search_codes) -> np.ndarray:
     """Final codes ``clamp(nearest_int((x + m) / d), lo, hi) + offset`` of every value.
 
@@ -196,9 +192,9 @@ def _requantize(blocks, xt, d, m, lo, hi, offset, search_codes) -> np.ndarray:
     out = np.empty((nb, QK_K), dtype=np.uint8)
     live = d != _F0
     amax = np.maximum(xt.max(axis=0), -xt.min(axis=0)).reshape(nb, _NSUB)
-    # |fl(fl(x + m) / d)| <= bound * (1 + 4 ulp) < 2**22 when bound < _SAFE_ABS
+    # |fl(fl(x + m) / d)| <= bound * (1 + 4 ulp) < 2**22 when bound < SAFE_ABS
     bound = (amax if m is None else amax + np.abs(m)) / np.abs(d)
-    fast = bool(np.all(bound[live] < _SAFE_ABS))  # NaN fails
+    fast = ggml.FAST_ROUNDING and bool(np.all(bound[live] < SAFE_ABS))  # NaN fails
     flo, fhi = np.float32(lo), np.float32(hi)
     for a in range(0, nb, _REQ_CHUNK):
         b = min(nb, a + _REQ_CHUNK)
@@ -222,21 +218,319 @@ def _requantize(blocks, xt, d, m, lo, hi, offset, search_codes) -> np.ndarray:
     return out
 
 
+# ------------------------------------------------------------------ make_q3_quants
+# Q3_K's sub-block search (without importance): ggml's ``make_q3_quants``, the symmetric
+# first guess refined by up to 5 sweeps of coordinate descent on the ``x**2``-weighted error.
+def _signed_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of ``x (k, n)``: ``(amax, max)`` with ``max`` the value at the FIRST index of
+    the largest ``|x|`` (C's ``if (ax > amax) { amax = ax; max = x[i]; }``).
+
+    The winner is the column's largest or smallest value, whichever is larger in magnitude;
+    only exact ties ``+a`` / ``-a`` need the position, and those few columns are resolved
+    explicitly.
+    """
+    hi = x.max(axis=0)
+    lo = x.min(axis=0)
+    amax = np.maximum(hi, -lo)
+    mx = np.where(hi >= -lo, hi, lo)
+    tie = np.flatnonzero((hi == -lo) & (hi > _F0))
+    if tie.size:
+        sub = x[:, tie]
+        first = np.argmax(np.abs(sub) == amax[tie], axis=0)
+        mx[tie] = sub[first, np.arange(tie.size)]
+    return amax, mx
+
+
+def make_q3_quants_t(
+    xt: np.ndarray, nmax: int, do_rmse: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised ``make_q3_quants`` on transposed input ``xt (k, n)`` (column = one sub-block).
+
+    Symmetric codes in ``[-nmax, nmax-1]``.  Returns ``(scale float32 (n,), L int8 (k, n))``
+    with ``L`` offset by ``+nmax`` (all-zero columns: scale 0 and ``L`` 0), as ggml.  With
+    ``do_rmse`` the codes are refined by ggml's coordinate descent on the ``x**2``-weighted
+    error in the same element order (see :func:`_q3_descent`).
+    """
+    xt = np.ascontiguousarray(xt, dtype=np.float32)
+    scale, levels = _q3_search(xt, nmax, do_rmse)
+    return scale, levels.codes(np.arange(xt.shape[1]))
+
+
+class _Q3Levels:
+    """The levels found by :func:`_q3_search`, resolved on demand.
+
+    The quantizer needs them only for sub-blocks whose final scale is zero, so instead of
+    writing every later sweep's levels back into the full array, each sweep's working set
+    is kept (``history``: column indices, sorted, and their levels) and looked up here.
+    """
+
+    def __init__(self, n: int, nmax: int, live: np.ndarray, lf: np.ndarray, history: list):
+        self.n, self.nmax, self.live, self.lf, self.history = n, nmax, live, lf, history
+
+    def codes(self, cols: np.ndarray) -> np.ndarray:
+        """Levels (offset by ``+nmax``) of columns ``cols``: int8 ``(k, len(cols))``."""
+        cols = np.asarray(cols, dtype=np.intp)
+        out = np.zeros((self.lf.shape[0], cols.size), dtype=np.int8)
+        where = np.full(self.n, -1, dtype=np.intp)
+        where[self.live] = np.arange(self.live.size)
+        pos = where[cols]
+        ok = pos >= 0  # all-zero columns keep L = 0
+        p = pos[ok]
+        vals = np.take(self.lf, p, axis=1)
+        for act, la in self.history:  # nested working sets: the last hit wins
+            j = np.minimum(np.searchsorted(act, p), act.size - 1)
+            hit = act[j] == p
+            if hit.any():
+                vals[:, hit] = np.take(la, j[hit], axis=1)
+        out[:, ok] = vals + np.float32(self.nmax)
+        return out
+
+
+def _q3_search(xt: np.ndarray, nmax: int, do_rmse: bool) -> tuple[np.ndarray, _Q3Levels]:
+    """``make_q3_quants`` over the columns of ``xt (k, n)``: ``(scale (n,), levels)``."""
+    k, n = xt.shape
+    amax, mx = _signed_absmax(xt)
+    live = np.flatnonzero(amax >= GROUP_MAX_EPS)  # ggml: all-zero -> scale 0, L 0
+    x = xt if live.size == n else np.take(xt, live, axis=1)
+    mx = mx if live.size == n else mx[live]
+    lf = np.empty(x.shape, dtype=np.float32)
+    history: list = []
+    with np.errstate(all="ignore"):
+        iscale = np.float32(-nmax) / mx
+        # |iscale * x| <= nmax (1 + 2 ulp) < 2**22: there rint is exactly nearest_int
+        np.multiply(iscale, x, out=lf)
+        np.rint(lf, out=lf)
+        np.clip(lf, np.float32(-nmax), np.float32(nmax - 1), out=lf)
+        if do_rmse and live.size:  # (no live sub-block: nothing to refine)
+            sc = _q3_descent(x, lf, nmax, history)
+        else:
+            sc = np.float32(1) / iscale
+    scale = np.zeros(n, dtype=np.float32)
+    scale[live] = sc
+    return scale, _Q3Levels(n, nmax, live, lf, history)
+
+
+def _q3_descent(x: np.ndarray, lf: np.ndarray, nmax: int, history: list) -> np.ndarray:
+    """The ``do_rmse`` part of ``make_q3_quants``: up to 5 sweeps of coordinate descent.
+
+    ``x (k, m)`` values, ``lf (k, m)`` initial levels (float32, no offset), refined in
+    place by the first sweep.  A column whose sweep changes nothing is final (the next
+    sweep would repeat it exactly), so each later sweep runs on the columns that changed
+    in the previous one; their levels go to ``history`` (see :class:`_Q3Levels`).
+    Returns the scales ``(m,)``.
+    """
+    k, m = x.shape
+    w = x * x  # C: w = x[i]*x[i]
+    wx = w * x
+    sums = np.empty((2, m), dtype=np.float32)  # C's sumlx, suml2
+    t = wx * lf  # C: sumlx += w*x[i]*l; suml2 += w*l*l (in order: seqsum)
+    sums[0] = seqsum(t)
+    np.multiply(w, lf, out=t)
+    t *= lf
+    sums[1] = seqsum(t)
+    changed = np.zeros(m, dtype=bool)
+    _q3_sweep(x, w, wx, lf, sums, changed, nmax)
+    act = np.flatnonzero(changed)
+    if act.size:
+        xa, wa, wxa, la, sa = (np.take(v, act, axis=1) for v in (x, w, wx, lf, sums))
+        for sweep in range(4):
+            small = act.size <= _EVENTS
+            if small:  # all the sweeps left at once (see _q3_events)
+                _q3_events(xa, wa, wxa, la, sa, nmax, 4 - sweep)
+            else:
+                changed = np.zeros(act.size, dtype=bool)
+                _q3_sweep(xa, wa, wxa, la, sa, changed, nmax)
+            sums[0, act], sums[1, act] = sa
+            history.append((act, la))
+            if small:
+                break
+            keep = np.flatnonzero(changed)
+            if keep.size == 0 or sweep == 3:
+                break
+            act = act[keep]
+            xa, wa, wxa, la, sa = (np.take(v, keep, axis=1) for v in (xa, wa, wxa, la, sa))
+    sumlx, suml2 = sums
+    scale = sumlx / suml2
+    scale[~(suml2 > _F0)] = 0
+    return scale
+
+
+def _q3_events(x, w, wx, lf, sums, nmax: int, sweeps: int) -> None:
+    """Up to ``sweeps`` sweeps of :func:`_q3_descent` for every column, change by change.
+
+    Within a sweep the sums stay put until a level changes, so testing every remaining
+    position of a column at once against the current sums gives C's results up to and
+    including its first change; that change is applied and the column goes on from the
+    next position (or starts its next sweep, or stops).  Each step is vectorised over
+    the positions and the columns still running: a few steps instead of 16 positions
+    per sweep, which pays off once the columns are few (NumPy calls dominate).
+    ``lf`` (levels) and ``sums`` (rows ``sumlx``, ``suml2``) are updated in place.
+    """
+    k = x.shape[0]
+    lo, hi = np.float32(-nmax), np.float32(nmax - 1)
+    cols = np.arange(x.shape[1])
+    xa, wa, wxa, la = x, w, wx, lf
+    slx, sl2 = sums[0].copy(), sums[1].copy()
+    pos = np.zeros(cols.size, dtype=np.intp)  # next position of the current sweep
+    left = np.full(cols.size, sweeps, dtype=np.intp)  # sweeps left, the current included
+    chg = np.zeros(cols.size, dtype=bool)  # changed in the current sweep
+    rows = np.arange(k)[:, None]
+    fin: list = []  # (columns, levels, slx, sl2) of the finished columns
+    while cols.size:
+        t = wxa * la
+        s0x = slx - t  # C: slx = sumlx - w*x[i]*L[i]
+        np.multiply(wa, la, out=t)
+        t *= la
+        s0l = sl2 - t  # sl2 = suml2 - w*L[i]*L[i]
+        v = xa * s0l
+        v /= s0x
+        nl = np.rint(v)
+        if not (ggml.FAST_ROUNDING and np.abs(nl).max() < SAFE_ABS):  # beyond 2**22 or NaN
+            nl = nearest_int(v).astype(np.float32)
+        _clamp(nl, lo, hi)
+        np.multiply(wxa, nl, out=t)
+        n1x = s0x + t
+        np.multiply(wa, nl, out=t)
+        t *= nl
+        n1l = s0l + t
+        ok = (n1x * n1x) * sl2 > (slx * slx) * n1l
+        ok &= np.minimum(s0x, n1l) > _F0  # C: slx > 0 before, sl2 > 0 after
+        ok &= nl != la
+        ok &= rows >= pos
+        first = np.argmax(ok, axis=0)
+        j = np.arange(cols.size)
+        hit = ok[first, j]
+        h = hit.nonzero()[0]
+        if h.size:
+            fh = first[h]
+            la[fh, h] = nl[fh, h]
+            slx[h] = n1x[fh, h]
+            sl2[h] = n1l[fh, h]
+            chg[h] = True
+            pos[h] = fh + 1
+        end = ~hit  # no change left in the current sweep
+        left[end & chg] -= 1
+        again = end & chg & (left > 0)
+        pos[again] = 0
+        chg[again] = False
+        done = end & ~again
+        if done.any():  # finished columns leave the working set (written back once)
+            d = done.nonzero()[0]
+            fin.append((cols[d], np.take(la, d, axis=1), slx[d], sl2[d]))
+            keep = (~done).nonzero()[0]
+            cols = cols[keep]
+            xa, wa, wxa, la = (np.take(v, keep, axis=1) for v in (xa, wa, wxa, la))
+            slx, sl2, pos, left, chg = (v[keep] for v in (slx, sl2, pos, left, chg))
+    c, lv, sx, s2 = (np.concatenate(p, axis=-1) for p in zip(*fin))
+    lf[:, c] = lv
+    sums[0, c] = sx
+    sums[1, c] = s2
+
+
+def _q3_sweep_small(x, w, wx, la, sums, changed, nmax) -> None:
+    """:func:`_q3_sweep` for few columns: every column takes the full test (fewer NumPy
+    calls than filtering candidates first, which matters when calls dominate)."""
+    slx, sl2 = sums
+    lo, hi = np.float32(-nmax), np.float32(nmax - 1)
+    for i in range(x.shape[0]):
+        xi, li, wi, wxi = x[i], la[i], w[i], wx[i]
+        slx0 = slx - wxi * li  # slx = sumlx - w*x[i]*L[i]
+        sl20 = sl2 - (wi * li) * li  # sl2 = suml2 - w*L[i]*L[i]
+        v = (xi * sl20) / slx0
+        nl = np.rint(v)
+        if not (ggml.FAST_ROUNDING and np.abs(nl).max() < SAFE_ABS):  # beyond 2**22 or NaN
+            nl = nearest_int(v).astype(np.float32)
+        _clamp(nl, lo, hi)
+        slx1 = slx0 + wxi * nl
+        sl21 = sl20 + (wi * nl) * nl
+        ok = (slx1 * slx1) * sl2 > (slx * slx) * sl21
+        ok &= np.minimum(slx0, sl21) > _F0  # C: slx > 0 before, sl2 > 0 after
+        ok &= nl != li
+        np.copyto(li, nl, where=ok)
+        np.copyto(slx, slx1, where=ok)
+        np.copyto(sl2, sl21, where=ok)
+        changed |= ok
+
+
+def _q3_sweep(x, w, wx, la, sums, changed, nmax) -> None:
+    """One sweep of ``make_q3_quants``'s coordinate descent over the columns given, in place.
+
+    For each position ``i`` in order: drop ``L[i]`` from the sums, re-round
+    ``x[i] * sl2 / slx`` and keep the new level if it raises ``slx**2 / sl2``.  ``la``
+    (levels), ``sums`` (rows ``sumlx``, ``suml2``) and ``changed`` are updated in place;
+    ``w = x*x`` and ``wx = w*x`` are given.
+    """
+    m = sums.shape[1]
+    if m < _SMALL_SWEEP:
+        return _q3_sweep_small(x, w, wx, la, sums, changed, nmax)
+    slx, sl2 = sums
+    lo, hi = np.float32(-nmax), np.float32(nmax - 1)
+    # per row: w, w*x, sl20, slx0 (C's sl2 and slx without L[i]), v = x*sl2/slx, rint(v)
+    buf = np.empty((6, m), dtype=np.float32)
+    _, _, sl20, slx0, v, r = buf
+    cand = np.empty(m, dtype=bool)
+    for i in range(x.shape[0]):
+        xi, li = x[i], la[i]
+        buf[0] = w[i]
+        np.multiply(wx[i], li, out=v)
+        buf[1] = wx[i]
+        np.subtract(slx, v, out=slx0)  # slx = sumlx - w*x[i]*L[i]
+        np.multiply(buf[0], li, out=v)
+        v *= li
+        np.subtract(sl2, v, out=sl20)  # sl2 = suml2 - w*L[i]*L[i]
+        np.multiply(xi, sl20, out=v)
+        v /= slx0  # x[i] * sl2 / slx
+        # rint(v) == L[i] implies nearest_int(v) == L[i] (no change); the other columns
+        # (a few percent; NaN, inf and out-of-range v included) get the exact test
+        np.rint(v, out=r)
+        idx = np.not_equal(r, li, out=cand).nonzero()[0]
+        if idx.size == 0:
+            continue
+        g = np.take(buf, idx, axis=1)  # (faster than buf[:, idx])
+        if ggml.FAST_ROUNDING and np.abs(g[5]).max() < SAFE_ABS:  # rint is nearest_int
+            nl = _clamp(g[5], lo, hi)
+        else:
+            nl = _clamp(nearest_int(g[4]), np.int32(lo), np.int32(hi)).astype(np.float32)
+        s0 = g[3]
+        g[0] *= nl  # w*l
+        g[:2] *= nl  # [w*l*l, w*x*l]
+        g[:2] += g[2:4]  # [sl2 + w*l*l, slx + w*x*l] = [sl21, slx1]
+        sl21, slx1 = g[0], g[1]
+        so = np.take(sums, idx, axis=1)
+        ok = (slx1 * slx1) * so[1] > (so[0] * so[0]) * sl21
+        ok &= np.minimum(s0, sl21) > _F0  # C: slx > 0 before, sl2 > 0 after
+        ok &= nl != li.take(idx)
+        sel = ok.nonzero()[0]
+        if sel.size:
+            idx = idx[sel]
+            li[idx] = nl[sel]
+            slx[idx] = slx1[sel]
+            sl2[idx] = sl21[sel]
+            changed[idx] = True
+
+
+def make_q3_quants(x: np.ndarray, nmax: int, do_rmse: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """ggml ``make_q3_quants`` for each row of ``x (n, k)``: returns ``(scale (n,), L int8
+    (n, k))`` with ``L`` offset by ``+nmax`` (see :func:`make_q3_quants_t`)."""
+    scale, L = make_q3_quants_t(np.asarray(x, dtype=np.float32).T, nmax, do_rmse)
+    return scale, np.ascontiguousarray(L.T)
+
+
 # ----------------------------------------------------------------------------- Q2_K
 def _finish_q2(blocks, xt, scale_bytes, dm, mm, search_codes) -> np.ndarray:
     """Q2_K bytes from the 4-bit scale/min bytes ``(nb, 16)``, the super-block multipliers
     ``dm``, ``mm`` (before fp16 rounding) and the search's codes ``(16, S)``."""
     nb = scale_bytes.shape[0]
-    dbits, d16 = _to_fp16(dm)
-    mbits, m16 = _to_fp16(mm)
+    dh, d16 = fp16_round(dm)
+    mh, m16 = fp16_round(mm)
     d = d16[:, None] * (scale_bytes & np.uint8(0xF)).astype(np.float32)
     m = m16[:, None] * (scale_bytes >> np.uint8(4)).astype(np.float32)
     codes = _requantize(blocks, xt, d, m, 0, 3, 0, search_codes)
     out = np.empty((nb, 84), dtype=np.uint8)
     out[:, :16] = scale_bytes
     out[:, 16:80] = _pack_2bit(codes)
-    out[:, 80:82] = _fp16_bytes(dbits)
-    out[:, 82:84] = _fp16_bytes(mbits)
+    out[:, 80:82] = half_bytes(dh)
+    out[:, 82:84] = half_bytes(mh)
     return out
 
 
@@ -289,7 +583,7 @@ def _finish_q3(blocks, xt, ls, d_value, search_codes) -> np.ndarray:
     scale is 0), the super-block scale before fp16 rounding and the search's codes
     ``(16, S)`` (offset by +4)."""
     nb = ls.shape[0]
-    dbits, d16 = _to_fp16(d_value)
+    dh, d16 = fp16_round(d_value)
     d = d16[:, None] * (ls.astype(np.float32) - np.float32(32))  # fp16 d * (int8) sc
     codes = _requantize(blocks, xt, d, None, -4, 3, 4, search_codes)
     hmask, qs = _pack_q3_codes(codes)
@@ -297,7 +591,7 @@ def _finish_q3(blocks, xt, ls, d_value, search_codes) -> np.ndarray:
     out[:, :32] = hmask
     out[:, 32:96] = qs
     out[:, 96:108] = _pack_q3_scales(ls)
-    out[:, 108:110] = _fp16_bytes(dbits)
+    out[:, 108:110] = half_bytes(dh)
     return out
 
 
@@ -380,7 +674,9 @@ class Q2_K(Format):
     name = "Q2_K"
     uses_importance = True
 
-    def _quantize_blocks(self, blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    def _quantize_blocks(
+        self, blocks: np.ndarray, importance: np.ndarray | None, *, row_length: int
+    ) -> np.ndarray:
         return _quantize_chunked(self, blocks, importance, _quantize_q2_ref, _quantize_q2_imatrix)
 
     def _dequantize_blocks(self, data: np.ndarray) -> np.ndarray:
@@ -401,7 +697,9 @@ class Q3_K(Format):
     name = "Q3_K"
     uses_importance = True
 
-    def _quantize_blocks(self, blocks: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    def _quantize_blocks(
+        self, blocks: np.ndarray, importance: np.ndarray | None, *, row_length: int
+    ) -> np.ndarray:
         return _quantize_chunked(self, blocks, importance, _quantize_q3_ref, _quantize_q3_imatrix)
 
     def _dequantize_blocks(self, data: np.ndarray) -> np.ndarray:

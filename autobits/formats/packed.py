@@ -106,7 +106,7 @@ class PackedIntFormat(Format):
         np.clip(q, 0, qmax, out=q)
         return q.astype(np.uint8), scale, zero
 
-    def _quantize_blocks(self, blocks, importance):
+    def _quantize_blocks(self, blocks, importance, *, row_length):
         x = np.asarray(blocks, dtype=F32)
         lo = x.min(axis=1)
         hi = x.max(axis=1)

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 
 from autobits.errors import FormatError
-from autobits.formats import _khelpers as kh
-from autobits.formats import _kmath as km
-from autobits.formats import kquants  # noqa: F401  (registers the formats)
+from autobits.formats import ggml, kquants, kscales
 from autobits.formats.base import get_format
 
 FORMATS = ["Q4_K", "Q5_K", "Q6_K"]
@@ -156,8 +154,8 @@ def test_fast_rounding_path_equals_bit_trick(name, with_importance, data, import
     f = get_format(name)
     imp = importance if with_importance else None
     fast = f.quantize(data, imp)
-    monkeypatch.setattr(km, "_FAST_ROUNDING", False)  # force the integer path everywhere
-    monkeypatch.setattr(kh, "_CHUNK_VALUES", 4096)  # and other chunk boundaries
+    monkeypatch.setattr(ggml, "FAST_ROUNDING", False)  # force the integer path everywhere
+    monkeypatch.setattr(kscales, "_CHUNK_VALUES", 4096)  # and other chunk boundaries
     np.testing.assert_array_equal(f.quantize(data, imp), fast)
 
 
@@ -166,20 +164,20 @@ def test_threads_do_not_change_bytes(name, data, importance, monkeypatch):
     f = get_format(name)
     single = [f.quantize(data), f.quantize(data, importance)]
     monkeypatch.setenv("AUTOBITS_QUANT_THREADS", "3")
-    monkeypatch.setattr(kh, "_CHUNK_VALUES", 2048)  # many chunks
+    monkeypatch.setattr(kscales, "_CHUNK_VALUES", 2048)  # many chunks
     np.testing.assert_array_equal(f.quantize(data), single[0])
     np.testing.assert_array_equal(f.quantize(data, importance), single[1])
 
 
-# ------------------------------------------------------------------------ _kmath bits
+# ------------------------------------------------------- ggml primitives, scale searches
 def test_nearest_int_is_ggml_rounding():
     v = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999997, 3.7, -3.7, 4194303.0], np.float32)
-    np.testing.assert_array_equal(km.nearest_int(v), [0, 2, 2, 0, -2, -2, 0, 4, -4, 4194303])
-    assert km.nearest_int(v).dtype == np.int32
+    np.testing.assert_array_equal(ggml.nearest_int(v), [0, 2, 2, 0, -2, -2, 0, 4, -4, 4194303])
+    assert ggml.nearest_int(v).dtype == np.int32
     # out of range the C trick returns garbage; so must we (bit for bit)
     big = np.array([5e6, -1.3e7], np.float32)
     bits = (big + np.float32(12582912.0)).view(np.int32)
-    np.testing.assert_array_equal(km.nearest_int(big), (bits & 0x7FFFFF) - 0x400000)
+    np.testing.assert_array_equal(ggml.nearest_int(big), (bits & 0x7FFFFF) - 0x400000)
 
 
 def test_seqsum_is_sequential():
@@ -189,40 +187,40 @@ def test_seqsum_is_sequential():
     acc = np.zeros(999, np.float32)
     for row in a:
         acc = acc + row
-    np.testing.assert_array_equal(km.seqsum(a), acc)
-    np.testing.assert_array_equal(km.seqsum(np.asfortranarray(a)), acc)
+    np.testing.assert_array_equal(ggml.seqsum(a), acc)
+    np.testing.assert_array_equal(ggml.seqsum(np.asfortranarray(a)), acc)
 
 
 def test_scale_min_packing_round_trips():
     rng = np.random.default_rng(7)
     ls = rng.integers(0, 64, (100, 8))
     lm = rng.integers(0, 64, (100, 8))
-    packed = km.pack_scale_min_k4(ls, lm)
+    packed = kquants.pack_scale_min_k4(ls, lm)
     assert packed.shape == (100, 12) and packed.dtype == np.uint8
-    sc, mn = km.get_scale_min_k4(packed)
+    sc, mn = kquants.get_scale_min_k4(packed)
     np.testing.assert_array_equal(sc, ls)
     np.testing.assert_array_equal(mn, lm)
 
 
-def test_kmath_public_shapes():
+def test_kscales_public_shapes():
     rng = np.random.default_rng(8)
     x = rng.standard_normal((50, 32)).astype(np.float32)
     w = np.abs(x) + np.float32(0.1)
-    s, m, L = km.make_qkx2_quants(x, w, 15, -1.0, 0.1, 20, False)
+    s, m, L = kscales.make_qkx2_quants(x, w, 15, -1.0, 0.1, 20, False)
     assert s.shape == m.shape == (50,) and L.shape == (50, 32)
     assert (m >= 0).all() and L.min() >= 0 and L.max() <= 15
     # the fit reconstructs x reasonably
     assert np.abs(s[:, None] * L - m[:, None] - x).max() < 0.6
-    s3, m3, L3 = km.make_qkx3_quants(x, None, 31, -0.9, 0.05, 36, False)
+    s3, m3, L3 = kscales.make_qkx3_quants(x, None, 31, -0.9, 0.05, 36, False)
     assert L3.max() <= 31 and s3.dtype == np.float32
-    sq, Lq = km.make_qx_quants(x[:, :16], 32, 1, None)
+    sq, Lq = kscales.make_qx_quants(x[:, :16], 32, 1, None)
     assert sq.shape == (50,) and Lq.shape == (50, 16) and 0 <= Lq.min() and Lq.max() <= 63
-    sp, Lp = km.make_qp_quants(np.abs(x[:, :8]), 63, w[:, :8])
+    sp, Lp = kscales.make_qp_quants(np.abs(x[:, :8]), 63, w[:, :8])
     assert Lp.dtype == np.uint8 and Lp.max() <= 63 and (sp >= 0).all()
     # a row of zeros gives a zero scale and zero levels everywhere
     z = np.zeros((1, 16), np.float32)
-    assert km.make_qx_quants(z, 32, 1, None)[0][0] == 0
-    assert km.make_qp_quants(z, 63, z + 1)[1].sum() == 0
+    assert kscales.make_qx_quants(z, 32, 1, None)[0][0] == 0
+    assert kscales.make_qp_quants(z, 63, z + 1)[1].sum() == 0
 
 
 # ------------------------------------------------------------ judge: llama.cpp's bytes

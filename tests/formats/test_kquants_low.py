@@ -105,6 +105,17 @@ def test_special_rows(name):
 
 
 @pytest.mark.parametrize("name", FORMATS)
+def test_tensor_without_a_live_sub_block(name):
+    """Every sub-block all-zero or below GROUP_MAX_EPS: nothing to search, all codes zero
+    (Q3_K's descent once ran on zero columns and raised)."""
+    fmt = get_format(name)
+    for x in (np.zeros((2, 256), np.float32), np.full((3, 512), -1e-20, np.float32)):
+        for imp in (None, np.ones(x.shape[1], np.float32)):
+            y = fmt.dequantize(fmt.quantize(x, imp), x.shape)
+            np.testing.assert_array_equal(y, 0.0)
+
+
+@pytest.mark.parametrize("name", FORMATS)
 def test_importance_changes_bytes(name):
     fmt = get_format(name)
     assert fmt.uses_importance
@@ -200,13 +211,13 @@ def test_make_q3_quants_matches_scalar_port():
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_fast_paths_and_chunking_do_not_change_bytes(name, monkeypatch):
-    from autobits.formats import kquants_low
+    from autobits.formats import ggml, kquants_low
 
     fmt = get_format(name)
     x = _rows(9, nrows=24, row=512)
     imp = _importance(10, 512)
     want = [fmt.quantize(x), fmt.quantize(x, imp)]
-    monkeypatch.setattr(kquants_low, "_SAFE_ABS", np.float32(0))  # always the exact rounding
+    monkeypatch.setattr(ggml, "FAST_ROUNDING", False)  # always the exact rounding
     monkeypatch.setattr(kquants_low, "_BLOCK_CHUNK", 5)
     monkeypatch.setattr(kquants_low, "_REQ_CHUNK", 3)
     got = [fmt.quantize(x), fmt.quantize(x, imp)]
@@ -284,6 +295,8 @@ def test_bytes_identical_to_llama_cpp(name, with_importance):
     big[::3] *= np.float32(1e4)  # large values: fp16 scales near overflow
     big[1::3] *= np.float32(1e-12)  # tiny values: subnormal / zero fp16 scales
     cases.append(("rescaled", big))
+    cases.append(("all-zero", np.zeros((4, 512), np.float32)))
+    cases.append(("below-eps", np.full((2, 256), 1e-20, np.float32)))
     cases += _real_ffn_down()
     report = []
     for i, (label, x) in enumerate(cases):

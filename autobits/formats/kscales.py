@@ -1,24 +1,24 @@
-"""Vectorised ports of ggml's k-quant scale searches (bit-exact with the C code).
+"""The K-quant scale searches of ggml, vectorised over sub-blocks (bit-exact with the C code).
 
 Every search here is a NumPy port of a ``static`` helper in llama.cpp's
 ``ggml/src/ggml-quants.c`` (the version vendored by llama-cpp-python 0.3.x, ggml-base
 compiled for baseline x86-64, so no FMA contraction), vectorised over many independent
 rows ("sub-blocks"):
 
-* :func:`make_qx_quants`    <- ``make_qx_quants`` (symmetric, RMSE search over 18 scales)
+* :func:`make_qx_quants`    <- ``make_qx_quants`` (symmetric, RMSE search over 18 scales;
+  Q6_K, Q3_K with importance, and Q4_0/Q5_0 with importance)
 * :func:`make_qkx2_quants`  <- ``make_qkx2_quants`` (scale + min, weighted search)
 * :func:`make_qkx3_quants`  <- ``make_qkx3_quants`` (as qkx2, default weights ``x*x``)
 * :func:`make_qp_quants`    <- ``make_qp_quants`` (positive values, imatrix-weighted,
   used to quantize the 6-bit sub-block scales)
 
-The primitives they are built from (``nearest_int``, in-order sums, chunked execution, the
-K scale packing) live in :mod:`autobits.formats._khelpers` and are re-exported here, so
-``_kmath.nearest_int``, ``_kmath.seqsum``, ``_kmath.pack_scale_min_k4`` ... keep working.
+(Q3_K's own ``make_q3_quants`` lives with Q3_K in :mod:`autobits.formats.kquants_low`.)
 
-Bit-exactness rules followed throughout: all arithmetic is float32 (constants are wrapped
-in ``np.float32`` so nothing is promoted to float64), each C expression is evaluated in
-the same association order (``w*x[i]*l`` is ``(w*x)*l``), and every running sum is
-accumulated sequentially in C order (see :func:`seqsum`), never pairwise.
+Bit-exactness rules followed throughout (the shared primitives are in
+:mod:`autobits.formats.ggml`): all arithmetic is float32 (constants are wrapped in
+``np.float32`` so nothing is promoted to float64), each C expression is evaluated in the
+same association order (``w*x[i]*l`` is ``(w*x)*l``), and every running sum is accumulated
+sequentially in C order (:func:`~autobits.formats.ggml.seqsum`), never pairwise.
 
 Two calling conventions are offered:
 
@@ -31,40 +31,27 @@ Two calling conventions are offered:
   already hold transposed data should use them to skip two copies.
 
 The search loops of make_qx/qkx2/qkx3 run chunk by chunk of columns with in-place scratch
-buffers; chunks are independent, so ``AUTOBITS_QUANT_THREADS=N`` spreads them over a
-small thread pool (NumPy releases the GIL in its loops; default 1); the bytes never
-depend on it.  Where ``nearest_int``'s argument is provably inside ``|v| < 2**22``
-the float-only ``np.rint`` is used (it is the same rounding); otherwise the integer bit
-trick runs, so out-of-range garbage is reproduced too.
+buffers (:class:`_Levels`); chunks are independent, so ``AUTOBITS_QUANT_THREADS=N``
+spreads them over a small thread pool (NumPy releases the GIL in its loops; default 1);
+the bytes never depend on it.  Where ``nearest_int``'s argument is provably inside
+``|v| < 2**22`` the float-only ``np.rint`` is used (it is the same rounding; see
+:data:`~autobits.formats.ggml.FAST_ROUNDING`); otherwise the integer bit trick runs, so
+out-of-range garbage is reproduced too.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
 import numpy as np
 
-from autobits.formats._khelpers import (  # noqa: F401 - re-exported for existing callers
-    _SAFE_ABS,
-    GROUP_MAX_EPS,
-    F32,
-    _all_safe,
-    _chunks,
-    _f32,
-    _Levels,
-    _REDUCE_IS_SEQUENTIAL,
-    _run_chunks,
-    _sum0,
-    fp16_round,
-    get_scale_min_k4,
-    nearest_int,
-    pack_scale_min_k4,
-    seqsum,
-)
+from autobits.formats import ggml
+from autobits.formats.ggml import F32, GROUP_MAX_EPS, SAFE_ABS, nearest_int, rint_is_exact, seqsum
 
 __all__ = [
-    "GROUP_MAX_EPS",
-    "nearest_int",
-    "seqsum",
-    "fp16_round",
     "make_qx_quants",
     "make_qx_quants_t",
     "make_qkx2_quants",
@@ -73,13 +60,86 @@ __all__ = [
     "make_qkx3_quants_t",
     "make_qp_quants",
     "make_qp_quants_t",
-    "get_scale_min_k4",
-    "pack_scale_min_k4",
 ]
 
-#: Use the float-only rounding when it is provably exact (tests switch it off to check
-#: that both paths give the same bytes).
-_FAST_ROUNDING = True
+# ------------------------------------------------------------------- chunked execution
+#: Columns are processed in chunks of about this many float32 values per (k, chunk)
+#: array: the scratch arrays of the search loops stay cache-resident and are reused in
+#: place, while each NumPy call still has enough work to hide its call overhead.
+_CHUNK_VALUES = 131072
+
+
+def _chunks(k: int, n: int) -> list[slice]:
+    step = max(64, _CHUNK_VALUES // max(k, 1))
+    return [slice(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def _thread_count() -> int:
+    """Worker threads for chunked searches: ``AUTOBITS_QUANT_THREADS`` (default 1).
+
+    NumPy releases the GIL inside its loops, so chunks can run in parallel; results do
+    not depend on the thread count (chunks are independent and written to disjoint
+    slices).  The default is one thread: on a shared 2-core machine a second thread was
+    measured slower, and callers usually parallelise over tensors or processes anyway.
+    """
+    env = os.environ.get("AUTOBITS_QUANT_THREADS", "").strip()
+    return int(env) if env.isdigit() and int(env) > 0 else 1
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_key: tuple[int, int] = (0, 0)  # (pid, size): a forked child must not reuse the pool
+
+
+def _run_chunks(fn: Callable[[slice], None], chunks: list[slice]) -> None:
+    """Run ``fn(chunk)`` for every chunk, in a small thread pool when it pays off."""
+    global _pool, _pool_key
+    nthreads = min(_thread_count(), len(chunks))
+
+    def work(c: slice) -> None:
+        with np.errstate(all="ignore"):  # errstate is per thread
+            fn(c)
+
+    if nthreads <= 1 or threading.current_thread().name.startswith("autobits-kscales"):
+        for c in chunks:
+            work(c)
+        return
+    key = (os.getpid(), nthreads)
+    with _pool_lock:
+        if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key[0] == key[0]:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(nthreads, thread_name_prefix="autobits-kscales")
+            _pool_key = key
+        pool = _pool
+    for f in [pool.submit(work, c) for c in chunks]:
+        f.result()
+
+
+class _Levels:
+    """Scratch buffers for ``lf = clip(nearest_int(v), lo, hi)`` computed in place."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.fb = np.empty(shape, dtype=F32)  # v goes here
+        self.lf = np.empty(shape, dtype=F32)  # the levels, as float32
+        self.tmp = np.empty(shape, dtype=F32)
+
+    def round_clip(self, lo: int, hi: int, safe: bool) -> None:
+        """Round ``self.fb`` like ``nearest_int``, clip to ``[lo, hi]``, store in ``self.lf``.
+
+        ``safe`` says every ``|v|`` is below :data:`~autobits.formats.ggml.SAFE_ABS` (and
+        finite): then ``nearest_int`` is exactly ``rint`` and everything stays in float32.
+        Otherwise the integer bit trick reproduces ggml's out-of-range garbage.
+        """
+        if safe:  # in range the magic-number trick is exactly rint (half to even)
+            np.rint(self.fb, out=self.lf)
+            np.clip(self.lf, F32(lo), F32(hi), out=self.lf)
+        else:
+            self.lf[...] = np.clip(nearest_int(self.fb), lo, hi)
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a).astype(F32)
 
 
 # ------------------------------------------------------------------------ make_qx_quants
@@ -105,7 +165,7 @@ def _qx_chunk(
         # iscale = -(nmax + 0.1*is)/max with |max| the largest |x|, so |iscale*x[i]| <= 33
         # for every column that is not all-zero (those are discarded): always in range
         np.multiply(xt, isc, out=buf.fb)
-        buf.round_clip(lo, hi, _FAST_ROUNDING)
+        buf.round_clip(lo, hi, ggml.FAST_ROUNDING)
         return buf.lf
 
     if rmse_type == 0:
@@ -128,10 +188,10 @@ def _qx_chunk(
     def sums() -> tuple[np.ndarray, np.ndarray]:
         tmp = buf.tmp
         np.multiply(wx, buf.lf, out=tmp)  # (w*x)*l
-        slx = _sum0(tmp)
+        slx = seqsum(tmp)
         np.multiply(w, buf.lf, out=tmp)  # (w*l)*l
         tmp *= buf.lf
-        return slx, _sum0(tmp)
+        return slx, seqsum(tmp)
 
     levels(iscale)
     best_isc = iscale  # L is recomputed from the winning iscale at the end
@@ -205,8 +265,8 @@ def _qkx_chunk(
     xlo = xt.min(axis=0)
     xhi = xt.max(axis=0)
     wx = wt * xt
-    sum_w = np.add.reduce(wt, axis=0) if _REDUCE_IS_SEQUENTIAL else seqsum(wt, False)
-    sum_x = np.add.reduce(wx, axis=0) if _REDUCE_IS_SEQUENTIAL else seqsum(wx, False)
+    sum_w = seqsum(wt, from_zero=False)
+    sum_x = seqsum(wx, from_zero=False)
     xmin = np.minimum(xlo, F32(0))
     flat = xhi <= xmin  # xmax >= xmin always, so this is C's `max == min`
     live = ~flat
@@ -220,14 +280,14 @@ def _qkx_chunk(
         np.subtract(xt, xmin, out=xm)
         rng = xhi - xmin
         # |fl(c/rng * (x - min))| <= |c| * max|x - min| / |rng| (1 + 3 ulp); the margin in
-        # _SAFE_ABS covers the rounding.  NaN/inf (rng == 0) make the check fail.
+        # SAFE_ABS covers the rounding.  NaN/inf (rng == 0) make the check fail.
         ratio = np.maximum(np.abs(xlo - xmin), np.abs(xhi - xmin)) / np.abs(rng)
         rmax = float(ratio[live].max()) if live.any() else 0.0
         return rng, rmax
 
     def levels(isc: np.ndarray, c: float, rmax: float) -> None:
         np.multiply(xm, isc, out=buf.fb)  # iscale*(x[i] - min)
-        buf.round_clip(0, nmax, _FAST_ROUNDING and abs(c) * rmax < _SAFE_ABS)
+        buf.round_clip(0, nmax, ggml.FAST_ROUNDING and abs(c) * rmax < SAFE_ABS)
 
     def error(scale: np.ndarray, mn: np.ndarray) -> np.ndarray:
         tmp = buf.tmp
@@ -239,7 +299,7 @@ def _qkx_chunk(
         else:
             tmp *= tmp
         tmp *= wt
-        return _sum0(tmp)
+        return seqsum(tmp)
 
     rng, rmax = track_min()
     iscale = fnmax / rng
@@ -257,11 +317,11 @@ def _qkx_chunk(
             isc = c / rng
             levels(isc, float(c), rmax)
             np.multiply(wt, lf, out=wl)  # w*l
-            sum_l = _sum0(wl)
+            sum_l = seqsum(wl)
             np.multiply(wl, lf, out=tmp)
-            sum_l2 = _sum0(tmp)
+            sum_l2 = seqsum(tmp)
             np.multiply(wl, xt, out=tmp)
-            sum_xl = _sum0(tmp)
+            sum_xl = seqsum(tmp)
             D = sum_w * sum_l2
             D -= sum_l * sum_l
             this_scale = sum_w * sum_xl
@@ -289,8 +349,8 @@ def _qkx_chunk(
         xmin_used, isc_used = best_xmin, best_isc
         np.subtract(xt, xmin_used, out=xm)
         np.multiply(xm, isc_used, out=buf.fb)
-        ok = _all_safe(isc_used * (xlo - xmin_used), isc_used * (xhi - xmin_used), flat)
-        buf.round_clip(0, nmax, _FAST_ROUNDING and ok)
+        ok = rint_is_exact(isc_used * (xlo - xmin_used), isc_used * (xhi - xmin_used), flat)
+        buf.round_clip(0, nmax, ok)
     L = lf.astype(np.int32)
     L[:, flat] = 0
     scale = np.where(flat, F32(0), scale)
