@@ -44,11 +44,14 @@ DEFAULT_MODEL = "smollm2-135m"
 _PREPARE_DEFAULTS = PrepareConfig()
 
 
-def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
-    """A plain-text table: left-aligned columns, a dashed rule under the header."""
+def format_table(rows: Sequence[Sequence[object]], header: Sequence[str], *,
+                 right: bool = False) -> str:
+    """A plain-text table: left-aligned columns (``right``: every column but the first
+    right-aligned, for columns of numbers), a dashed rule under the header."""
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines = ["  ".join(c.rjust(w) if right and i else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

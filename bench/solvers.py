@@ -8,28 +8,24 @@ seen by calibration): KLD against the reference model, perplexity, top-1 agreeme
 bytes and file-level bpw.  A solver with no answer at a budget (e.g. no llama.cpp preset
 fits) is listed as such.
 
-    .venv/bin/python bench/solvers.py                                   # 4.5,5.25,6,7 bpw
-    .venv/bin/python bench/solvers.py --budgets 5.25 --windows 16 --json runs/solvers.json
+    .venv/bin/python -m bench.solvers                                   # 4.5,5.25,6,7 bpw
+    .venv/bin/python -m bench.solvers --budgets 5.25 --windows 16 --json runs/solvers.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from autobits.allocation import Budget  # noqa: E402
-from autobits.io import write_json_atomic  # noqa: E402
-from autobits.app.options import format_table  # noqa: E402
-from autobits.errors import AutobitsError  # noqa: E402
-from autobits.pipeline import PrepareConfig, prepare  # noqa: E402
-from autobits.solvers import solve  # noqa: E402
+from autobits.allocation import Budget
+from autobits.io import write_json_atomic
+from autobits.app.options import format_table
+from autobits.errors import AutobitsError
+from autobits.pipeline import PrepareConfig, prepare
+from autobits.solvers import solve
 
 SOLVERS = ("uniform", "llamacpp", "greedy", "ilp")
 
