@@ -9,8 +9,9 @@ compares the held-out KLD of its answer with the greedy solver's (and, with ``--
 uniform, llama.cpp and ILP) at equal or smaller size.  Writes ``DIR/bench.json``, what the
 search job writes (``allocation.json``, ``metrics.json``, ``report.md`` with plots), the
 agent's journal (``--resume`` continues an interrupted run) and the calibration
-(``DIR/calibration.npz``), which a later run in the same ``DIR`` reuses instead of
-calibrating again (delete it to measure again; not with ``--fold``).
+(``DIR/calibration.npz``), which a later run in the same ``DIR`` (``--resume`` or
+``--force``) reuses instead of calibrating again (delete it to measure again; not with
+``--fold``).
 
 Wall time depends on the machine's load (it is shared); the CPU time of the process is
 printed too, as is the load average.  ``search_cpu`` in ``bench.json`` is the CPU time of the
@@ -36,6 +37,7 @@ import numpy as np
 
 from autobits.agents.optuna_agent import JOURNAL
 from autobits.app import search
+from autobits.app.workflow import check_out_dir
 from autobits.app.options import (
     add_agent_args,
     add_budget_args,
@@ -72,6 +74,8 @@ def main(argv=None) -> int:
     add_agent_args(ap)
     ap.add_argument("--baselines", action="store_true", help="also uniform, llamacpp and ilp")
     ap.add_argument("--resume", action="store_true", help="continue the search in --out")
+    ap.add_argument("--force", action="store_true",
+                    help="start afresh in a non-empty --out (its calibration is still reused)")
     ap.add_argument("--timeout-minutes", type=float, default=None,
                     help="stop the search after this long (resume later with --resume)")
     ap.add_argument("--out", default="runs/optuna-bench")
@@ -83,6 +87,7 @@ def main(argv=None) -> int:
         config, agent=dataclasses.replace(config.agent, timeout=timeout),
         baselines=("greedy", "uniform", "llamacpp", "ilp") if args.baselines else ("greedy",))
     cfg, out = config.prepare, config.out
+    check_out_dir(out, resume=config.resume, force=config.force)  # before the slow work
     out.mkdir(parents=True, exist_ok=True)
     t_all, cpu_all = time.perf_counter(), time.process_time()
     load0 = os.getloadavg()
@@ -92,8 +97,6 @@ def main(argv=None) -> int:
     calib_path = out / "calibration.npz"
     calibration = _calibration(cfg, lm, calib_path)
     prepared = prepare(cfg, lm=lm, calibration=calibration)
-    if calibration is None and not cfg.fold:  # a folded calibration cannot be reused
-        prepared.calib.save(calib_path)
     t_prepare = time.perf_counter() - t
     table = prepared.table
     limit = config.budget.check_feasible(lm.specs, cfg.formats)
@@ -115,6 +118,8 @@ def main(argv=None) -> int:
     c = time.process_time()
     outcome = search(config, prepared=prepared)
     c_search = time.process_time() - c
+    if calibration is None and not cfg.fold:  # a folded calibration cannot be reused
+        prepared.calib.save(calib_path)  # after search(), which refuses a non-empty new --out
     result = outcome.search
     sel = result.meta.get("selection")
     t_select = sel["seconds"] if sel else 0.0

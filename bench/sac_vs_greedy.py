@@ -50,6 +50,7 @@ def main(argv=None) -> int:
                     help="SACConfig fields as JSON (over --sac-action and --pretrain-episodes)")
     ap.add_argument("--out", default=None,
                     help="folder for the SAC checkpoints, the allocations and the search's report")
+    ap.add_argument("--force", action="store_true", help="write into a non-empty --out")
     ap.add_argument("--train-policy", default=None,
                     help="also train a proxy-only policy across --bpw-range on the same prepared "
                          "model (no evaluation) and save it here, for bench.transfer")
