@@ -44,11 +44,14 @@ DEFAULT_MODEL = "smollm2-135m"
 _PREPARE_DEFAULTS = PrepareConfig()
 
 
-def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
-    """A plain-text table: left-aligned columns, a dashed rule under the header."""
+def format_table(rows: Sequence[Sequence[object]], header: Sequence[str], *,
+                 right: bool = False) -> str:
+    """A plain-text table: left-aligned columns (``right``: every column but the first
+    right-aligned, for columns of numbers), a dashed rule under the header."""
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines = ["  ".join(c.rjust(w) if right and i else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -73,16 +76,24 @@ def add_text_args(p: argparse.ArgumentParser, *, windows: bool = True) -> None:
                        help=f"held-out evaluation windows (default {d.eval_windows})")
 
 
-def add_budget_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+def add_budget_args(p: argparse.ArgumentParser, *, required: bool = False,
+                    default_bpw: float | None = None) -> None:
+    """``--target-bpw`` / ``--max-bytes`` (one of them); ``default_bpw`` is the budget when
+    neither is given (for benches; the commands ask for one)."""
     g = p.add_mutually_exclusive_group(required=required)
-    g.add_argument("--target-bpw", type=float, help="target file-level bits per weight")
+    g.add_argument("--target-bpw", type=float, help="target file-level bits per weight" + (
+        "" if default_bpw is None else f" (default {default_bpw:g})"))
     g.add_argument("--max-bytes", type=int, help="maximum tensor bytes of the file")
+    if default_bpw is not None:
+        p.set_defaults(default_bpw=default_bpw)
 
 
 def budget_from_args(args: argparse.Namespace) -> Budget | None:
-    """The budget of ``--target-bpw`` / ``--max-bytes``; None when neither was given."""
+    """The budget of ``--target-bpw`` / ``--max-bytes``; when neither was given, that of
+    :func:`add_budget_args`'s ``default_bpw``, or None without one."""
     if args.target_bpw is None and args.max_bytes is None:
-        return None
+        default = getattr(args, "default_bpw", None)
+        return None if default is None else Budget(target_bpw=default)
     return Budget(target_bpw=args.target_bpw, max_bytes=args.max_bytes)
 
 
@@ -179,17 +190,25 @@ def ray_options_from_args(args: argparse.Namespace) -> RayOptions:
                       worker_threads=args.worker_threads)
 
 
-def search_config_from_args(args: argparse.Namespace):
-    """The :class:`~autobits.app.workflow.SearchConfig` of ``autobits search``'s options."""
+def search_config_from_args(args: argparse.Namespace, *, allocator: str | None = None):
+    """The :class:`~autobits.app.workflow.SearchConfig` of ``autobits search``'s options, or
+    of the part of them a bench adds (:func:`add_prepare_args`, :func:`add_budget_args`,
+    :func:`add_agent_args`): ``allocator`` stands for ``--agent``, and options the parser
+    lacks keep the config's defaults (no ``--out``: write nothing; no ``--gguf``: no export;
+    no Ray options: evaluate in this process)."""
     from autobits.app.workflow import SearchConfig
 
+    allocator = args.agent if allocator is None else allocator
     budget = budget_from_args(args)
     if budget is None:
         raise AutobitsError("search needs a budget: --target-bpw B or --max-bytes N")
-    gguf = None if args.gguf is None else (Path(args.gguf) if args.gguf else True)
+    gguf = getattr(args, "gguf", None)
+    out = getattr(args, "out", None)
     return SearchConfig(
-        prepare=prepare_config_from_args(args), budget=budget, allocator=args.agent,
-        agent=agent_config_from_args(args.agent, args), evals=args.evals, seed=args.seed,
-        out=Path(args.out), gguf=gguf, resume=args.resume, force=args.force,
-        ray=ray_options_from_args(args),
+        prepare=prepare_config_from_args(args), budget=budget, allocator=allocator,
+        agent=agent_config_from_args(allocator, args), evals=args.evals, seed=args.seed,
+        out=None if out is None else Path(out),
+        gguf=None if gguf is None else (Path(gguf) if gguf else True),
+        resume=getattr(args, "resume", False), force=getattr(args, "force", False),
+        ray=ray_options_from_args(args) if hasattr(args, "address") else RayOptions(),
     )

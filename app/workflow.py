@@ -224,6 +224,15 @@ class SearchOutcome:
     paths: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def reward_best(self) -> tuple[Allocation, Metrics] | None:
+        """An agent's best allocation on the reward slice, before selection, with its
+        reward-slice metrics (the head of ``search.candidates``); None for a solver."""
+        if self.search is None:
+            return None
+        r = self.search
+        return r.candidates[0] if r.candidates else (r.best, r.best_metrics)
+
     def metrics_json(self, config: SearchConfig) -> dict:
         """The ``metrics.json`` payload: the answer's held-out metrics and how they were had."""
         p = self.prepared

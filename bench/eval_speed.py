@@ -1,6 +1,6 @@
 """Evaluation speed: autobits' Evaluator next to llama.cpp's perplexity computation.
 
-    python bench/eval_speed.py [--model smollm2-135m] [--windows 4] [--ctx 512]
+    python -m bench.eval_speed [--model smollm2-135m] [--windows 4] [--ctx 512]
                                [--repeats 3] [--f32] [--json OUT]
 
 Both sides score the same windows (llama.cpp's own token ids of the last ``--windows``
@@ -30,13 +30,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from autobits.allocation import Allocation  # noqa: E402
-from autobits.io import write_json_atomic  # noqa: E402
-from autobits.app.options import format_table  # noqa: E402
+from autobits.allocation import Allocation
+from autobits.io import write_json_atomic
+from autobits.app.options import format_table
 
 log = logging.getLogger("bench.eval_speed")
 

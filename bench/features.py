@@ -7,28 +7,25 @@ Quantization times per format are summed over the worker threads; ``wall`` is th
 time.  CPU time of the process and the load average are printed too, since the machine may
 be shared (wall time then exceeds what 2 free cores would take).
 
-    .venv/bin/python bench/features.py                      # smollm2-135m, table on stdout
-    .venv/bin/python bench/features.py --calib-windows 16 --workers 1 --json out.json
+    .venv/bin/python -m bench.features                      # smollm2-135m, table on stdout
+    .venv/bin/python -m bench.features --calib-windows 16 --workers 1 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from autobits.calibrate import calibrate  # noqa: E402
-from autobits.app.options import format_table  # noqa: E402
-from autobits.evaluate import WeightCache  # noqa: E402
-from autobits.features import build_candidates, extract_features  # noqa: E402
-from autobits.model import load_model  # noqa: E402
-from autobits.text import load_text, make_windows  # noqa: E402
+from autobits.calibrate import calibrate
+from autobits.app.options import format_table
+from autobits.evaluate import WeightCache
+from autobits.features import build_candidates, extract_features
+from autobits.io import write_json_atomic
+from autobits.model import load_model
+from autobits.text import load_text, make_windows
 
 
 def main(argv=None) -> int:
@@ -93,7 +90,7 @@ def main(argv=None) -> int:
                    "candidate_timing": timing, "calib_windows": args.calib_windows,
                    "fisher_windows": args.fisher_windows, "ctx": args.ctx,
                    "imatrix": args.imatrix, "load_avg": os.getloadavg()[0]}
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        write_json_atomic(args.json, payload)
     return 0
 
 

@@ -17,8 +17,8 @@ With ``--imatrix`` every quantization (search and measurements) uses llama.cpp's
 ``E[x^2]`` of each input on the calibration windows (of the folded input, ``/ s^2``, after
 folding); ``token_embd`` gets none either way.
 
-    .venv/bin/python bench/folding.py                       # smollm2-135m, Q4_0
-    .venv/bin/python bench/folding.py --fmt Q4_K --json out.json
+    .venv/bin/python -m bench.folding                       # smollm2-135m, Q4_0
+    .venv/bin/python -m bench.folding --fmt Q4_K --json out.json
 """
 
 from __future__ import annotations
@@ -28,20 +28,18 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from autobits.allocation import Allocation  # noqa: E402
-from autobits.io import write_json_atomic  # noqa: E402
-from autobits.evaluate import Evaluator, WeightCache  # noqa: E402
-from autobits.folding import (  # noqa: E402
+from autobits.allocation import Allocation
+from autobits.app.options import format_table
+from autobits.io import write_json_atomic
+from autobits.evaluate import Evaluator, WeightCache
+from autobits.folding import (
     DEFAULT_ALPHAS, DEFAULT_BETAS, collect_site_stats, fold, max_relative_logit_diff, site_plan,
 )
-from autobits.model import load_model  # noqa: E402
-from autobits.text import load_text, make_windows  # noqa: E402
+from autobits.model import load_model
+from autobits.text import load_text, make_windows
 
 log = logging.getLogger("bench.folding")
 
@@ -68,15 +66,6 @@ def _importance(plan, stats, scales=None) -> dict[str, np.ndarray]:
         for n in site.consumers:
             out[n] = imp.astype(np.float32)
     return out
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    cells = [header] + rows
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -134,10 +123,10 @@ def run(args: argparse.Namespace) -> dict:
         "fold_seconds": report.seconds, "seconds": time.perf_counter() - t0,
         "metrics": results, "fold": report.to_json(),
     }  # fmt: skip
-    print(_table(rows, ["allocation", "KLD", "PPL", "top-1", "bpw", "s"]))
+    print(format_table(rows, ["allocation", "KLD", "PPL", "top-1", "bpw", "s"], right=True))
     print()
-    print(_table(kind_rows, ["site", "folded", "mean alpha", "beta=1", "rel err before",
-                             "rel err after", "gain"]))
+    print(format_table(kind_rows, ["site", "folded", "mean alpha", "beta=1", "rel err before",
+                                   "rel err after", "gain"], right=True))
     print(f"\n{lm.name}: {args.windows} held-out x {args.ctx} tokens, calibration "
           f"{args.calib} x {args.ctx}; reference = the original float model.\n"
           f"folded float: max relative logit difference {diff:.2e} (first held-out window); "

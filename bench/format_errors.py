@@ -20,26 +20,22 @@ divide), so the formats are compared on the same data; and over all 2-D weights 
 format fits (``n`` says how many).  ``--rows`` caps the rows taken per tensor (evenly
 spaced; the error is a mean over rows, so this is an estimate; 0 = all rows).
 
-    .venv/bin/python bench/format_errors.py --json errors.json
-    .venv/bin/python bench/format_errors.py --sets smollm2 --rows 0      # every row
+    .venv/bin/python -m bench.format_errors --json errors.json
+    .venv/bin/python -m bench.format_errors --sets smollm2 --rows 0      # every row
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.formats import dither_blocks
 
-from formats import dither_blocks  # noqa: E402  (bench/formats.py)
-
-from autobits.formats import format_names, get_format  # noqa: E402
+from autobits.formats import format_names, get_format
+from autobits.io import write_json_atomic
 
 SETS = ("smollm2", "dithered", "gaussian")
 #: format families for the within-family order check
@@ -179,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(kind, summary, fits_all, len(weights))
         out["sets"][kind] = {"summary": summary, "per_tensor": {k: v["errors"] for k, v in res.items()}}
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        write_json_atomic(args.json, out)
     return 0
 
 

@@ -14,25 +14,22 @@ dithered off that grid (uniform noise within +-0.45 of the block's grid step) so
 not flattered for the stored formats.  The importance vector is synthetic (gamma-distributed,
 3% dead channels, fixed seed).
 
-    .venv/bin/python bench/formats.py                    # all formats, table on stdout
-    .venv/bin/python bench/formats.py --formats Q4_0,IQ4_NL --repeats 5 --json out.json
+    .venv/bin/python -m bench.formats                    # all formats, table on stdout
+    .venv/bin/python -m bench.formats --formats Q4_0,IQ4_NL --repeats 5 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from autobits.formats import format_names, get_format  # noqa: E402
-from autobits.formats import oracle  # noqa: E402
+from autobits.formats import format_names, get_format
+from autobits.formats import oracle
+from autobits.io import write_json_atomic
 
 #: (tensor, rows taken): row lengths 576 and 1536 (the only ones fitting 256-blocks/G128)
 TENSORS = (
@@ -204,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"tensors": [[n, list(x.shape)] for n, x in tensors], "repeats": args.repeats,
                 "dither": not args.no_dither, "clock": args.clock, "loadavg_before": list(load_before),
                 "loadavg_after": list(load_after), "oracle": oracle.oracle_library_path() if use_oracle else None}
-        Path(args.json).write_text(json.dumps({"meta": meta, "formats": rows}, indent=2))
+        write_json_atomic(args.json, {"meta": meta, "formats": rows})
     return 0
 
 

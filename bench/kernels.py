@@ -18,20 +18,16 @@ H100-class GPU.
 
 Without a CUDA GPU (or with ``TRITON_INTERPRET=1``) the script refuses to run: exit 2.
 
-    .venv/bin/python bench/kernels.py                          # table on stdout
-    .venv/bin/python bench/kernels.py --group 64 --bits 4,8 --json out.json
+    .venv/bin/python -m bench.kernels                          # table on stdout
+    .venv/bin/python -m bench.kernels --group 64 --bits 4,8 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 log = logging.getLogger("bench.kernels")
 
@@ -43,7 +39,7 @@ BITS = (2, 3, 4, 5, 6, 8)
 
 
 def _refuse(msg: str) -> int:
-    print(f"bench/kernels.py: {msg}", file=sys.stderr)
+    print(f"bench.kernels: {msg}", file=sys.stderr)
     return 2
 
 
@@ -116,22 +112,19 @@ def bench_one(bits: int, group: int, shape: tuple[int, int], tokens: int, peak: 
     }
 
 
-def _table(rows: list[dict]) -> str:
-    head = ["bits", "shape", "GEMV us", "GEMV GB/s", "% peak", "fp16 GEMV us", "fp16 GB/s",
-            "GEMM TFLOP/s", "fp16 TFLOP/s", "bnb NF4 us"]
-    cells = [head]
-    for r in rows:
-        cells.append([
-            str(r["bits"]), r["shape"], f"{r['gemv_us']:.1f}", f"{r['gemv_gbs']:.0f}",
-            "-" if r["gemv_peak"] is None else f"{100 * r['gemv_peak']:.0f}%",
-            f"{r['f16_gemv_us']:.1f}", f"{r['f16_gemv_gbs']:.0f}", f"{r['gemm_tflops']:.1f}",
-            f"{r['f16_gemm_tflops']:.1f}",
-            "-" if r["bnb_nf4_gemv_us"] is None else f"{r['bnb_nf4_gemv_us']:.1f}",
-        ])
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+HEADER = ["bits", "shape", "GEMV us", "GEMV GB/s", "% peak", "fp16 GEMV us", "fp16 GB/s",
+          "GEMM TFLOP/s", "fp16 TFLOP/s", "bnb NF4 us"]
+
+
+def _cells(r: dict) -> list[str]:
+    """One row of the printed table (:data:`HEADER`)."""
+    return [
+        str(r["bits"]), r["shape"], f"{r['gemv_us']:.1f}", f"{r['gemv_gbs']:.0f}",
+        "-" if r["gemv_peak"] is None else f"{100 * r['gemv_peak']:.0f}%",
+        f"{r['f16_gemv_us']:.1f}", f"{r['f16_gemv_gbs']:.0f}", f"{r['gemm_tflops']:.1f}",
+        f"{r['f16_gemm_tflops']:.1f}",
+        "-" if r["bnb_nf4_gemv_us"] is None else f"{r['bnb_nf4_gemv_us']:.1f}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,10 +168,12 @@ def main(argv: list[str] | None = None) -> int:
             log.info("INT%d_G%d %s done", b, args.group, rows[-1]["shape"])
     print(f"{name}; group {args.group}; GEMM with {args.tokens} tokens; peak "
           f"{f'{peak:.0f} GB/s' if peak else 'unknown (pass --peak-gbs)'}")
-    print(_table(rows))
+    from autobits.app.options import format_table
+    from autobits.io import write_json_atomic
+
+    print(format_table([_cells(r) for r in rows], HEADER, right=True))
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "peak_gbs": peak, "rows": rows},
-                                              indent=2) + "\n")
+        write_json_atomic(args.json, {"device": name, "peak_gbs": peak, "rows": rows})
     return 0
 
 

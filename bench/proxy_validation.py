@@ -16,8 +16,8 @@ between the measured KLD and several proxy variants computed from one calibratio
 The measured KLDs are kept in a resumable JSON cache (``--kld-cache``) so variants can be
 re-scored without re-measuring; the KLD of the whole run takes 211 forward passes.
 
-    .venv/bin/python bench/proxy_validation.py --json out.json
-    .venv/bin/python bench/proxy_validation.py --limit 20            # a quick subset
+    .venv/bin/python -m bench.proxy_validation --json out.json
+    .venv/bin/python -m bench.proxy_validation --limit 20            # a quick subset
 """
 
 from __future__ import annotations
@@ -31,18 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from autobits.allocation import Allocation  # noqa: E402
-from autobits.io import write_json_atomic  # noqa: E402
-from autobits.calibrate import Calibration, calibrate  # noqa: E402
-from autobits.app.options import format_table  # noqa: E402
-from autobits.evaluate import Evaluator, WeightCache  # noqa: E402
-from autobits.features import TensorProxy, embedding_proxy_error, row_errors  # noqa: E402
-from autobits.formats import get_format  # noqa: E402
-from autobits.model import load_model  # noqa: E402
-from autobits.registry import cache_dir  # noqa: E402
-from autobits.text import load_text, make_windows  # noqa: E402
+from autobits.allocation import Allocation
+from autobits.io import write_json_atomic
+from autobits.calibrate import Calibration, calibrate
+from autobits.app.options import format_table
+from autobits.evaluate import Evaluator, WeightCache
+from autobits.features import TensorProxy, embedding_proxy_error, row_errors
+from autobits.formats import get_format
+from autobits.model import load_model
+from autobits.registry import cache_dir
+from autobits.text import load_text, make_windows
 
 VARIANTS = ("fisher", "fisher_diag", "plain", "relative", "weight_mse")
 

@@ -18,28 +18,25 @@ threads), then for each worker count start an embedded Ray, build an
 The closing note gives the 2-vs-1 ratio and extrapolates, from the measured per-evaluation
 costs, the throughput of a 16-node cluster.
 
-    .venv/bin/python bench/ray_scaling.py                       # smollm2-135m, 8 evals per config
-    .venv/bin/python bench/ray_scaling.py --evals 16 --json out.json
+    .venv/bin/python -m bench.ray_scaling                       # smollm2-135m, 8 evals per config
+    .venv/bin/python -m bench.ray_scaling --evals 16 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import pickle
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import autobits.cluster  # noqa: E402,F401  (Ray environment before Ray is imported)
-from autobits.app.options import format_table  # noqa: E402
+import autobits.cluster  # noqa: F401  (Ray environment before Ray is imported)
+from autobits.app.options import format_table
+from autobits.io import write_json_atomic
 
 log = logging.getLogger("bench.ray_scaling")
 
@@ -245,12 +242,12 @@ driver dispatched {driver_cap:.0f} no-op calls/s here, so ~{est:.0f} evaluations
 one cache copy per node, ~{copy_s:.0f}s at {args.network_gbps:g} Gbit/s ({full_gb * 8 / args.network_gbps:.0f}s with the default
 candidates), and the actors' start.""")
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        write_json_atomic(args.json, {
             "model": args.model, "prepare_seconds": t_prepare, "in_process_1": local1,
             "in_process_all": local_all, "allocation_bytes": a_bytes, "metrics_bytes": m_bytes,
             "runs": runs, "ratio": ratio, "estimate_16_nodes": est, "compute_cap": compute_cap,
             "driver_cap": driver_cap, "cpu_share": share, "load_average": load,
-        }, indent=2))
+        })
     return 0
 
 

@@ -1,16 +1,19 @@
 """SAC versus the greedy solver on one model at one budget, with the same held-out windows.
 
-    python bench/sac_vs_greedy.py                      # smollm2-135m, 5.25 bpw, 300 evaluations
-    python bench/sac_vs_greedy.py --evals 100 --sac '{"action": "sensitivity", "use_sde": true}'
+    python -m bench.sac_vs_greedy                      # smollm2-135m, 5.25 bpw, 300 evaluations
+    python -m bench.sac_vs_greedy --evals 100 --sac '{"action": "sensitivity", "use_sde": true}'
 
-Prints calibration-slice KLD (what the search optimised) and held-out KLD / PPL / top-1 /
-bytes / bpw of greedy, SAC's best allocation and, for context, uniform and llama.cpp presets;
-``--json`` writes the same numbers plus SAC's history.  Long: run it in the background.
+Runs the search job (:func:`autobits.app.search` with the ``sac`` agent, warm-started from
+greedy, then selection) and prints calibration-slice KLD (what the search optimised) and
+held-out KLD / PPL / top-1 / bytes / bpw of greedy, SAC's answer (and its reward-slice best
+before selection) and, for context, uniform and llama.cpp presets; ``--json`` writes the same
+numbers plus SAC's history.  Long: run it in the background.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -21,7 +24,7 @@ from pathlib import Path
 log = logging.getLogger("bench.sac_vs_greedy")
 
 
-def _pin_threads(n: int) -> None:
+def pin_threads(n: int) -> None:
     """Keep torch at ``n`` threads (load_model would set the CPU count)."""
     import torch
 
@@ -31,103 +34,26 @@ def _pin_threads(n: int) -> None:
     autobits.model._configure_torch = lambda: torch.set_num_threads(n)
 
 
-def lean_prepare(cfg, *, cache_gb: float):
-    """``autobits.pipeline.prepare`` with bounded memory, for busy shared machines.
-
-    The same steps (load, windows, calibration, candidates, features, reward and held-out
-    evaluators), except that the candidates are built without keeping every dequantized
-    candidate, and the evaluators share a least-recently-used weight cache of at most
-    ``cache_gb`` GB that re-quantizes on a miss (``cache_gb <= 0``: prepare as is).
-    """
-    from collections import OrderedDict
-    from types import SimpleNamespace
-
-    from autobits.calibrate import calibrate
-    from autobits.evaluate import Evaluator, WeightCache
-    from autobits.features import build_candidates, extract_features
-    from autobits.model import load_model
-    from autobits.pipeline import prepare
-    from autobits.text import load_text, make_windows
-
-    if cache_gb <= 0:
-        return prepare(cfg)
-
-    class LRUWeightCache(WeightCache):
-        def __init__(self, lm, limit_bytes: int):
-            super().__init__(lm)
-            self._cache = OrderedDict()
-            self.limit, self.misses = int(limit_bytes), 0
-
-        def get(self, name, fmt):
-            from autobits.formats import get_format
-
-            key = (name, get_format(fmt).name)
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-            self.misses += 1
-            out = super().get(name, fmt)
-            while self.nbytes > self.limit and len(self._cache) > 1:
-                self._cache.popitem(last=False)
-            return out
-
-    timings, t = {}, time.perf_counter()
-    lm = load_model(cfg.model)
-    timings["load"] = time.perf_counter() - t
-    t = time.perf_counter()
-    windows = make_windows(load_text(cfg.text), lm.tokenizer, ctx=cfg.ctx)
-    split = windows.split(calib=cfg.calib_windows, eval=cfg.eval_windows)
-    timings["text"] = time.perf_counter() - t
-    t = time.perf_counter()
-    calib = calibrate(lm, split.calib)
-    timings["calibrate"] = time.perf_counter() - t
-    t = time.perf_counter()
-    table = build_candidates(lm, calib, formats=cfg.formats)
-    timings["candidates"] = time.perf_counter() - t
-    t = time.perf_counter()
-    features = extract_features(lm, calib, table)
-    timings["features"] = time.perf_counter() - t
-    cache = LRUWeightCache(lm, int(cache_gb * 2**30))
-    evaluators: dict = {}
-
-    def lazy(kind, windows):
-        def evaluate(allocation):
-            if kind not in evaluators:
-                evaluators[kind] = Evaluator(lm, windows, cache=cache)
-            return evaluators[kind].evaluate(allocation)
-
-        return evaluate
-
-    return SimpleNamespace(
-        config=cfg, lm=lm, split=split, calib=calib, table=table, features=features, cache=cache,
-        timings=timings, reward=lazy("reward", cfg.reward_slice(split.calib)),
-        select=lazy("select", cfg.select_slice(split.calib)),
-        heldout=lazy("heldout", split.eval))
-
-
 def main(argv=None) -> int:
+    from autobits.app.options import (
+        add_agent_args,
+        add_budget_args,
+        add_prepare_args,
+        search_config_from_args,
+    )
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--target-bpw", type=float, default=5.25)
-    ap.add_argument("--evals", type=int, default=300)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sac", default="{}", help="SACAgent options as JSON")
-    ap.add_argument("--text", default="stdlib")
-    ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--calib-windows", type=int, default=8)
-    ap.add_argument("--windows", type=int, default=8, help="held-out windows")
-    ap.add_argument("--reward-windows", type=int, default=2)
-    ap.add_argument("--reward-ctx", type=int, default=256)
-    ap.add_argument("--select-windows", type=int, default=4,
-                    help="re-measure SAC's best allocations on this many further calibration "
-                         "windows and keep the best there (0: trust the reward)")
-    ap.add_argument("--cache-gb", type=float, default=0.0,
-                    help="bound the dequantized-weight cache to this many GB (LRU, re-quantizes "
-                         "on a miss); 0 (default) keeps every candidate as the pipeline does")
-    ap.add_argument("--out", default=None, help="folder for the SAC policy and allocations")
+    add_prepare_args(ap)
+    add_budget_args(ap, default_bpw=5.25)
+    add_agent_args(ap)
+    ap.add_argument("--sac", default="{}",
+                    help="SACConfig fields as JSON (over --sac-action and --pretrain-episodes)")
+    ap.add_argument("--out", default=None,
+                    help="folder for the SAC checkpoints, the allocations and the search's report")
+    ap.add_argument("--force", action="store_true", help="write into a non-empty --out")
     ap.add_argument("--train-policy", default=None,
                     help="also train a proxy-only policy across --bpw-range on the same prepared "
-                         "model (no evaluation) and save it here, for bench/transfer.py")
+                         "model (no evaluation) and save it here, for bench.transfer")
     ap.add_argument("--bpw-range", default="4.5:6.5")
     ap.add_argument("--policy-steps", type=int, default=40_000)
     ap.add_argument("--threads", type=int, default=None,
@@ -136,55 +62,40 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     if args.threads:
-        _pin_threads(args.threads)
+        pin_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
 
-    from autobits.agents import AGENTS, SearchProblem
-    from autobits.allocation import Budget
+    from autobits.app import search
     from autobits.app.options import format_table
-    from autobits.errors import AutobitsError
-    from autobits.pipeline import PrepareConfig
-    from autobits.solvers import solve
+    from autobits.io import write_json_atomic
 
-    t0 = time.perf_counter()
-    cfg = PrepareConfig(model=args.model, text=args.text, ctx=args.ctx,
-                        calib_windows=args.calib_windows, eval_windows=args.windows,
-                        reward_windows=args.reward_windows, reward_ctx=args.reward_ctx,
-                        select_windows=args.select_windows)
-    prep = lean_prepare(cfg, cache_gb=args.cache_gb)
-    limit = Budget(target_bpw=args.target_bpw).check_feasible(prep.lm.specs, cfg.formats)
-    log.info("prepared %s in %.0fs: %s", args.model, time.perf_counter() - t0, prep.timings)
-
-    allocs = {}
-    for method in ("uniform", "llamacpp", "greedy"):
-        try:
-            allocs[method] = solve(method, prep.table, limit_bytes=limit)
-        except AutobitsError as e:
-            log.info("%s skipped: %s", method, e)
     options = json.loads(args.sac)
-    out = Path(args.out) if args.out else None
-    problem = SearchProblem(table=prep.table, features=prep.features, limit_bytes=limit,
-                            evaluate=prep.reward, warm_start=allocs["greedy"])
-    t1 = time.perf_counter()
-    res = AGENTS["sac"](**options).search(problem, evals=args.evals, seed=args.seed, out_dir=out)
-    sac_s = time.perf_counter() - t1
-    if args.select_windows > 0:
-        from autobits.agents.selection import select
+    config = search_config_from_args(args, allocator="sac")
+    config = dataclasses.replace(config, agent=dataclasses.replace(config.agent, **options),
+                                 baselines=("uniform", "llamacpp", "greedy"))
+    outcome = search(config)
+    prep, limit, res = outcome.prepared, outcome.limit_bytes, outcome.search
+    sel = res.meta.get("selection")
+    sac_s = outcome.timings["allocate"] - (sel["seconds"] if sel else 0.0)
+    log.info("prepared %s: %s", args.model, prep.timings)
 
-        allocs["sac (reward best)"] = res.best
-        res = select(res, measure=prep.select, warm_start=allocs["greedy"])
-    allocs["sac"] = res.best
-    if out is not None:
-        for name, a in allocs.items():
-            a.save(out / (re.sub(r"\W+", "_", name).strip("_") + ".json"))
+    # name -> (allocation, reward-slice metrics or None: measured below, held-out metrics)
+    allocs = {name: (a, None, m) for name, (a, m) in outcome.baselines.items()}
+    if prep.config.select_windows > 0:
+        best, best_m = outcome.reward_best
+        allocs["sac (reward best)"] = (best, best_m, prep.heldout(best))
+    allocs["sac"] = (outcome.allocation, outcome.reward, outcome.heldout)
+    if config.out is not None:
+        for name, (a, _, _) in allocs.items():
+            a.save(config.out / (re.sub(r"\W+", "_", name).strip("_") + ".json"))
 
-    rows, payload = [], {"model": args.model, "target_bpw": args.target_bpw, "limit_bytes": limit,
-                         "evals": args.evals, "seed": args.seed, "sac_options": options,
-                         "sac_seconds": round(sac_s, 1), "timings": prep.timings, "results": {}}
-    for name, a in allocs.items():
-        calib = prep.reward(a).kld
-        m = prep.heldout(a)
+    rows, payload = [], {"model": args.model, "target_bpw": config.budget.target_bpw,
+                         "limit_bytes": limit, "evals": args.evals, "seed": args.seed,
+                         "sac_options": options, "sac_seconds": round(sac_s, 1),
+                         "timings": prep.timings, "results": {}}
+    for name, (a, reward, m) in allocs.items():
+        calib = (reward or prep.reward(a)).kld
         payload["results"][name] = {"calib_kld": calib, **m.to_json()}
         rows.append([name, f"{calib:.5f}", f"{m.kld:.5f}", f"{m.ppl:.4f}", f"{m.top1:.4f}",
                      f"{a.bytes:,}", f"{a.bpw:.4f}"])
@@ -206,14 +117,14 @@ def main(argv=None) -> int:
                      f"{a.bytes:,}", f"{a.bpw:.4f}"])
     g, s = payload["results"]["greedy"], payload["results"]["sac"]
     payload["sac_meta"] = {k: v for k, v in res.meta.items() if k != "options"}
-    payload["history"] = [e.__dict__ for e in res.history]
+    payload["history"] = [dataclasses.asdict(e) for e in res.history]
     print(format_table(rows, ["allocation", "calib KLD", "held-out KLD", "PPL", "top-1", "bytes", "bpw"]))
-    print(f"\n{args.model} at {args.target_bpw} bpw ({limit:,} bytes), {args.evals} evaluations, "
-          f"SAC {sac_s:.0f}s: held-out KLD sac/greedy = {s['kld'] / g['kld']:.4f}, "
+    print(f"\n{args.model} at {config.budget.describe()} ({limit:,} bytes), {args.evals} "
+          f"evaluations, SAC {sac_s:.0f}s: held-out KLD sac/greedy = {s['kld'] / g['kld']:.4f}, "
           f"bytes sac-greedy = {s['bytes'] - g['bytes']:+,}; calibration KLD sac/greedy = "
           f"{s['calib_kld'] / g['calib_kld']:.4f}")
     if args.json:
-        write_json_atomic(args.json, payload)
+        write_json_atomic(Path(args.json), payload)
     return 0
 
 

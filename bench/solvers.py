@@ -8,47 +8,37 @@ seen by calibration): KLD against the reference model, perplexity, top-1 agreeme
 bytes and file-level bpw.  A solver with no answer at a budget (e.g. no llama.cpp preset
 fits) is listed as such.
 
-    .venv/bin/python bench/solvers.py                                   # 4.5,5.25,6,7 bpw
-    .venv/bin/python bench/solvers.py --budgets 5.25 --windows 16 --json runs/solvers.json
+    .venv/bin/python -m bench.solvers                                   # 4.5,5.25,6,7 bpw
+    .venv/bin/python -m bench.solvers --budgets 5.25 --windows 16 --json runs/solvers.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from autobits.allocation import Budget  # noqa: E402
-from autobits.io import write_json_atomic  # noqa: E402
-from autobits.app.options import format_table  # noqa: E402
-from autobits.errors import AutobitsError  # noqa: E402
-from autobits.pipeline import PrepareConfig, prepare  # noqa: E402
-from autobits.solvers import solve  # noqa: E402
+from autobits.allocation import Budget
+from autobits.io import write_json_atomic
+from autobits.app.options import add_prepare_args, format_table, prepare_config_from_args
+from autobits.errors import AutobitsError
+from autobits.pipeline import prepare
+from autobits.solvers import solve
 
 SOLVERS = ("uniform", "llamacpp", "greedy", "ilp")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--text", default="stdlib")
+    add_prepare_args(ap)
     ap.add_argument("--budgets", default="4.5,5.25,6,7", help="file-level bpw, comma separated")
-    ap.add_argument("--windows", type=int, default=8, help="held-out windows")
-    ap.add_argument("--calib-windows", type=int, default=8)
-    ap.add_argument("--imatrix", action="store_true")
-    ap.add_argument("--fold", action="store_true")
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    cfg = PrepareConfig(model=args.model, text=args.text, calib_windows=args.calib_windows,
-                        eval_windows=args.windows, imatrix=args.imatrix, fold=args.fold)
+    cfg = prepare_config_from_args(args)
     t0 = time.perf_counter()
     prepared = prepare(cfg)
     t_prep = time.perf_counter() - t0

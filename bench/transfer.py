@@ -1,9 +1,9 @@
 """Zero-shot transfer: a policy trained on one model allocates for another, versus solvers.
 
-    python bench/transfer.py                       # train on smollm2-135m, allocate gemma3-270m
-    python bench/transfer.py --policy policy.zip   # reuse a trained policy
-    python bench/transfer.py --budgets 4.75,5.5 --steps 60000 --kld-episodes 40
-    python bench/transfer.py --policy policy.zip --optuna-evals 300   # + target-specific optuna
+    python -m bench.transfer                       # train on smollm2-135m, allocate gemma3-270m
+    python -m bench.transfer --policy policy.zip   # reuse a trained policy
+    python -m bench.transfer --budgets 4.75,5.5 --steps 60000 --kld-episodes 40
+    python -m bench.transfer --policy policy.zip --optuna-evals 300   # + target-specific optuna
 
 Trains (unless ``--policy``) across ``--bpw-range`` on the training model, then measures the
 target model and, at each budget, compares the policy's zero-shot allocation (no evaluation
@@ -15,6 +15,7 @@ target's preparation timings, printed below the table).  ``--json`` writes the n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -22,44 +23,28 @@ import sys
 import time
 from pathlib import Path
 
+from autobits.app.options import add_prepare_args, format_table, prepare_config_from_args
+from bench.sac_vs_greedy import pin_threads
+
 log = logging.getLogger("bench.transfer")
 
 
-def _config(model: str, args, *, formats=None):
-    from autobits.pipeline import PrepareConfig
+def _optuna(prep, budget, args):
+    """The target-specific search the zero-shot policy is compared with: the search job
+    (:func:`autobits.app.search`) with ``optuna`` for ``--optuna-evals`` evaluations,
+    warm-started from greedy, then selection; no baselines, nothing written."""
+    from autobits.agents import OptunaConfig
+    from autobits.app import SearchConfig, search
 
-    kw = {} if formats is None else {"formats": tuple(formats)}
-    return PrepareConfig(model=model, text=args.text, ctx=args.ctx, calib_windows=args.calib_windows,
-                         eval_windows=args.windows, reward_windows=args.reward_windows,
-                         reward_ctx=args.reward_ctx, select_windows=args.select_windows, **kw)
-
-
-def _pin_threads(n: int) -> None:
-    """Keep torch at ``n`` threads (load_model would set the CPU count)."""
-    import torch
-
-    import autobits.model
-
-    torch.set_num_threads(n)
-    autobits.model._configure_torch = lambda: torch.set_num_threads(n)
-
-
-def _optuna(prep, limit: int, greedy, args):
-    """The target-specific search the zero-shot policy is compared with: ``optuna`` with
-    ``--optuna-evals`` evaluations warm-started from greedy, then the selection step."""
-    from autobits.agents import AGENTS, SearchProblem
-    from autobits.agents.selection import select
-
-    t = time.perf_counter()
-    problem = SearchProblem(table=prep.table, features=prep.features, limit_bytes=limit,
-                            evaluate=prep.reward, warm_start=greedy)
-    result = AGENTS["optuna"]().search(problem, evals=args.optuna_evals, seed=args.seed)
-    if args.select_windows > 0:
-        result = select(result, measure=prep.select, warm_start=greedy)
-    seconds = time.perf_counter() - t
-    log.info("optuna at %d bytes: %d evaluations, %.0fs, chose %s", limit, len(result.history),
-             seconds, result.meta.get("selection", {}).get("chosen", "reward best"))
-    return result.best, seconds
+    config = SearchConfig(prepare=prep.config, budget=budget, allocator="optuna",
+                          agent=OptunaConfig(), evals=args.optuna_evals, seed=args.seed,
+                          baselines=())
+    outcome = search(config, prepared=prep)
+    seconds = outcome.timings["allocate"]
+    chosen = outcome.search.meta.get("selection", {}).get("chosen", "reward best")
+    log.info("optuna at %d bytes: %d evaluations, %.0fs, chose %s", outcome.limit_bytes,
+             len(outcome.search.history), seconds, chosen)
+    return outcome.allocation, outcome.heldout, seconds
 
 
 def main(argv=None) -> int:
@@ -81,17 +66,8 @@ def main(argv=None) -> int:
                     help="also run a target-specific optuna search of N evaluations per budget")
     ap.add_argument("--optuna-budgets", default=None,
                     help="the budgets (comma list) at which to run optuna (default: all)")
-    ap.add_argument("--select-windows", type=int, default=4,
-                    help="selection windows for the optuna search (0: trust its reward)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--text", default="stdlib")
-    ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--calib-windows", type=int, default=8)
-    ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--reward-windows", type=int, default=2)
-    ap.add_argument("--reward-ctx", type=int, default=256)
-    ap.add_argument("--cache-gb", type=float, default=0.0,
-                    help="bound the dequantized-weight cache (GB, LRU); 0 keeps every candidate")
+    add_prepare_args(ap, model=False)
     ap.add_argument("--out", default=None, help="folder for the allocations")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: autobits' choice, the CPU count; 1 helps on a "
@@ -99,18 +75,17 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
-        _pin_threads(args.threads)
+        pin_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
 
     from autobits.agents.policy import load_policy, train_policy
     from autobits.allocation import Budget
-    from autobits.app.options import format_table
     from autobits.app.commands.agents import parse_bpw_range
     from autobits.envs import AllocTask
     from autobits.errors import AutobitsError
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from sac_vs_greedy import lean_prepare
+    from autobits.io import write_json_atomic
+    from autobits.pipeline import prepare
     from autobits.solvers import solve
 
     payload: dict = {"train": args.train, "target": args.target, "results": {}}
@@ -119,7 +94,7 @@ def main(argv=None) -> int:
     else:
         tasks, t0 = [], time.perf_counter()
         for name in [m for m in args.train.split(",") if m]:
-            prep = lean_prepare(_config(name, args), cache_gb=args.cache_gb)
+            prep = prepare(prepare_config_from_args(args, model=name))
             ev = prep.reward if args.kld_episodes else None
             tasks.append(AllocTask(prep.table, prep.features, evaluate=ev, name=name))
             if not args.kld_episodes:
@@ -137,14 +112,17 @@ def main(argv=None) -> int:
     payload["policy_meta"] = {k: p.meta for k, p in policies.items()}
 
     t0 = time.perf_counter()
-    formats = args.formats.split(",") if args.formats else None
-    prep = lean_prepare(_config(args.target, args, formats=formats), cache_gb=args.cache_gb)
+    config = prepare_config_from_args(args, model=args.target)
+    if args.formats:
+        config = dataclasses.replace(config, formats=tuple(args.formats.split(",")))
+    prep = prepare(config)
     payload["target_prepare_seconds"] = round(time.perf_counter() - t0, 1)
     payload["target_timings"] = prep.timings
     rows = []
     for bpw in [float(b) for b in args.budgets.split(",")]:
-        limit = Budget(target_bpw=bpw).check_feasible(prep.lm.specs, prep.config.formats)
-        allocs, seconds = {}, {}
+        budget = Budget(target_bpw=bpw)
+        limit = budget.check_feasible(prep.lm.specs, prep.config.formats)
+        allocs, seconds, metrics = {}, {}, {}
         for label, policy in policies.items():
             t = time.perf_counter()
             allocs[label] = policy.allocate(prep.table, prep.features, limit_bytes=limit)
@@ -158,10 +136,10 @@ def main(argv=None) -> int:
                 log.info("%s at %g bpw skipped: %s", method, bpw, e)
         if args.optuna_evals > 0 and (args.optuna_budgets is None or
                                       bpw in [float(b) for b in args.optuna_budgets.split(",")]):
-            allocs["optuna"], seconds["optuna"] = _optuna(prep, limit, allocs["greedy"], args)
+            allocs["optuna"], metrics["optuna"], seconds["optuna"] = _optuna(prep, budget, args)
         res = {}
         for name, a in allocs.items():
-            m = prep.heldout(a)
+            m = metrics.get(name) or prep.heldout(a)
             res[name] = {**m.to_json(), "allocate_seconds": round(seconds[name], 3)}
             rows.append([f"{bpw:g}", name, f"{m.kld:.5f}", f"{m.ppl:.4f}", f"{m.top1:.4f}",
                          f"{a.bytes:,}", f"{a.bpw:.4f}", f"{seconds[name]:.2f}"])

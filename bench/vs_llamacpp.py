@@ -1,6 +1,6 @@
 """autobits against llama.cpp's own presets at the same file size, judged by llama.cpp.
 
-    python bench/vs_llamacpp.py [--model smollm2-135m] [--windows 8] [--calib-windows 8]
+    python -m bench.vs_llamacpp [--model smollm2-135m] [--windows 8] [--calib-windows 8]
                                 [--presets Q8_0,Q4_K_M,Q3_K_M,Q2_K] [--solver greedy]
                                 [--out DIR] [--json OUT] [--flash-attn] [--no-autobits]
 
@@ -35,13 +35,9 @@ import time
 from pathlib import Path
 
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from autobits.allocation import Allocation  # noqa: E402
-from autobits.io import write_json_atomic  # noqa: E402
-from autobits.app.options import format_table  # noqa: E402
+from autobits.allocation import Allocation
+from autobits.io import write_json_atomic
+from autobits.app.options import format_table
 
 log = logging.getLogger("bench.vs_llamacpp")
 
