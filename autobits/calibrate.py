@@ -314,16 +314,23 @@ _H_STRIP = 128
 class _SiteAcc:
     """float64 running sums of one input site.
 
-    ``h`` holds ``sum x^T x`` in its upper triangle only (row strips of :data:`_H_STRIP`:
-    about 0.6 of the full product's work); :meth:`finish` mirrors it.
+    ``strips`` hold ``sum x^T x`` in its upper triangle only, row strip ``k`` being rows
+    ``k*S .. k*S+S`` from column ``k*S`` on (``S`` = :data:`_H_STRIP`): about 0.6 of the full
+    product's work and ``d^2 / 2`` float64s instead of ``d^2``; :meth:`finish` mirrors it.
     """
 
     def __init__(self, d: int):
         import torch
 
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
-        self.n, self.sq, self.ab, self.x4, self.h = 0, z(d), z(d), z(d), z(d, d)
+        self.n, self.sq, self.ab, self.x4 = 0, z(d), z(d), z(d)
+        self.strips = [z(min(_H_STRIP, d - i), d - i) for i in range(0, d, _H_STRIP)]
         self.mx = torch.zeros(d, dtype=torch.float32)
+
+    @staticmethod
+    def nbytes(d: int) -> int:
+        """Bytes of the accumulators of a ``d``-channel site."""
+        return 8 * (4 * d + sum(min(_H_STRIP, d - i) * (d - i) for i in range(0, d, _H_STRIP)))
 
     def add(self, x) -> None:
         import torch
@@ -336,8 +343,8 @@ class _SiteAcc:
         self.x4 += sq.square_().sum(0).double()
         self.ab += ab.sum(0).double()
         torch.maximum(self.mx, ab.amax(0), out=self.mx)
-        for i in range(0, x.shape[1], _H_STRIP):
-            self.h[i : i + _H_STRIP, i:] += x[:, i : i + _H_STRIP].T @ x[:, i:]
+        for k, i in enumerate(range(0, x.shape[1], _H_STRIP)):
+            self.strips[k] += x[:, i : i + _H_STRIP].T @ x[:, i:]
         self.n += x.shape[0]
 
     def merge(self, other: _SiteAcc) -> None:
@@ -345,20 +352,30 @@ class _SiteAcc:
         import torch
 
         self.n += other.n
-        for k in ("sq", "ab", "x4", "h"):
+        for k in ("sq", "ab", "x4"):
             getattr(self, k).add_(getattr(other, k))
+        for a, b in zip(self.strips, other.strips):
+            a.add_(b)
         torch.maximum(self.mx, other.mx, out=self.mx)
 
     def finish(self) -> SiteStats:
-        n, s = self.n, _H_STRIP
-        h = self.h / n
-        for i in range(0, h.shape[0], s):  # diagonal blocks (B + B^T) / 2, the rest mirrored
-            b = h[i : i + s, i : i + s]
-            b.copy_((b + b.T) * 0.5)
-            h[i + s :, i : i + s] = h[i : i + s, i + s :].T
+        """The site's statistics; the accumulators are released (the strips one by one)."""
+        import torch
+
+        n, d = self.n, self.sq.shape[0]
+        h = torch.empty(d, d, dtype=torch.float32)
+        for k, i in enumerate(range(0, d, _H_STRIP)):
+            strip = self.strips[k] / n
+            self.strips[k] = None
+            w = strip.shape[0]
+            b = strip[:, :w]  # diagonal block: (B + B^T) / 2; the rest mirrored below it
+            h[i : i + w, i : i + w] = (b + b.T) * 0.5
+            h[i : i + w, i + w :] = strip[:, w:]
+            h[i + w :, i : i + w] = strip[:, w:].T
+        self.strips = []
         return SiteStats(n=n, sq_mean=(self.sq / n).numpy(), abs_mean=(self.ab / n).numpy(),
                          abs_max=self.mx.double().numpy(), x4_mean=(self.x4 / n).numpy(),
-                         h=h.float().numpy())
+                         h=h.numpy())
 
 
 class _Worker:
@@ -435,7 +452,9 @@ def calibrate(
     :data:`PARALLEL_BYTES`), each with its own accumulators and torch's thread count 1
     meanwhile (one window per core beats splitting every small op over the cores, above
     all on a shared machine).  Memory is the model, per worker the per-site accumulators
-    (``sum d_in^2`` float64) and one window's activations (and their gradients).
+    (about ``sum d_in^2 / 2`` float64: the upper triangles of the second moments, a site's
+    freed as soon as its statistics are finished) and one window's activations (and their
+    gradients).
     Deterministic for a given ``seed`` and worker count (one worker: and torch thread count).
     """
     import threading
@@ -459,7 +478,7 @@ def calibrate(
     emb = model.get_input_embeddings()
     site_d = {tensor_site[s.name]: s.row_length for s in linear}
     site_d[HEAD_SITE] = int(emb.weight.shape[1])
-    acc_bytes = 8 * sum(d * d for d in site_d.values())
+    acc_bytes = sum(_SiteAcc.nbytes(d) for d in site_d.values())
     n_workers = max(1, min(int(workers or os.cpu_count() or 1), w.shape[0],
                            max(1, PARALLEL_BYTES // acc_bytes)))
     local = threading.local()  # .state: the _Worker of the thread running a window
@@ -518,6 +537,7 @@ def calibrate(
                 st.accs[HEAD_SITE].add(hidden)
                 logits, dcap = _head_logits(model, hidden)
                 logp = torch.log_softmax(logits[0], dim=-1)
+                del logits  # (vocab x ctx) buffers are the bulk of a window's memory
                 with torch.no_grad():
                     p = logp.exp()
                     hg = p - p.square()
@@ -529,6 +549,7 @@ def calibrate(
                     cdf = p.cumsum(-1)
                     y = torch.searchsorted(cdf, uniforms[i] * cdf[:, -1:])
                     y = y.clamp_max_(p.shape[-1] - 1)
+                    del p, hg, cdf, dcap
                 loss = logp.gather(1, y).sum()
                 loss.backward()
             st.fisher_tokens += ids.numel()
@@ -560,9 +581,9 @@ def calibrate(
         raise CalibrationError(f"the forward pass never reached input sites {missing[:5]}")
 
     def reduce(site: str) -> SiteStats:
-        acc = done[0].accs[site]
+        acc = done[0].accs.pop(site)
         for st in done[1:]:
-            acc.merge(st.accs[site])
+            acc.merge(st.accs.pop(site))  # each worker's sums freed once merged
         return acc.finish()
 
     # as the windows: one site per core, torch's threads 1 (finish is memory-bound)

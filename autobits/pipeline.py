@@ -46,6 +46,10 @@ class PrepareConfig:
     fold: bool = False
     imatrix: bool = False
     formats: tuple[str, ...] = DEFAULT_CANDIDATES
+    #: budget of the dequantized weights the evaluators keep between evaluations (bytes;
+    #: None: :data:`autobits.evaluate.DEFAULT_CACHE_BYTES`); the quantized bytes of every
+    #: candidate are kept regardless, and the metrics do not depend on it
+    cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.ctx < 16:
@@ -66,6 +70,9 @@ class PrepareConfig:
             )
         if self.select_windows < 0:
             raise AutobitsError(f"select_windows must be >= 0, got select_windows={self.select_windows}")
+        if self.cache_bytes is not None and self.cache_bytes < 0:
+            raise AutobitsError(f"the weight cache budget must be >= 0 bytes, got "
+                                f"cache_bytes={self.cache_bytes}")
 
     def reward_slice(self, calib: np.ndarray) -> np.ndarray:
         """The search's reward windows: the first ``reward_windows`` calibration windows,
@@ -140,6 +147,7 @@ def prepare(config: PrepareConfig, *, lm=None) -> Prepared:
     """Load (unless ``lm`` is given), window the text, calibrate, fold, build candidates."""
     from autobits.calibrate import calibrate
     from autobits.features import build_candidates, extract_features
+    from autobits.memory import log_memory
     from autobits.model import load_model
     from autobits.text import load_text, make_windows
 
@@ -148,6 +156,7 @@ def prepare(config: PrepareConfig, *, lm=None) -> Prepared:
     if lm is None:
         lm = load_model(config.model)
     timings["load"] = time.perf_counter() - t
+    log_memory("load")
 
     t = time.perf_counter()
     corpus = load_text(config.text)
@@ -158,6 +167,7 @@ def prepare(config: PrepareConfig, *, lm=None) -> Prepared:
     t = time.perf_counter()
     calib = calibrate(lm, split.calib)
     timings["calibrate"] = time.perf_counter() - t
+    log_memory("calibration")
 
     fold_report = None
     if config.fold:
@@ -172,9 +182,10 @@ def prepare(config: PrepareConfig, *, lm=None) -> Prepared:
     t = time.perf_counter()
     cache = WeightCache(lm, importance=(
         {s.name: calib.importance(s.name) for s in lm.quantizable} if config.imatrix else None
-    ))
+    ), budget_bytes=config.cache_bytes)
     table = build_candidates(lm, calib, formats=config.formats, imatrix=config.imatrix, cache=cache)
     timings["candidates"] = time.perf_counter() - t
+    log_memory(f"candidates ({len(cache)} kept, {cache.packed_bytes / 1e9:.2f} GB quantized)")
 
     t = time.perf_counter()
     features = extract_features(lm, calib, table)

@@ -31,80 +31,6 @@ def _pin_threads(n: int) -> None:
     autobits.model._configure_torch = lambda: torch.set_num_threads(n)
 
 
-def lean_prepare(cfg, *, cache_gb: float):
-    """``autobits.pipeline.prepare`` with bounded memory, for busy shared machines.
-
-    The same steps (load, windows, calibration, candidates, features, reward and held-out
-    evaluators), except that the candidates are built without keeping every dequantized
-    candidate, and the evaluators share a least-recently-used weight cache of at most
-    ``cache_gb`` GB that re-quantizes on a miss (``cache_gb <= 0``: prepare as is).
-    """
-    from collections import OrderedDict
-    from types import SimpleNamespace
-
-    from autobits.calibrate import calibrate
-    from autobits.evaluate import Evaluator, WeightCache
-    from autobits.features import build_candidates, extract_features
-    from autobits.model import load_model
-    from autobits.pipeline import prepare
-    from autobits.text import load_text, make_windows
-
-    if cache_gb <= 0:
-        return prepare(cfg)
-
-    class LRUWeightCache(WeightCache):
-        def __init__(self, lm, limit_bytes: int):
-            super().__init__(lm)
-            self._cache = OrderedDict()
-            self.limit, self.misses = int(limit_bytes), 0
-
-        def get(self, name, fmt):
-            from autobits.formats import get_format
-
-            key = (name, get_format(fmt).name)
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-            self.misses += 1
-            out = super().get(name, fmt)
-            while self.nbytes > self.limit and len(self._cache) > 1:
-                self._cache.popitem(last=False)
-            return out
-
-    timings, t = {}, time.perf_counter()
-    lm = load_model(cfg.model)
-    timings["load"] = time.perf_counter() - t
-    t = time.perf_counter()
-    windows = make_windows(load_text(cfg.text), lm.tokenizer, ctx=cfg.ctx)
-    split = windows.split(calib=cfg.calib_windows, eval=cfg.eval_windows)
-    timings["text"] = time.perf_counter() - t
-    t = time.perf_counter()
-    calib = calibrate(lm, split.calib)
-    timings["calibrate"] = time.perf_counter() - t
-    t = time.perf_counter()
-    table = build_candidates(lm, calib, formats=cfg.formats)
-    timings["candidates"] = time.perf_counter() - t
-    t = time.perf_counter()
-    features = extract_features(lm, calib, table)
-    timings["features"] = time.perf_counter() - t
-    cache = LRUWeightCache(lm, int(cache_gb * 2**30))
-    evaluators: dict = {}
-
-    def lazy(kind, windows):
-        def evaluate(allocation):
-            if kind not in evaluators:
-                evaluators[kind] = Evaluator(lm, windows, cache=cache)
-            return evaluators[kind].evaluate(allocation)
-
-        return evaluate
-
-    return SimpleNamespace(
-        config=cfg, lm=lm, split=split, calib=calib, table=table, features=features, cache=cache,
-        timings=timings, reward=lazy("reward", cfg.reward_slice(split.calib)),
-        select=lazy("select", cfg.select_slice(split.calib)),
-        heldout=lazy("heldout", split.eval))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -121,9 +47,10 @@ def main(argv=None) -> int:
     ap.add_argument("--select-windows", type=int, default=4,
                     help="re-measure SAC's best allocations on this many further calibration "
                          "windows and keep the best there (0: trust the reward)")
-    ap.add_argument("--cache-gb", type=float, default=0.0,
-                    help="bound the dequantized-weight cache to this many GB (LRU, re-quantizes "
-                         "on a miss); 0 (default) keeps every candidate as the pipeline does")
+    ap.add_argument("--cache-gb", type=float, default=None,
+                    help="dequantized weights kept between evaluations, in GiB (least recently "
+                         "used out; the quantized bytes are kept regardless; default: the "
+                         "pipeline's, autobits.evaluate.DEFAULT_CACHE_BYTES)")
     ap.add_argument("--out", default=None, help="folder for the SAC policy and allocations")
     ap.add_argument("--train-policy", default=None,
                     help="also train a proxy-only policy across --bpw-range on the same prepared "
@@ -144,15 +71,16 @@ def main(argv=None) -> int:
     from autobits.allocation import Budget, write_json_atomic
     from autobits.cli import format_table
     from autobits.errors import AutobitsError
-    from autobits.pipeline import PrepareConfig
+    from autobits.pipeline import PrepareConfig, prepare
     from autobits.solvers import solve
 
     t0 = time.perf_counter()
     cfg = PrepareConfig(model=args.model, text=args.text, ctx=args.ctx,
                         calib_windows=args.calib_windows, eval_windows=args.windows,
                         reward_windows=args.reward_windows, reward_ctx=args.reward_ctx,
-                        select_windows=args.select_windows)
-    prep = lean_prepare(cfg, cache_gb=args.cache_gb)
+                        select_windows=args.select_windows, 
+                        cache_bytes=None if args.cache_gb is None else int(args.cache_gb * 2**30))
+    prep = prepare(cfg)
     limit = Budget(target_bpw=args.target_bpw).check_feasible(prep.lm.specs, cfg.formats)
     log.info("prepared %s in %.0fs: %s", args.model, time.perf_counter() - t0, prep.timings)
 

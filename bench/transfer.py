@@ -31,7 +31,9 @@ def _config(model: str, args, *, formats=None):
     kw = {} if formats is None else {"formats": tuple(formats)}
     return PrepareConfig(model=model, text=args.text, ctx=args.ctx, calib_windows=args.calib_windows,
                          eval_windows=args.windows, reward_windows=args.reward_windows,
-                         reward_ctx=args.reward_ctx, select_windows=args.select_windows, **kw)
+                         reward_ctx=args.reward_ctx, select_windows=args.select_windows,
+                         cache_bytes=None if args.cache_gb is None else int(args.cache_gb * 2**30),
+                         **kw)
 
 
 def _pin_threads(n: int) -> None:
@@ -90,8 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--reward-windows", type=int, default=2)
     ap.add_argument("--reward-ctx", type=int, default=256)
-    ap.add_argument("--cache-gb", type=float, default=0.0,
-                    help="bound the dequantized-weight cache (GB, LRU); 0 keeps every candidate")
+    ap.add_argument("--cache-gb", type=float, default=None,
+                    help="dequantized weights kept between evaluations (GiB, least recently used "
+                         "out; default: the pipeline's)")
     ap.add_argument("--out", default=None, help="folder for the allocations")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: autobits' choice, the CPU count; 1 helps on a "
@@ -109,8 +112,7 @@ def main(argv=None) -> int:
     from autobits.commands.agents import parse_bpw_range
     from autobits.envs import AllocTask
     from autobits.errors import AutobitsError
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from sac_vs_greedy import lean_prepare
+    from autobits.pipeline import prepare
     from autobits.solvers import solve
 
     payload: dict = {"train": args.train, "target": args.target, "results": {}}
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
     else:
         tasks, t0 = [], time.perf_counter()
         for name in [m for m in args.train.split(",") if m]:
-            prep = lean_prepare(_config(name, args), cache_gb=args.cache_gb)
+            prep = prepare(_config(name, args))
             ev = prep.reward if args.kld_episodes else None
             tasks.append(AllocTask(prep.table, prep.features, evaluate=ev, name=name))
             if not args.kld_episodes:
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     formats = args.formats.split(",") if args.formats else None
-    prep = lean_prepare(_config(args.target, args, formats=formats), cache_gb=args.cache_gb)
+    prep = prepare(_config(args.target, args, formats=formats))
     payload["target_prepare_seconds"] = round(time.perf_counter() - t0, 1)
     payload["target_timings"] = prep.timings
     rows = []
