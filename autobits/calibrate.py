@@ -29,6 +29,7 @@ backward: ``E[p_v (1 - p_v)]`` over the vocabulary (times the soft-cap derivativ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -413,6 +414,8 @@ def _assign(n_windows: int, n_fisher: int, workers: int) -> list[list[int]]:
 
 #: Memory the per-worker H accumulators may take before calibration uses fewer threads.
 PARALLEL_BYTES = 4 << 30
+#: Fisher windows run at once by default (0: no bound); see :func:`calibrate`.
+FISHER_THREADS = 0
 
 
 def _check_windows(lm, windows) -> np.ndarray:
@@ -442,7 +445,7 @@ def _head_logits(model, hidden):
 
 def calibrate(
     lm, windows: np.ndarray, *, fisher_windows: int = 4, seed: int = 0, progress: bool = True,
-    workers: int | None = None,
+    workers: int | None = None, fisher_threads: int | None = None,
 ) -> Calibration:
     """Run the calibration pass of ``lm`` over ``windows`` (int token array ``(n, ctx)``).
 
@@ -455,6 +458,10 @@ def calibrate(
     (about ``sum d_in^2 / 2`` float64: the upper triangles of the second moments, a site's
     freed as soon as its statistics are finished) and one window's activations (and their
     gradients).
+    ``fisher_threads`` bounds how many Fisher windows (a forward pass that keeps every
+    block's activations for the backward one, the largest buffers of the pass) run at once
+    (default :data:`FISHER_THREADS`; None: as many as workers); the others' threads wait, so
+    the results do not change, only the time.
     Deterministic for a given ``seed`` and worker count (one worker: and torch thread count).
     """
     import threading
@@ -468,6 +475,8 @@ def calibrate(
         raise CalibrationError(
             f"fisher_windows must be a non-negative count, got {fisher_windows!r}")
     n_fisher = min(int(fisher_windows), w.shape[0])
+    if fisher_threads is not None and int(fisher_threads) < 1:
+        raise CalibrationError(f"fisher_threads must be >= 1, got {fisher_threads!r}")
     t0 = time.perf_counter()
     lm.restore()
     model = lm.model
@@ -532,7 +541,7 @@ def calibrate(
         ids = torch.from_numpy(w[i : i + 1])
         st.seen.clear()
         if i < n_fisher:
-            with torch.enable_grad():
+            with fisher_gate, torch.enable_grad():
                 hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
                 st.accs[HEAD_SITE].add(hidden)
                 logits, dcap = _head_logits(model, hidden)
@@ -570,6 +579,9 @@ def calibrate(
         return st
 
     plan = _assign(w.shape[0], n_fisher, n_workers)
+    gate_n = FISHER_THREADS if fisher_threads is None else int(fisher_threads)
+    fisher_gate = (threading.BoundedSemaphore(gate_n) if gate_n and gate_n < len(plan)
+                   else contextlib.nullcontext())
     try:
         done = list(thread_map(worker, plan, len(plan), "calibration"))
     finally:

@@ -69,7 +69,7 @@ class Metrics:
 
 #: Default budget of the dequantized weights a :class:`WeightCache` keeps between
 #: evaluations (bytes); the quantized bytes of every candidate are kept regardless.
-DEFAULT_CACHE_BYTES = 1 << 30
+DEFAULT_CACHE_BYTES = 512 << 20
 
 
 class WeightCache:
@@ -78,16 +78,22 @@ class WeightCache:
     Two layers, so that memory scales with the model and not with model x formats:
 
     * the quantized bytes of every (tensor, format) quantized so far (``bpw / 32`` of a
-      float32 copy: Q4_0 is 0.14 of it), kept for the cache's lifetime;
+      float32 copy: Q4_0 is 0.14 of it), kept for the cache's lifetime, except for the
+      float formats (F32, F16, BF16: a cast of the reference, cheaper to redo than to keep);
     * the dequantized float32 tensors most recently asked for, least recently used first
       out once they exceed ``budget_bytes`` (default :data:`DEFAULT_CACHE_BYTES`; 0 keeps
       none between calls).  A miss dequantizes the kept bytes again, which gives the same
       float32 values bit for bit (the formats' dequantizers are deterministic), so metrics
-      do not depend on the budget, only the time spent dequantizing.
+      do not depend on the budget, only the time spent dequantizing.  An evaluation walks
+      the tensors in the same order every time, which defeats a plain LRU smaller than the
+      model (every entry is evicted just before it is asked for again): after
+      :meth:`new_pass` (the evaluator calls it before swapping weights in), entries used in
+      the current pass are never evicted; a new entry that does not fit otherwise is not
+      kept, so a budget of half the model serves half of each repeated allocation.
 
     :meth:`get` returns a tensor that nothing writes to; an entry evicted while the model
     still points at it lives until the model lets go (``LoadedModel.restore``), so an
-    evaluation holds at most the budget or one model's worth, whichever is larger.
+    evaluation holds at most the budget plus one model's worth.
     ``importance`` maps a tensor name to its per-input-channel importance vector (the
     imatrix); formats that use it then round the way llama.cpp does with an imatrix.
     ``packed`` pre-fills the quantized bytes ((tensor, format) -> uint8 array, e.g. the
@@ -108,8 +114,9 @@ class WeightCache:
         self.budget_bytes = budget
         self._packed: dict[tuple[str, str], np.ndarray] = {
             (n, get_format(f).name): a for (n, f), a in (packed or {}).items()}
-        self._deq: OrderedDict[tuple[str, str], object] = OrderedDict()
+        self._deq: OrderedDict[tuple[str, str], tuple[object, int]] = OrderedDict()
         self._deq_bytes = 0
+        self._pass = 0
         self._lock = threading.Lock()
         #: dequantizations of kept bytes (LRU misses) and quantizations from the reference
         self.misses = 0
@@ -119,30 +126,38 @@ class WeightCache:
     def _key(name: str, fmt: str) -> tuple[str, str]:
         return name, get_format(fmt).name
 
+    @staticmethod
+    def keeps(fmt: str) -> bool:
+        """True when the quantized bytes of ``fmt`` are kept (all but the float formats)."""
+        return get_format(fmt).block_size > 1
+
     def quantize(self, name: str, fmt: str) -> np.ndarray:
-        """The quantized bytes of ``name`` in ``fmt`` (quantized from the reference weight
-        and kept, unless already held)."""
+        """The quantized bytes of ``name`` in ``fmt`` (quantized from the reference weight,
+        and kept when :meth:`keeps`, unless already held)."""
         key = self._key(name, fmt)
         data = self._packed.get(key)
         if data is None:
             arr = self.lm.reference_weight(name).detach().cpu().numpy()
             data = get_format(key[1]).quantize(arr, self.importance.get(name), tensor=name)
             with self._lock:
-                data = self._packed.setdefault(key, data)
+                if self.keeps(key[1]):
+                    data = self._packed.setdefault(key, data)
                 self.quantized += 1
         return data
 
     def put(self, name: str, fmt: str, data: np.ndarray, dequantized=None) -> None:
-        """Keep ``data`` (the quantized bytes of ``name`` in ``fmt``) and, when given, its
-        dequantized tensor (subject to the budget)."""
+        """Keep ``data`` (the quantized bytes of ``name`` in ``fmt``; float formats are not
+        kept) and, when given, its dequantized tensor (subject to the budget)."""
         key = self._key(name, fmt)
         with self._lock:
-            self._packed.setdefault(key, data)
+            if self.keeps(key[1]):
+                self._packed.setdefault(key, data)
             if dequantized is not None:
                 self._remember(key, dequantized)
 
     def has(self, name: str, fmt: str) -> bool:
-        """True when the quantized bytes of (``name``, ``fmt``) are held."""
+        """True when the quantized bytes of (``name``, ``fmt``) are held (never for a float
+        format)."""
         return self._key(name, fmt) in self._packed
 
     def get(self, name: str, fmt: str):
@@ -153,8 +168,9 @@ class WeightCache:
         with self._lock:
             hit = self._deq.get(key)
             if hit is not None:
+                self._deq[key] = (hit[0], self._pass)
                 self._deq.move_to_end(key)
-                return hit
+                return hit[0]
         data = self.quantize(name, fmt)
         shape = tuple(self.lm.spec(name).shape)
         deq = torch.from_numpy(np.ascontiguousarray(get_format(key[1]).dequantize(data, shape),
@@ -164,15 +180,26 @@ class WeightCache:
             self._remember(key, deq)
         return deq
 
+    def new_pass(self) -> None:
+        """Start a pass over the model (one evaluation): what it uses stays until the next."""
+        with self._lock:
+            self._pass += 1
+
     def _remember(self, key, deq) -> None:
+        size = lambda t: t.numel() * t.element_size()  # noqa: E731
         old = self._deq.pop(key, None)
         if old is not None:
-            self._deq_bytes -= old.numel() * old.element_size()
-        self._deq[key] = deq
-        self._deq_bytes += deq.numel() * deq.element_size()
-        while self._deq_bytes > self.budget_bytes and self._deq:
-            _, t = self._deq.popitem(last=False)
-            self._deq_bytes -= t.numel() * t.element_size()
+            self._deq_bytes -= size(old[0])
+        need = size(deq)
+        while self._deq_bytes + need > self.budget_bytes and self._deq:
+            oldest, (t, used) = next(iter(self._deq.items()))
+            if self._pass and used == self._pass:  # in use by this pass, as all after it
+                return
+            del self._deq[oldest]
+            self._deq_bytes -= size(t)
+        if self._deq_bytes + need <= self.budget_bytes:
+            self._deq[key] = (deq, self._pass)
+            self._deq_bytes += need
 
     def packed_items(self) -> dict[tuple[str, str], np.ndarray]:
         """(tensor, format) -> quantized bytes, every entry held (a new dict, same arrays)."""
@@ -301,6 +328,7 @@ class Evaluator:
     def apply(self, tensors: Mapping[str, str]) -> None:
         """Swap the cached dequantized weights of ``tensors`` into the model."""
         self.lm.restore()
+        self.cache.new_pass()
         for name, fmt in tensors.items():
             self.lm.set_weight(name, self.cache.get(name, fmt))
         if self._act is not None:

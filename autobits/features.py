@@ -350,15 +350,20 @@ def _pick(opts: Sequence[Candidate], fmt: str, *, floats: bool = False) -> Candi
 def _weight_stats(w) -> dict[str, float]:
     import torch
 
-    x = w.detach().reshape(-1).double()
+    # float64 copies of the whole tensor: at most two at a time (the same values as the
+    # plain expressions; the outlier count is exact, so its mean is too)
+    x = w.detach().reshape(-1).to(torch.float64, copy=True)
+    sq_mean = float(torch.mean(x.square()))
     mu = x.mean()
-    c = x - mu
-    var = c.square().mean()
+    c = x.sub_(mu)
+    del x
+    sq = c.square()
+    var = sq.mean()
     sd = float(var.sqrt())
-    kurt = float(c.square().square().mean() / var.square()) if var > 0 else 3.0
-    out = float((c.abs() > W_OUTLIER_SIGMAS * sd).double().mean()) if sd > 0 else 0.0
-    return {"w_std": sd, "w_kurtosis": kurt, "w_outlier_frac": out,
-            "w_sq_mean": float(torch.mean(x.square()))}
+    kurt = float(sq.square_().mean() / var.square()) if var > 0 else 3.0
+    del sq
+    out = (int((c.abs_() > W_OUTLIER_SIGMAS * sd).sum()) / c.numel()) if sd > 0 else 0.0
+    return {"w_std": sd, "w_kurtosis": kurt, "w_outlier_frac": out, "w_sq_mean": sq_mean}
 
 
 def _act_stats(st) -> dict[str, float]:

@@ -30,8 +30,9 @@ from typing import Mapping, Sequence
 from autobits.errors import MemoryBudgetError
 
 __all__ = [
-    "MemoryEstimate", "available_bytes", "check_memory", "estimate_peak_bytes", "format_bytes",
-    "log_memory", "peak_rss_bytes", "rss_bytes",
+    "MemoryEstimate", "available_bytes", "check_memory", "configure_allocator",
+    "estimate_peak_bytes", "format_bytes", "log_memory", "peak_rss_bytes", "release_free_memory",
+    "rss_bytes",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,53 @@ def log_memory(stage: str) -> None:
     if log.isEnabledFor(logging.DEBUG):
         log.debug("memory after %s: rss %s, peak %s", stage, format_bytes(rss_bytes()),
                   format_bytes(peak_rss_bytes()))
+
+
+# ------------------------------------------------------------------------ allocator
+_CONFIGURED = False
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+#: Allocations at least this large are served by ``mmap`` (see :func:`configure_allocator`).
+MMAP_THRESHOLD = 1 << 20
+
+
+def configure_allocator(mmap_threshold: int = MMAP_THRESHOLD) -> bool:
+    """Make freed tensors go back to the OS (glibc; once per process; True when set).
+
+    glibc serves a large allocation by ``mmap`` and unmaps it when freed, but raises that
+    threshold (up to 32 MB) each time such a block is freed; after that, the window-sized
+    buffers of calibration and evaluation come from the threads' heaps, which keep the
+    memory after it is freed, so the resident set only grows.  A fixed threshold
+    (``M_MMAP_THRESHOLD``) keeps large buffers mapped and returned on free.
+    """
+    global _CONFIGURED
+    if _CONFIGURED:
+        return True
+    libc = _libc()
+    if libc is None:
+        return False
+    _CONFIGURED = bool(libc.mallopt(-3, int(mmap_threshold)))  # -3: M_MMAP_THRESHOLD
+    return _CONFIGURED
+
+
+def release_free_memory() -> None:
+    """Return the heaps' free memory to the OS (glibc ``malloc_trim``; elsewhere nothing)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 # ------------------------------------------------------------------------ estimate
@@ -191,7 +239,9 @@ def estimate_peak_bytes(
         if role_of(n) == "token_embd":
             vocab = vocab or int(shape[0])
             hidden = int(shape[-1])
-        candidates += sum(f.nbytes(tuple(shape)) for f in fmts if f.fits(int(shape[-1])))
+        # the bytes the weight cache keeps: every fitting format but the float ones
+        candidates += sum(f.nbytes(tuple(shape)) for f in fmts
+                          if f.block_size > 1 and f.fits(int(shape[-1])))
     vocab = int(vocab or 0)
     d = _site_sizes(shapes)
     # per worker: float64 upper-triangle strips (~d^2/2 + strip overlap); the finished

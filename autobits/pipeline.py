@@ -147,7 +147,7 @@ def prepare(config: PrepareConfig, *, lm=None) -> Prepared:
     """Load (unless ``lm`` is given), window the text, calibrate, fold, build candidates."""
     from autobits.calibrate import calibrate
     from autobits.features import build_candidates, extract_features
-    from autobits.memory import log_memory
+    from autobits.memory import log_memory, release_free_memory
     from autobits.model import load_model
     from autobits.text import load_text, make_windows
 
@@ -167,6 +167,7 @@ def prepare(config: PrepareConfig, *, lm=None) -> Prepared:
     t = time.perf_counter()
     calib = calibrate(lm, split.calib)
     timings["calibrate"] = time.perf_counter() - t
+    release_free_memory()  # the accumulators and activations of the pass
     log_memory("calibration")
 
     fold_report = None
@@ -185,11 +186,13 @@ def prepare(config: PrepareConfig, *, lm=None) -> Prepared:
     ), budget_bytes=config.cache_bytes)
     table = build_candidates(lm, calib, formats=config.formats, imatrix=config.imatrix, cache=cache)
     timings["candidates"] = time.perf_counter() - t
+    release_free_memory()  # the dequantized candidates and Cholesky factors
     log_memory(f"candidates ({len(cache)} kept, {cache.packed_bytes / 1e9:.2f} GB quantized)")
 
     t = time.perf_counter()
     features = extract_features(lm, calib, table)
     timings["features"] = time.perf_counter() - t
+    log_memory("features")
     log.info("prepared %s: %s", lm.name, ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return Prepared(config=config, lm=lm, split=split, calib=calib, table=table,
                     features=features, cache=cache, fold_report=fold_report, timings=timings)

@@ -85,15 +85,20 @@ def shared_arrays(lm, cache, candidates: Mapping[str, Sequence[str]]):
     cand = {}
     for name, fmts in candidates.items():
         for fmt in fmts:
-            cand[(name, get_format(fmt).name)] = cache.quantize(name, fmt)
+            if cache.keeps(fmt):  # a float format is a cast of the reference: the actor's job
+                cand[(name, get_format(fmt).name)] = cache.quantize(name, fmt)
     return ref, cand
 
 
 def store_bytes(lm, candidates: Mapping[str, Sequence[str]]) -> int:
     """Bytes the pool puts in the object store: float32 reference weights plus the exact
-    quantized bytes of every tensor per candidate format."""
+    quantized bytes of every tensor per candidate format (float formats excepted, see
+    :meth:`~autobits.evaluate.WeightCache.keeps`)."""
+    from autobits.evaluate import WeightCache
+
     ref = sum(s.numel for s in lm.specs if s.hf_name)
-    cand = sum(lm.spec(n).nbytes(f) for n, fmts in candidates.items() for f in fmts)
+    cand = sum(lm.spec(n).nbytes(f) for n, fmts in candidates.items() for f in fmts
+               if WeightCache.keeps(f))
     return 4 * ref + cand
 
 
