@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import numpy as np
+
 from autobits.errors import MemoryBudgetError
 
 __all__ = [
@@ -153,15 +155,25 @@ def release_free_memory() -> None:
 # ------------------------------------------------------------------------ estimate
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Expected peak resident bytes of a search, by part (see :func:`estimate_peak_bytes`)."""
+    """Expected peak resident bytes of a search, by part (see :func:`estimate_peak_bytes`).
+
+    ``runtime``: the interpreter and libraries; ``model``: the float32 reference weights;
+    ``statistics``: the calibration's second moments (float32, kept); ``accumulators``:
+    their float64 sums while calibrating; ``activations``: the calibration windows in
+    flight (a Fisher window keeps every block's activations for its backward pass);
+    ``candidates``: the quantized bytes of every candidate; ``references``: the held-out
+    reference distributions; ``cache``: the dequantized-weight budget plus one model's worth
+    swapped in, and the evaluation windows in flight.
+    """
 
     runtime: int
     model: int
-    candidates: int
-    cache: int
-    calibration: int
+    statistics: int
+    accumulators: int
     activations: int
+    candidates: int
     references: int
+    cache: int
 
     def __post_init__(self) -> None:
         for k, v in self.parts().items():
@@ -169,16 +181,25 @@ class MemoryEstimate:
                 raise ValueError(f"memory estimate part {k} must be >= 0, got {v}")
 
     def parts(self) -> dict[str, int]:
-        return {"runtime": self.runtime, "model": self.model, "candidates": self.candidates,
-                "cache": self.cache, "calibration": self.calibration,
-                "activations": self.activations, "references": self.references}
+        return {"runtime": self.runtime, "model": self.model, "statistics": self.statistics,
+                "accumulators": self.accumulators, "activations": self.activations,
+                "candidates": self.candidates, "references": self.references,
+                "cache": self.cache}
+
+    @property
+    def calibration_stage(self) -> int:
+        return self.accumulators + self.activations
+
+    @property
+    def search_stage(self) -> int:
+        return self.candidates + self.references + self.cache
 
     @property
     def total(self) -> int:
-        """The peak: the model and everything kept, plus the larger of the two transient
-        stages (calibration's accumulators and activations, or the evaluation's cache)."""
-        kept = self.runtime + self.model + self.candidates + self.references
-        return kept + max(self.calibration + self.activations, self.cache)
+        """The peak: what every stage holds, plus the larger of calibration (accumulators
+        and activations) and the search (candidates, references, cache)."""
+        return (self.runtime + self.model + self.statistics
+                + max(self.calibration_stage, self.search_stage))
 
     def describe(self) -> str:
         return ", ".join(f"{k} {format_bytes(v)}" for k, v in self.parts().items() if v)
@@ -206,19 +227,31 @@ def _site_sizes(shapes: Mapping[str, Sequence[int]]) -> list[int]:
     return list(sites.values())
 
 
+#: float32 (ctx x vocab) buffers a Fisher window holds at once (logits, log-probabilities,
+#: probabilities, their gradients) and per block (ctx x hidden) activations it keeps for the
+#: backward pass (attention scores are counted separately); fitted to measured peaks.
+_FISHER_VOCAB_BUFFERS = 4
+_FISHER_BLOCK_BUFFERS = 24
+#: float32 (scored tokens x vocab) buffers an evaluation window holds at once.
+_EVAL_VOCAB_BUFFERS = 4
+
+
 def estimate_peak_bytes(
     *, shapes: Mapping[str, Sequence[int]], formats: Sequence[str], cache_bytes: int,
     vocab: int | None = None, ctx: int = 512, eval_windows: int = 8, calib_workers: int = 1,
+    fisher_threads: int | None = None, eval_threads: int = 1,
 ) -> MemoryEstimate:
     """Expected peak resident memory of preparing and searching a model.
 
     ``shapes``: GGUF tensor name -> shape (numpy order, rows first), e.g.
-    ``GGUFInfo.tensors`` reduced to shapes, or ``{s.name: s.shape for s in lm.specs}``;
-    ``formats``: the candidate formats; ``cache_bytes``: the budget of the dequantized-weight
-    cache (:class:`~autobits.evaluate.WeightCache`); ``vocab``: the vocabulary (default: the
+    ``{n: s for n, (s, _) in read_gguf_header(path).tensors.items()}`` (no weights read) or
+    ``{s.name: s.shape for s in lm.specs}``; ``formats``: the candidate formats;
+    ``cache_bytes``: the budget of the dequantized-weight cache
+    (:class:`~autobits.evaluate.WeightCache`); ``vocab``: the vocabulary (default: the
     embedding's rows); ``ctx`` / ``eval_windows``: the held-out windows whose reference
     distributions are kept; ``calib_workers``: calibration threads (each has its own
-    accumulators and activations).
+    accumulators), ``fisher_threads`` of which run a Fisher window at once (default all);
+    ``eval_threads``: windows evaluated at once.
     """
     from autobits.formats import get_format
     from autobits.specs import QUANTIZABLE_ROLES, role_of
@@ -226,13 +259,9 @@ def estimate_peak_bytes(
     if cache_bytes < 0:
         raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
     fmts = [get_format(f) for f in formats]
-    numel = {n: 1 for n in shapes}
-    for n, shape in shapes.items():
-        for s in shape:
-            numel[n] *= int(s)
+    numel = {n: int(np.prod([int(x) for x in shape], dtype=np.int64)) for n, shape in shapes.items()}
     model = 4 * sum(numel.values())
-    candidates = 0
-    hidden = 0
+    candidates = hidden = 0
     for n, shape in shapes.items():
         if role_of(n) not in QUANTIZABLE_ROLES or len(shape) != 2:
             continue
@@ -244,23 +273,23 @@ def estimate_peak_bytes(
                           if f.block_size > 1 and f.fits(int(shape[-1])))
     vocab = int(vocab or 0)
     d = _site_sizes(shapes)
-    # per worker: float64 upper-triangle strips (~d^2/2 + strip overlap); the finished
-    # float32 H of every site and its float32 Cholesky factor while the candidates are built
-    acc = sum(8 * (x * x // 2 + 128 * x) for x in d)
-    calibration = calib_workers * acc + sum(4 * x * x for x in d)
-    scored = max(1, ctx - ctx // 2 - 1)
-    # held-out references: probabilities, kept for the whole search
-    references = 4 * eval_windows * scored * vocab
-    # one calibration window with a backward pass: about a dozen (ctx x vocab) float32
-    # logits-sized buffers plus the saved activations of every block
+    from autobits.calibrate import _SiteAcc
+
+    accumulators = calib_workers * sum(_SiteAcc.nbytes(x) for x in d)
+    statistics = sum(4 * x * x for x in d)
     n_blocks = len({n.split(".")[1] for n in shapes if n.startswith("blk.")})
-    ffn = max((int(s[0]) for n, s in shapes.items() if role_of(n) == "ffn_up"), default=4 * hidden)
-    activations = calib_workers * (12 * 4 * ctx * vocab + 4 * ctx * n_blocks * (12 * hidden + 4 * ffn))
-    # evaluation: the cache budget plus one model's worth swapped in (a cache entry in use
-    # stays alive while the model points at it)
-    cache = int(cache_bytes) + model
-    return MemoryEstimate(runtime=RUNTIME_BYTES, model=model, candidates=candidates, cache=cache,
-                          calibration=calibration, activations=activations, references=references)
+    heads = max(1, hidden // 64)
+    fisher = min(calib_workers, fisher_threads or calib_workers)
+    per_window = 4 * ctx * (_FISHER_VOCAB_BUFFERS * vocab
+                            + n_blocks * (_FISHER_BLOCK_BUFFERS * hidden + 2 * heads * ctx))
+    activations = fisher * per_window
+    scored = max(1, ctx - ctx // 2 - 1)
+    references = 4 * eval_windows * scored * vocab
+    evaluation = eval_threads * _EVAL_VOCAB_BUFFERS * 4 * scored * vocab
+    cache = int(cache_bytes) + model + evaluation
+    return MemoryEstimate(runtime=RUNTIME_BYTES, model=model, statistics=statistics,
+                          accumulators=accumulators, activations=activations,
+                          candidates=candidates, references=references, cache=cache)
 
 
 def check_memory(

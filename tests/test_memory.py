@@ -175,10 +175,16 @@ def test_estimate_counts_the_parts():
     more = estimate_peak_bytes(shapes=SHAPES, formats=("Q8_0", "Q4_K", "Q2_K"),
                                cache_bytes=1 << 30, ctx=64)
     assert more.candidates > e.candidates and more.total > e.total
-    assert more.cache == (1 << 30) + more.model
+    assert more.cache - e.cache == 1 << 30
     assert isinstance(e, MemoryEstimate) and e.total == (
-        e.runtime + e.model + e.candidates + e.references
-        + max(e.calibration + e.activations, e.cache))
+        e.runtime + e.model + e.statistics
+        + max(e.accumulators + e.activations, e.candidates + e.references + e.cache))
+    two = estimate_peak_bytes(shapes=SHAPES, formats=("Q8_0", "Q4_K"), cache_bytes=0, ctx=64,
+                              calib_workers=2)
+    gated = estimate_peak_bytes(shapes=SHAPES, formats=("Q8_0", "Q4_K"), cache_bytes=0, ctx=64,
+                                calib_workers=2, fisher_threads=1)
+    assert two.accumulators == 2 * e.accumulators == gated.accumulators
+    assert two.activations == 2 * e.activations == 2 * gated.activations
 
 
 def test_preflight_refuses_with_estimate_available_and_option():
