@@ -45,7 +45,7 @@ from autobits.threads import thread_map
 
 __all__ = [
     "CALIBRATION_VERSION", "HEAD_SITE", "Calibration", "CalibrationError", "SiteStats",
-    "calibrate", "site_of",
+    "accumulator_bytes", "calibrate", "site_of",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -410,6 +410,11 @@ def _assign(n_windows: int, n_fisher: int, workers: int) -> list[list[int]]:
         out[k].append(i)
         load[k] += 3 if i < n_fisher else 1
     return [o for o in out if o]
+
+
+def accumulator_bytes(d: int) -> int:
+    """Bytes one calibration worker's float64 sums of a ``d``-channel input site take."""
+    return _SiteAcc.nbytes(int(d))
 
 
 #: Memory the per-worker H accumulators may take before calibration uses fewer threads.

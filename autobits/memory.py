@@ -229,9 +229,10 @@ def _site_sizes(shapes: Mapping[str, Sequence[int]]) -> list[int]:
 
 #: float32 (ctx x vocab) buffers a Fisher window holds at once (logits, log-probabilities,
 #: probabilities, their gradients) and per block (ctx x hidden) activations it keeps for the
-#: backward pass (attention scores are counted separately); fitted to measured peaks.
-_FISHER_VOCAB_BUFFERS = 4
-_FISHER_BLOCK_BUFFERS = 24
+#: backward pass (torch's fused attention keeps no score matrix); fitted to the measured
+#: peaks of SmolLM2's main job (one Fisher window adds about 0.8 GB at 512 tokens).
+_FISHER_VOCAB_BUFFERS = 5
+_FISHER_BLOCK_BUFFERS = 12
 #: float32 (scored tokens x vocab) buffers an evaluation window holds at once.
 _EVAL_VOCAB_BUFFERS = 4
 
@@ -273,15 +274,13 @@ def estimate_peak_bytes(
                           if f.block_size > 1 and f.fits(int(shape[-1])))
     vocab = int(vocab or 0)
     d = _site_sizes(shapes)
-    from autobits.calibrate import _SiteAcc
+    from autobits.calibrate import accumulator_bytes
 
-    accumulators = calib_workers * sum(_SiteAcc.nbytes(x) for x in d)
+    accumulators = calib_workers * sum(accumulator_bytes(x) for x in d)
     statistics = sum(4 * x * x for x in d)
     n_blocks = len({n.split(".")[1] for n in shapes if n.startswith("blk.")})
-    heads = max(1, hidden // 64)
     fisher = min(calib_workers, fisher_threads or calib_workers)
-    per_window = 4 * ctx * (_FISHER_VOCAB_BUFFERS * vocab
-                            + n_blocks * (_FISHER_BLOCK_BUFFERS * hidden + 2 * heads * ctx))
+    per_window = 4 * ctx * (_FISHER_VOCAB_BUFFERS * vocab + n_blocks * _FISHER_BLOCK_BUFFERS * hidden)
     activations = fisher * per_window
     scored = max(1, ctx - ctx // 2 - 1)
     references = 4 * eval_windows * scored * vocab
