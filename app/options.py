@@ -120,6 +120,9 @@ def add_prepare_args(p: argparse.ArgumentParser, *, model: bool = True,
                    help=f"apply Scale Folding (searched for {d.fold_format}) before quantizing")
     p.add_argument("--imatrix", action="store_true",
                    help="quantize with calibration importance vectors (llama.cpp's imatrix)")
+    p.add_argument("--cache-gb", type=float, default=None,
+                   help="memory for dequantized candidate weights kept between evaluations "
+                   "(GB; default 0.5; the quantized bytes are always kept, metrics do not change)")
 
 
 def prepare_config_from_args(args: argparse.Namespace, *, model: str | None = None,
@@ -135,6 +138,7 @@ def prepare_config_from_args(args: argparse.Namespace, *, model: str | None = No
         eval_windows=windows, reward_windows=min(args.reward_windows, args.calib_windows),
         reward_ctx=min(args.reward_ctx, ctx), select_windows=args.select_windows,
         fold=args.fold, imatrix=args.imatrix,
+        cache_bytes=None if getattr(args, "cache_gb", None) is None else int(args.cache_gb * 2**30),
     )
 
 

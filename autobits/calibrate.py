@@ -29,6 +29,7 @@ backward: ``E[p_v (1 - p_v)]`` over the vocabulary (times the soft-cap derivativ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ from autobits.threads import thread_map
 
 __all__ = [
     "CALIBRATION_VERSION", "HEAD_SITE", "Calibration", "CalibrationError", "SiteStats",
-    "calibrate", "site_of",
+    "accumulator_bytes", "calibrate", "site_of",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -314,16 +315,23 @@ _H_STRIP = 128
 class _SiteAcc:
     """float64 running sums of one input site.
 
-    ``h`` holds ``sum x^T x`` in its upper triangle only (row strips of :data:`_H_STRIP`:
-    about 0.6 of the full product's work); :meth:`finish` mirrors it.
+    ``strips`` hold ``sum x^T x`` in its upper triangle only, row strip ``k`` being rows
+    ``k*S .. k*S+S`` from column ``k*S`` on (``S`` = :data:`_H_STRIP`): about 0.6 of the full
+    product's work and ``d^2 / 2`` float64s instead of ``d^2``; :meth:`finish` mirrors it.
     """
 
     def __init__(self, d: int):
         import torch
 
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
-        self.n, self.sq, self.ab, self.x4, self.h = 0, z(d), z(d), z(d), z(d, d)
+        self.n, self.sq, self.ab, self.x4 = 0, z(d), z(d), z(d)
+        self.strips = [z(min(_H_STRIP, d - i), d - i) for i in range(0, d, _H_STRIP)]
         self.mx = torch.zeros(d, dtype=torch.float32)
+
+    @staticmethod
+    def nbytes(d: int) -> int:
+        """Bytes of the accumulators of a ``d``-channel site."""
+        return 8 * (4 * d + sum(min(_H_STRIP, d - i) * (d - i) for i in range(0, d, _H_STRIP)))
 
     def add(self, x) -> None:
         import torch
@@ -336,8 +344,8 @@ class _SiteAcc:
         self.x4 += sq.square_().sum(0).double()
         self.ab += ab.sum(0).double()
         torch.maximum(self.mx, ab.amax(0), out=self.mx)
-        for i in range(0, x.shape[1], _H_STRIP):
-            self.h[i : i + _H_STRIP, i:] += x[:, i : i + _H_STRIP].T @ x[:, i:]
+        for k, i in enumerate(range(0, x.shape[1], _H_STRIP)):
+            self.strips[k] += x[:, i : i + _H_STRIP].T @ x[:, i:]
         self.n += x.shape[0]
 
     def merge(self, other: _SiteAcc) -> None:
@@ -345,20 +353,30 @@ class _SiteAcc:
         import torch
 
         self.n += other.n
-        for k in ("sq", "ab", "x4", "h"):
+        for k in ("sq", "ab", "x4"):
             getattr(self, k).add_(getattr(other, k))
+        for a, b in zip(self.strips, other.strips):
+            a.add_(b)
         torch.maximum(self.mx, other.mx, out=self.mx)
 
     def finish(self) -> SiteStats:
-        n, s = self.n, _H_STRIP
-        h = self.h / n
-        for i in range(0, h.shape[0], s):  # diagonal blocks (B + B^T) / 2, the rest mirrored
-            b = h[i : i + s, i : i + s]
-            b.copy_((b + b.T) * 0.5)
-            h[i + s :, i : i + s] = h[i : i + s, i + s :].T
+        """The site's statistics; the accumulators are released (the strips one by one)."""
+        import torch
+
+        n, d = self.n, self.sq.shape[0]
+        h = torch.empty(d, d, dtype=torch.float32)
+        for k, i in enumerate(range(0, d, _H_STRIP)):
+            strip = self.strips[k] / n
+            self.strips[k] = None
+            w = strip.shape[0]
+            b = strip[:, :w]  # diagonal block: (B + B^T) / 2; the rest mirrored below it
+            h[i : i + w, i : i + w] = (b + b.T) * 0.5
+            h[i : i + w, i + w :] = strip[:, w:]
+            h[i + w :, i : i + w] = strip[:, w:].T
+        self.strips = []
         return SiteStats(n=n, sq_mean=(self.sq / n).numpy(), abs_mean=(self.ab / n).numpy(),
                          abs_max=self.mx.double().numpy(), x4_mean=(self.x4 / n).numpy(),
-                         h=h.float().numpy())
+                         h=h.numpy())
 
 
 class _Worker:
@@ -394,8 +412,17 @@ def _assign(n_windows: int, n_fisher: int, workers: int) -> list[list[int]]:
     return [o for o in out if o]
 
 
+def accumulator_bytes(d: int) -> int:
+    """Bytes one calibration worker's float64 sums of a ``d``-channel input site take."""
+    return _SiteAcc.nbytes(int(d))
+
+
 #: Memory the per-worker H accumulators may take before calibration uses fewer threads.
 PARALLEL_BYTES = 4 << 30
+#: Fisher windows run at once by default (0: no bound); see :func:`calibrate`.  One: a
+#: Fisher window of SmolLM2 (512 tokens) holds about 1.1 GB until its backward pass ends,
+#: two at once were a third of the main job's peak; the plain windows still run in parallel.
+FISHER_THREADS = 1
 
 
 def _check_windows(lm, windows) -> np.ndarray:
@@ -425,7 +452,7 @@ def _head_logits(model, hidden):
 
 def calibrate(
     lm, windows: np.ndarray, *, fisher_windows: int = 4, seed: int = 0, progress: bool = True,
-    workers: int | None = None,
+    workers: int | None = None, fisher_threads: int | None = None,
 ) -> Calibration:
     """Run the calibration pass of ``lm`` over ``windows`` (int token array ``(n, ctx)``).
 
@@ -435,7 +462,13 @@ def calibrate(
     :data:`PARALLEL_BYTES`), each with its own accumulators and torch's thread count 1
     meanwhile (one window per core beats splitting every small op over the cores, above
     all on a shared machine).  Memory is the model, per worker the per-site accumulators
-    (``sum d_in^2`` float64) and one window's activations (and their gradients).
+    (about ``sum d_in^2 / 2`` float64: the upper triangles of the second moments, a site's
+    freed as soon as its statistics are finished) and one window's activations (and their
+    gradients).
+    ``fisher_threads`` bounds how many Fisher windows (a forward pass that keeps every
+    block's activations for the backward one, the largest buffers of the pass) run at once
+    (default :data:`FISHER_THREADS`; None: as many as workers); the others' threads wait, so
+    the results do not change, only the time.
     Deterministic for a given ``seed`` and worker count (one worker: and torch thread count).
     """
     import threading
@@ -449,6 +482,8 @@ def calibrate(
         raise CalibrationError(
             f"fisher_windows must be a non-negative count, got {fisher_windows!r}")
     n_fisher = min(int(fisher_windows), w.shape[0])
+    if fisher_threads is not None and int(fisher_threads) < 1:
+        raise CalibrationError(f"fisher_threads must be >= 1, got {fisher_threads!r}")
     t0 = time.perf_counter()
     lm.restore()
     model = lm.model
@@ -459,7 +494,7 @@ def calibrate(
     emb = model.get_input_embeddings()
     site_d = {tensor_site[s.name]: s.row_length for s in linear}
     site_d[HEAD_SITE] = int(emb.weight.shape[1])
-    acc_bytes = 8 * sum(d * d for d in site_d.values())
+    acc_bytes = sum(_SiteAcc.nbytes(d) for d in site_d.values())
     n_workers = max(1, min(int(workers or os.cpu_count() or 1), w.shape[0],
                            max(1, PARALLEL_BYTES // acc_bytes)))
     local = threading.local()  # .state: the _Worker of the thread running a window
@@ -513,11 +548,12 @@ def calibrate(
         ids = torch.from_numpy(w[i : i + 1])
         st.seen.clear()
         if i < n_fisher:
-            with torch.enable_grad():
+            with fisher_gate, torch.enable_grad():
                 hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
                 st.accs[HEAD_SITE].add(hidden)
                 logits, dcap = _head_logits(model, hidden)
                 logp = torch.log_softmax(logits[0], dim=-1)
+                del logits  # (vocab x ctx) buffers are the bulk of a window's memory
                 with torch.no_grad():
                     p = logp.exp()
                     hg = p - p.square()
@@ -529,6 +565,7 @@ def calibrate(
                     cdf = p.cumsum(-1)
                     y = torch.searchsorted(cdf, uniforms[i] * cdf[:, -1:])
                     y = y.clamp_max_(p.shape[-1] - 1)
+                    del p, hg, cdf, dcap
                 loss = logp.gather(1, y).sum()
                 loss.backward()
             st.fisher_tokens += ids.numel()
@@ -549,6 +586,9 @@ def calibrate(
         return st
 
     plan = _assign(w.shape[0], n_fisher, n_workers)
+    gate_n = FISHER_THREADS if fisher_threads is None else int(fisher_threads)
+    fisher_gate = (threading.BoundedSemaphore(gate_n) if gate_n and gate_n < len(plan)
+                   else contextlib.nullcontext())
     try:
         done = list(thread_map(worker, plan, len(plan), "calibration"))
     finally:
@@ -560,9 +600,9 @@ def calibrate(
         raise CalibrationError(f"the forward pass never reached input sites {missing[:5]}")
 
     def reduce(site: str) -> SiteStats:
-        acc = done[0].accs[site]
+        acc = done[0].accs.pop(site)
         for st in done[1:]:
-            acc.merge(st.accs[site])
+            acc.merge(st.accs.pop(site))  # each worker's sums freed once merged
         return acc.finish()
 
     # as the windows: one site per core, torch's threads 1 (finish is memory-bound)

@@ -6,7 +6,8 @@ is an :class:`AutobitsError`; the CLI turns it into a one-line message and exit 
 
 from __future__ import annotations
 
-__all__ = ["AutobitsError", "FormatError", "ModelLoadError", "BudgetError", "AllocationError"]
+__all__ = ["AutobitsError", "FormatError", "ModelLoadError", "BudgetError", "AllocationError",
+           "MemoryBudgetError"]
 
 
 class AutobitsError(ValueError):
@@ -27,3 +28,7 @@ class BudgetError(AutobitsError):
 
 class AllocationError(AutobitsError):
     """An allocation that does not match the model (unknown tensors, misfit formats)."""
+
+
+class MemoryBudgetError(AutobitsError):
+    """A run whose estimated peak memory exceeds what the machine has available."""

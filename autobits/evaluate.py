@@ -5,8 +5,10 @@ Built to sit inside a search loop:
 * the reference model's next-token distributions are computed once per window set and kept
   (as probabilities, with their negative entropy), so an evaluation is one forward pass of
   the quantized model per window;
-* dequantized candidate weights are cached per (tensor, format) and swapped into the model
-  by pointer (``param.data = cached``), never re-quantized;
+* candidate weights are quantized once per (tensor, format) and kept as their quantized
+  bytes; the dequantized float32 tensors live in a least-recently-used cache of bounded
+  size (:class:`WeightCache`) and are swapped into the model by pointer
+  (``param.data = cached``);
 * everything runs under ``torch.inference_mode``; the windows of an evaluation run on
   parallel threads (one per core, torch's own thread count 1 meanwhile:
   :func:`autobits.threads.thread_map`), which on a 2-core machine beats splitting every op
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Mapping
 
@@ -30,10 +33,11 @@ import numpy as np
 
 from autobits.allocation import Allocation
 from autobits.formats import get_format
+from autobits.memory import log_memory
 from autobits.model import LoadedModel
 from autobits.threads import thread_map
 
-__all__ = ["Metrics", "Evaluator", "WeightCache"]
+__all__ = ["DEFAULT_CACHE_BYTES", "Metrics", "Evaluator", "WeightCache"]
 
 log = logging.getLogger(__name__)
 
@@ -63,39 +67,160 @@ class Metrics:
         return asdict(self)
 
 
-class WeightCache:
-    """Dequantized weights per (tensor, format), quantized once, stored as float32 tensors.
+#: Default budget of the dequantized weights a :class:`WeightCache` keeps between
+#: evaluations (bytes); the quantized bytes of every candidate are kept regardless.
+DEFAULT_CACHE_BYTES = 512 << 20
 
+
+class WeightCache:
+    """Candidate weights per (tensor, format): quantized once, dequantized on demand.
+
+    Two layers, so that memory scales with the model and not with model x formats:
+
+    * the quantized bytes of every (tensor, format) quantized so far (``bpw / 32`` of a
+      float32 copy: Q4_0 is 0.14 of it), kept for the cache's lifetime, except for the
+      float formats (F32, F16, BF16: a cast of the reference, cheaper to redo than to keep);
+    * the dequantized float32 tensors most recently asked for, least recently used first
+      out once they exceed ``budget_bytes`` (default :data:`DEFAULT_CACHE_BYTES`; 0 keeps
+      none between calls).  A miss dequantizes the kept bytes again, which gives the same
+      float32 values bit for bit (the formats' dequantizers are deterministic), so metrics
+      do not depend on the budget, only the time spent dequantizing.  An evaluation walks
+      the tensors in the same order every time, which defeats a plain LRU smaller than the
+      model (every entry is evicted just before it is asked for again): after
+      :meth:`new_pass` (the evaluator calls it before swapping weights in), entries used in
+      the current pass are never evicted; a new entry that does not fit otherwise is not
+      kept, so a budget of half the model serves half of each repeated allocation.
+
+    :meth:`get` returns a tensor that nothing writes to; an entry evicted while the model
+    still points at it lives until the model lets go (``LoadedModel.restore``), so an
+    evaluation holds at most the budget plus one model's worth.
     ``importance`` maps a tensor name to its per-input-channel importance vector (the
     imatrix); formats that use it then round the way llama.cpp does with an imatrix.
+    ``packed`` pre-fills the quantized bytes ((tensor, format) -> uint8 array, e.g. the
+    read-only views a Ray actor gets from the object store; they are not copied).
+    Thread-safe.
     """
 
-    def __init__(self, lm: LoadedModel, importance: Mapping[str, np.ndarray] | None = None):
+    def __init__(self, lm: LoadedModel, importance: Mapping[str, np.ndarray] | None = None, *,
+                 budget_bytes: int | None = None,
+                 packed: Mapping[tuple[str, str], np.ndarray] | None = None):
+        import threading
+
         self.lm = lm
         self.importance = dict(importance or {})
-        self._cache: dict[tuple[str, str], object] = {}
+        budget = DEFAULT_CACHE_BYTES if budget_bytes is None else int(budget_bytes)
+        if budget < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        self.budget_bytes = budget
+        self._packed: dict[tuple[str, str], np.ndarray] = {
+            (n, get_format(f).name): a for (n, f), a in (packed or {}).items()}
+        self._deq: OrderedDict[tuple[str, str], tuple[object, int]] = OrderedDict()
+        self._deq_bytes = 0
+        self._pass = 0
+        self._lock = threading.Lock()
+        #: dequantizations of kept bytes (LRU misses) and quantizations from the reference
+        self.misses = 0
+        self.quantized = 0
+
+    @staticmethod
+    def _key(name: str, fmt: str) -> tuple[str, str]:
+        return name, get_format(fmt).name
+
+    @staticmethod
+    def keeps(fmt: str) -> bool:
+        """True when the quantized bytes of ``fmt`` are kept (all but the float formats)."""
+        return get_format(fmt).block_size > 1
+
+    def quantize(self, name: str, fmt: str) -> np.ndarray:
+        """The quantized bytes of ``name`` in ``fmt`` (quantized from the reference weight,
+        and kept when :meth:`keeps`, unless already held)."""
+        key = self._key(name, fmt)
+        data = self._packed.get(key)
+        if data is None:
+            arr = self.lm.reference_weight(name).detach().cpu().numpy()
+            data = get_format(key[1]).quantize(arr, self.importance.get(name), tensor=name)
+            with self._lock:
+                if self.keeps(key[1]):
+                    data = self._packed.setdefault(key, data)
+                self.quantized += 1
+        return data
+
+    def put(self, name: str, fmt: str, data: np.ndarray, dequantized=None) -> None:
+        """Keep ``data`` (the quantized bytes of ``name`` in ``fmt``; float formats are not
+        kept) and, when given, its dequantized tensor (subject to the budget)."""
+        key = self._key(name, fmt)
+        with self._lock:
+            if self.keeps(key[1]):
+                self._packed.setdefault(key, data)
+            if dequantized is not None:
+                self._remember(key, dequantized)
+
+    def has(self, name: str, fmt: str) -> bool:
+        """True when the quantized bytes of (``name``, ``fmt``) are held (never for a float
+        format)."""
+        return self._key(name, fmt) in self._packed
 
     def get(self, name: str, fmt: str):
+        """The dequantized float32 weight (torch) of ``name`` stored as ``fmt``."""
         import torch
 
-        key = (name, get_format(fmt).name)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        ref = self.lm.reference_weight(name)
-        f = get_format(fmt)
-        arr = ref.detach().cpu().numpy()
-        data = f.quantize(arr, self.importance.get(name), tensor=name)
-        deq = torch.from_numpy(np.ascontiguousarray(f.dequantize(data, arr.shape)))
-        self._cache[key] = deq
+        key = self._key(name, fmt)
+        with self._lock:
+            hit = self._deq.get(key)
+            if hit is not None:
+                self._deq[key] = (hit[0], self._pass)
+                self._deq.move_to_end(key)
+                return hit[0]
+        data = self.quantize(name, fmt)
+        shape = tuple(self.lm.spec(name).shape)
+        deq = torch.from_numpy(np.ascontiguousarray(get_format(key[1]).dequantize(data, shape),
+                                                    dtype=np.float32))
+        with self._lock:
+            self.misses += 1
+            self._remember(key, deq)
         return deq
 
+    def new_pass(self) -> None:
+        """Start a pass over the model (one evaluation): what it uses stays until the next."""
+        with self._lock:
+            self._pass += 1
+
+    def _remember(self, key, deq) -> None:
+        size = lambda t: t.numel() * t.element_size()  # noqa: E731
+        old = self._deq.pop(key, None)
+        if old is not None:
+            self._deq_bytes -= size(old[0])
+        need = size(deq)
+        while self._deq_bytes + need > self.budget_bytes and self._deq:
+            oldest, (t, used) = next(iter(self._deq.items()))
+            if self._pass and used == self._pass:  # in use by this pass, as all after it
+                return
+            del self._deq[oldest]
+            self._deq_bytes -= size(t)
+        if self._deq_bytes + need <= self.budget_bytes:
+            self._deq[key] = (deq, self._pass)
+            self._deq_bytes += need
+
+    def packed_items(self) -> dict[tuple[str, str], np.ndarray]:
+        """(tensor, format) -> quantized bytes, every entry held (a new dict, same arrays)."""
+        with self._lock:
+            return dict(self._packed)
+
     def __len__(self) -> int:
-        return len(self._cache)
+        return len(self._packed)
+
+    @property
+    def packed_bytes(self) -> int:
+        return sum(a.nbytes for a in list(self._packed.values()))
+
+    @property
+    def dequantized_bytes(self) -> int:
+        return self._deq_bytes
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._cache.values())
+        """Bytes held: the quantized bytes plus the dequantized tensors in the budget."""
+        return self.packed_bytes + self._deq_bytes
 
 
 class Evaluator:
@@ -197,11 +322,13 @@ class Evaluator:
             "reference: %d windows x %d tokens, ppl %.3f (%.1fs)",
             self.tokens.shape[0], self.ctx, self.ref_ppl, time.perf_counter() - t0,
         )
+        log_memory(f"reference distributions of {self.tokens.shape[0]} windows")
 
     # ------------------------------------------------------------- evaluate
     def apply(self, tensors: Mapping[str, str]) -> None:
         """Swap the cached dequantized weights of ``tensors`` into the model."""
         self.lm.restore()
+        self.cache.new_pass()
         for name, fmt in tensors.items():
             self.lm.set_weight(name, self.cache.get(name, fmt))
         if self._act is not None:
@@ -236,6 +363,7 @@ class Evaluator:
             self.lm.restore()
             if self._act is not None:
                 self._act.clear()
+        log_memory("evaluation")
         n = self.n_scored
         return Metrics(
             kld=max(kl_sum / n, 0.0),

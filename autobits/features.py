@@ -9,7 +9,7 @@ model (the token embedding included).
 :func:`build_candidates` quantizes every quantizable tensor to every valid candidate format
 once, records the exact bytes and the proxy error (:class:`TensorProxy`:
 by default the Fisher-weighted ``tr(dW H dW^T)``, an estimate of the KLD the tensor adds, in
-nats per token) and leaves the dequantized weights in the evaluator's
+nats per token) and leaves the quantized bytes in the evaluator's
 :class:`~autobits.evaluate.WeightCache`.
 
 :func:`extract_features` turns a :class:`~autobits.calibrate.Calibration` and a
@@ -68,7 +68,7 @@ from autobits.errors import AllocationError
 from autobits.formats import get_format
 from autobits.proxy import (
     WEIGHTINGS, TensorProxy, embedding_proxy_error, hessian_factor, proxy_error,
-    row_errors,
+    row_errors, site_factor_key,
 )  # fmt: skip
 from autobits.specs import DEFAULT_CANDIDATES, QUANTIZABLE_ROLES
 from autobits.threads import thread_map
@@ -182,6 +182,13 @@ class FeatureTable:
 
 
 # --------------------------------------------------------------- candidates
+def _site_key(calib: Calibration, name: str):
+    """The key :class:`TensorProxy` caches ``name``'s Cholesky factor under, or None."""
+    if name == "token_embd.weight" and not calib.tied:
+        return None
+    return site_factor_key(calib, name)
+
+
 def _check_cache_importance(cache, lm, calib: Calibration, imatrix: bool) -> None:
     for s in lm.quantizable:
         have = cache.importance.get(s.name)
@@ -206,8 +213,10 @@ def build_candidates(
     """Every quantizable tensor x every valid format of ``formats``: exact bytes, proxy error.
 
     ``imatrix`` quantizes with the calibration's importance vectors (llama.cpp's imatrix);
-    ``cache`` (a :class:`~autobits.evaluate.WeightCache`) receives every dequantized weight,
-    and weights it already holds are not quantized again.  ``weighting`` is ``"fisher"``
+    ``cache`` (a :class:`~autobits.evaluate.WeightCache`) receives the quantized bytes of
+    every candidate, and candidates it already holds are not quantized again.  Memory: the
+    dequantized candidate of each thread at a time, and the Cholesky factor of an input
+    site only until the last tensor reading it is measured.  ``weighting`` is ``"fisher"``
     (default when the calibration has a Fisher pass) or ``"none"``.  Tensors are spread over
     ``workers`` threads (default: the CPU count; numpy and torch release the GIL in the heavy
     loops); torch's own thread count is 1 meanwhile.  The threads share one Cholesky factor
@@ -215,6 +224,8 @@ def build_candidates(
     spent per format quantizing and in the proxy, elapsed and CPU (``*_cpu``), summed over
     the threads, and the wall time.
     """
+    import threading
+
     import torch
     from tqdm.auto import tqdm
 
@@ -232,6 +243,22 @@ def build_candidates(
     t_quant = {f: [0.0, 0.0] for f in fmts}  # format -> [thread wall, thread CPU] seconds
     t_proxy = [0.0, 0.0]
     factors: dict = {}  # Cholesky factors of the input sites' H, shared by the threads
+    # tensors still to measure per input site: a site's factor is dropped after its last one
+    users: dict = {}
+    for s in specs:
+        k = _site_key(calib, s.name)
+        if k is not None:
+            users[k] = users.get(k, 0) + 1
+    users_lock = threading.Lock()
+
+    def release(spec) -> None:
+        k = _site_key(calib, spec.name)
+        if k is None:
+            return
+        with users_lock:
+            users[k] -= 1
+            if users[k] == 0:
+                factors.pop(k, None)
 
     def collect(tq: dict[str, tuple[float, float]], tp: list[float]) -> None:
         for f, (w, c) in tq.items():
@@ -251,18 +278,24 @@ def build_candidates(
         for fmt in valid[spec.name]:
             f = get_format(fmt)
             c0, t0 = time.thread_time(), time.perf_counter()
-            deq = cache._cache.get((spec.name, f.name)) if cache is not None else None
-            if deq is None:
-                deq = f.dequantize(f.quantize(arr, imp, tensor=spec.name), arr.shape)
-                deq = torch.from_numpy(np.ascontiguousarray(deq, dtype=np.float32))
-                if cache is not None:  # WeightCache's own key: (tensor, format name)
-                    cache._cache[(spec.name, f.name)] = deq
+            if cache is not None and cache.has(spec.name, f.name):
+                deq = cache.get(spec.name, f.name)
+            else:
+                data = f.quantize(arr, imp, tensor=spec.name)
+                deq = torch.from_numpy(np.ascontiguousarray(f.dequantize(data, arr.shape),
+                                                            dtype=np.float32))
+                if cache is not None:  # keeps the bytes; the float32 copy within its budget
+                    cache.put(spec.name, f.name, data)
+                del data
             c1, t1 = time.thread_time(), time.perf_counter()
             err = proxy(deq)
+            del deq
             tq[f.name] = (t1 - t0, c1 - c0)
             tp[0] += time.perf_counter() - t1
             tp[1] += time.thread_time() - c1
             out.append(Candidate(f.name, spec.nbytes(f.name), max(err, 0.0)))
+        del proxy
+        release(spec)
         return spec.name, tuple(out), tq, tp
 
     t0 = time.perf_counter()
@@ -317,15 +350,20 @@ def _pick(opts: Sequence[Candidate], fmt: str, *, floats: bool = False) -> Candi
 def _weight_stats(w) -> dict[str, float]:
     import torch
 
-    x = w.detach().reshape(-1).double()
+    # float64 copies of the whole tensor: at most two at a time (the same values as the
+    # plain expressions; the outlier count is exact, so its mean is too)
+    x = w.detach().reshape(-1).to(torch.float64, copy=True)
+    sq_mean = float(torch.mean(x.square()))
     mu = x.mean()
-    c = x - mu
-    var = c.square().mean()
+    c = x.sub_(mu)
+    del x
+    sq = c.square()
+    var = sq.mean()
     sd = float(var.sqrt())
-    kurt = float(c.square().square().mean() / var.square()) if var > 0 else 3.0
-    out = float((c.abs() > W_OUTLIER_SIGMAS * sd).double().mean()) if sd > 0 else 0.0
-    return {"w_std": sd, "w_kurtosis": kurt, "w_outlier_frac": out,
-            "w_sq_mean": float(torch.mean(x.square()))}
+    kurt = float(sq.square_().mean() / var.square()) if var > 0 else 3.0
+    del sq
+    out = (int((c.abs_() > W_OUTLIER_SIGMAS * sd).sum()) / c.numel()) if sd > 0 else 0.0
+    return {"w_std": sd, "w_kurtosis": kurt, "w_outlier_frac": out, "w_sq_mean": sq_mean}
 
 
 def _act_stats(st) -> dict[str, float]:

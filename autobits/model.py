@@ -213,6 +213,9 @@ def _order(specs: list[TensorSpec]) -> tuple[TensorSpec, ...]:
 def _configure_torch() -> None:
     import torch
 
+    from autobits.memory import configure_allocator
+
+    configure_allocator()  # freed tensors go back to the OS (see autobits.memory)
     n = os.cpu_count() or 1
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

@@ -53,6 +53,10 @@ class PrepareConfig:
     #: the output Fisher (the proxy's weights)
     fisher_windows: int = 4
     formats: tuple[str, ...] = DEFAULT_CANDIDATES
+    #: budget of the dequantized weights the evaluators keep between evaluations (bytes;
+    #: None: :data:`autobits.evaluate.DEFAULT_CACHE_BYTES`); the quantized bytes of every
+    #: candidate are kept regardless, and the metrics do not depend on it
+    cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.ctx < 16:
@@ -76,6 +80,9 @@ class PrepareConfig:
         if self.fisher_windows < 0:
             raise AutobitsError(f"fisher_windows must be >= 0, got fisher_windows={self.fisher_windows}")
         get_format(self.fold_format)  # an unknown name is a FormatError here, not after loading
+        if self.cache_bytes is not None and self.cache_bytes < 0:
+            raise AutobitsError(f"the weight cache budget must be >= 0 bytes, got "
+                                f"cache_bytes={self.cache_bytes}")
 
     def reward_slice(self, calib: np.ndarray) -> np.ndarray:
         """The search's reward windows: the first ``reward_windows`` calibration windows,
@@ -163,6 +170,7 @@ def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: boo
     """
     from autobits.calibrate import calibrate
     from autobits.features import build_candidates, extract_features
+    from autobits.memory import log_memory, release_free_memory
     from autobits.model import load_model
     from autobits.text import load_text, make_windows
 
@@ -175,6 +183,7 @@ def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: boo
         lm = load_model(config.model)
     timings["load"] = time.perf_counter() - t
     lm.check_context(config.ctx)
+    log_memory("load")
 
     t = time.perf_counter()
     windows = make_windows(corpus, lm.tokenizer, ctx=config.ctx)
@@ -188,6 +197,8 @@ def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: boo
         calib = calibrate(lm, split.calib, fisher_windows=config.fisher_windows if candidates else 0,
                           progress=progress)
     timings["calibrate"] = time.perf_counter() - t
+    release_free_memory()  # the accumulators and activations of the pass
+    log_memory("calibration")
 
     fold_report = None
     if config.fold:
@@ -207,14 +218,17 @@ def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: boo
         t = time.perf_counter()
         cache = WeightCache(lm, importance=(
             {s.name: calib.importance(s.name) for s in lm.quantizable} if config.imatrix else None
-        ))
+        ), budget_bytes=config.cache_bytes)
         table = build_candidates(lm, calib, formats=config.formats, imatrix=config.imatrix,
                                  cache=cache, workers=workers, progress=progress)
         timings["candidates"] = time.perf_counter() - t
+        release_free_memory()  # the dequantized candidates and Cholesky factors
+        log_memory(f"candidates ({len(cache)} kept, {cache.packed_bytes / 1e9:.2f} GB quantized)")
 
         t = time.perf_counter()
         features = extract_features(lm, calib, table)
         timings["features"] = time.perf_counter() - t
+        log_memory("features")
     log.info("prepared %s: %s", lm.name, ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return Prepared(config=config, lm=lm, split=split, calib=calib, table=table,
                     features=features, cache=cache, fold_report=fold_report, timings=timings)

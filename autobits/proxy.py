@@ -21,7 +21,7 @@ from autobits.calibrate import Calibration, CalibrationError
 
 __all__ = [
     "WEIGHTINGS", "TensorProxy", "embedding_proxy_error", "hessian_factor", "proxy_error",
-    "row_errors",
+    "row_errors", "site_factor_key",
 ]  # fmt: skip
 
 #: How the quadratic forms are weighted: ``fisher`` (per output channel by the output
@@ -198,13 +198,20 @@ class TensorProxy:
         return proxy_error(self.w, wq, self.h, gain=self.gain, factor=self.factor)
 
 
+def site_factor_key(calib: Calibration, name: str) -> int:
+    """The key of ``name``'s input site in a ``factors`` dict of :class:`TensorProxy`
+    (tensors reading one input share it; a caller may drop an entry it no longer needs)."""
+    return id(calib.site(name))
+
+
 def _site_factor(factors: dict, calib: Calibration, name: str):
     """:func:`hessian_factor` of ``name``'s input site, cached in ``factors``.
 
     Threads may race to fill an entry: both compute the same factor, one is kept.
     """
     st = calib.site(name)
-    key = id(st)
-    if key not in factors:
-        factors.setdefault(key, (st, hessian_factor(st.h)))  # st pins the id
-    return factors[key][1]
+    key = site_factor_key(calib, name)
+    hit = factors.get(key)
+    if hit is None:
+        hit = factors.setdefault(key, (st, hessian_factor(st.h)))  # st pins the id
+    return hit[1]

@@ -9,13 +9,16 @@ What goes where:
 
 * the driver puts three objects into Ray's object store, once: the model *shell* (the
   pickled torch module with every parameter emptied: config, buffers, structure), the
-  reference weights, and the dequantized candidate weights (float32 per tensor x format),
-  both as dicts of numpy arrays;
+  float32 reference weights, and the *quantized bytes* of every candidate (tensor x
+  format: ``bpw / 32`` of a float32 copy each), both as dicts of numpy arrays;
 * Ray copies an object to a node the first time an actor there asks for it; every actor
   on that node then reads the same shared-memory copy: the arrays arrive as read-only
-  zero-copy views, which the actor wraps with ``torch.from_numpy`` and the model points at
-  (``LoadedModel.set_weight`` swaps pointers; nothing ever writes to a weight);
-* a candidate that is not in the shared cache (a format the table does not offer) is
+  zero-copy views; the model points at the reference ones (``LoadedModel.set_weight``
+  swaps pointers; nothing ever writes to a weight), and each actor's
+  :class:`~autobits.evaluate.WeightCache` dequantizes the candidates it is asked for into
+  its own bounded least-recently-used cache (``cache_bytes`` per actor), bit for bit the
+  driver's weights;
+* a candidate that is not in the shared bytes (a format the table does not offer) is
   quantized by the actor itself, as the driver's WeightCache would.
 
 :class:`EvaluatorPool` keeps ``workers`` actors busy: :meth:`EvaluatorPool.evaluate_many`
@@ -45,8 +48,8 @@ from autobits.errors import AutobitsError
 from autobits.evaluate import WeightCache
 from autobits.formats import get_format
 
-__all__ = ["EvaluatorPool", "EvaluatorActor", "PoolStats", "SharedWeightCache", "model_shell",
-           "shared_arrays", "store_bytes"]
+__all__ = ["EvaluatorPool", "EvaluatorActor", "PoolStats", "model_shell", "shared_arrays",
+           "store_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -75,23 +78,28 @@ def model_shell(model) -> bytes:
 
 def shared_arrays(lm, cache, candidates: Mapping[str, Sequence[str]]):
     """``(reference, candidates)``: numpy views of the reference weights (GGUF name -> array)
-    and of the dequantized weight of every (tensor, format) in ``candidates`` (quantizing
-    the ones ``cache`` does not hold yet)."""
+    and the quantized bytes of every (tensor, format) in ``candidates`` (quantizing the
+    ones ``cache`` does not hold yet)."""
     ref = {s.name: lm.reference_weight(s.name).detach().cpu().numpy()
            for s in lm.specs if s.hf_name}
     cand = {}
     for name, fmts in candidates.items():
         for fmt in fmts:
-            cand[(name, fmt)] = cache.get(name, fmt).detach().cpu().numpy()
+            if cache.keeps(fmt):  # a float format is a cast of the reference: the actor's job
+                cand[(name, get_format(fmt).name)] = cache.quantize(name, fmt)
     return ref, cand
 
 
 def store_bytes(lm, candidates: Mapping[str, Sequence[str]]) -> int:
-    """Bytes the pool puts in the object store: float32 reference weights plus one float32
-    copy of every tensor per candidate format."""
-    numel = {s.name: s.numel for s in lm.specs}
-    ref = sum(numel[s.name] for s in lm.specs if s.hf_name)
-    return 4 * (ref + sum(numel[n] * len(f) for n, f in candidates.items()))
+    """Bytes the pool puts in the object store: float32 reference weights plus the exact
+    quantized bytes of every tensor per candidate format (float formats excepted, see
+    :meth:`~autobits.evaluate.WeightCache.keeps`)."""
+    from autobits.evaluate import WeightCache
+
+    ref = sum(s.numel for s in lm.specs if s.hf_name)
+    cand = sum(lm.spec(n).nbytes(f) for n, fmts in candidates.items() for f in fmts
+               if WeightCache.keeps(f))
+    return 4 * ref + cand
 
 
 # ---------------------------------------------------------------------- actor side
@@ -103,22 +111,6 @@ def _as_tensor(arr: np.ndarray):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(arr)
-
-
-class SharedWeightCache(WeightCache):
-    """A WeightCache whose entries start as views of the object store's shared arrays;
-    a (tensor, format) it does not hold is quantized locally, as WeightCache does."""
-
-    def __init__(self, lm, shared: Mapping[tuple[str, str], np.ndarray], importance=None):
-        super().__init__(lm, importance)
-        self._shared = {(n, get_format(f).name): _as_tensor(a) for (n, f), a in shared.items()}
-
-    def get(self, name: str, fmt: str):
-        hit = self._shared.get((name, get_format(fmt).name))
-        return hit if hit is not None else super().get(name, fmt)
-
-    def __len__(self) -> int:
-        return len(self._shared) + super().__len__()
 
 
 def build_loaded_model(*, shell: bytes, reference: Mapping[str, np.ndarray], specs, name: str,
@@ -144,14 +136,16 @@ def build_loaded_model(*, shell: bytes, reference: Mapping[str, np.ndarray], spe
 class _EvaluatorActorImpl:
     """Holds a model, its reference log-probs on the reward windows, and the weight cache.
 
-    Construction arguments arrive resolved by Ray: ``reference`` and ``cache`` are dicts of
-    read-only numpy views into this node's object store.
+    Construction arguments arrive resolved by Ray: ``reference`` and ``cache`` (quantized
+    bytes per (tensor, format)) are dicts of read-only numpy views into this node's object
+    store; ``cache_bytes`` bounds this actor's dequantized weights (None: the default).
     """
 
     def __init__(self, *, shell: bytes, reference: Mapping[str, np.ndarray],
                  cache: Mapping[tuple[str, str], np.ndarray], specs, name: str,
                  architecture: str, windows: np.ndarray, score_from: int | None,
-                 importance: Mapping[str, np.ndarray] | None, threads: int):
+                 importance: Mapping[str, np.ndarray] | None, threads: int,
+                 cache_bytes: int | None = None):
         import torch
 
         from autobits.evaluate import Evaluator
@@ -161,15 +155,15 @@ class _EvaluatorActorImpl:
         self.lm = build_loaded_model(shell=shell, reference=reference, specs=specs, name=name,
                                      architecture=architecture)
         t1 = time.perf_counter()
-        shared = SharedWeightCache(self.lm, cache, importance)
+        shared = WeightCache(self.lm, importance, packed=cache, budget_bytes=cache_bytes)
         t2 = time.perf_counter()
         self.evaluator = Evaluator(self.lm, windows, score_from=score_from, cache=shared)
         t3 = time.perf_counter()
         self.evaluations = 0
         self.eval_cpu_seconds = 0.0  # CPU time of this process spent in evaluations
         self.init_seconds = t3 - t0
-        #: where the start-up went: model shell + shared reference weights, wrapping the
-        #: shared candidate arrays, the reference forward pass
+        #: where the start-up went: model shell + shared reference weights, indexing the
+        #: shared candidate bytes, the reference forward pass
         self.phases = {"model": t1 - t0, "cache": t2 - t1, "reference": t3 - t2}
 
     def info(self) -> dict:
@@ -275,12 +269,14 @@ class EvaluatorPool:
         }
         del reference, cand
         self.stats.put_seconds = time.perf_counter() - t0
-        log.info("object store: %.2f GB of reference and candidate weights put once (%.1fs)",
+        log.info("object store: %.2f GB of reference weights and candidate bytes put once "
+                 "(%.1fs)",
                  self.stats.put_bytes / 1e9, self.stats.put_seconds)
         self._init_kw = {
             "specs": tuple(lm.specs), "name": lm.name, "architecture": lm.architecture,
             "windows": np.ascontiguousarray(windows), "score_from": score_from,
             "importance": dict(cache.importance) or None, "threads": self.threads,
+            "cache_bytes": cache.budget_bytes,
         }
         t0 = time.perf_counter()
         self._actors: list[Any] = [None] * self.workers
