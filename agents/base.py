@@ -13,6 +13,9 @@ history of every evaluation, which the report turns into plots.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol
@@ -22,7 +25,7 @@ from autobits.candidates import CandidateTable
 from autobits.evaluate import Metrics
 
 __all__ = ["SearchProblem", "Evaluation", "SearchResult", "Agent", "AGENTS", "register_agent",
-           "TOP_CANDIDATES"]
+           "TOP_CANDIDATES", "metrics_from_json", "problem_fingerprint"]
 
 #: How many of the best allocations a search keeps for the selection step.
 TOP_CANDIDATES = 8
@@ -65,6 +68,20 @@ class Evaluation:
     seconds: float
 
 
+def problem_fingerprint(table: CandidateTable, limit: int) -> str:
+    """Structure of a problem (tensors, formats, bytes, budget), not its measured errors:
+    what a resumed search must share with the one it continues."""
+    rows = [[t, [[c.fmt, c.bytes] for c in table.options[t]]] for t in table.tensors]
+    blob = json.dumps([table.model, table.fixed_bytes, limit, rows]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def metrics_from_json(d: dict) -> Metrics:
+    """:class:`Metrics` from its ``to_json()`` (keys it does not know are ignored)."""
+    names = {f.name for f in dataclasses.fields(Metrics)}
+    return Metrics(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass
 class SearchResult:
     """The best feasible allocation found, its calibration metrics, and the history."""
@@ -90,13 +107,17 @@ class SearchResult:
 
 
 class Agent(Protocol):
-    """Search agents: ``search(problem, evals=N, seed=S, out_dir=DIR) -> SearchResult``."""
+    """Search agents: ``search(problem, evals=N, seed=S, out_dir=DIR) -> SearchResult``.
+
+    ``resume`` continues the search saved in ``out_dir``; without it, saved search state
+    there is an :class:`~autobits.errors.AutobitsError` unless ``force`` (which replaces it).
+    """
 
     name: ClassVar[str]
 
     def search(
         self, problem: SearchProblem, *, evals: int, seed: int, out_dir: Path | None = None,
-        resume: bool = False,
+        resume: bool = False, force: bool = False,
     ) -> SearchResult: ...
 
 
