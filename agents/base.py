@@ -16,16 +16,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol
 
 from autobits.allocation import Allocation
 from autobits.candidates import CandidateTable
+from autobits.errors import AutobitsError
 from autobits.evaluate import Metrics
 
 __all__ = ["SearchProblem", "Evaluation", "SearchResult", "Agent", "AGENTS", "register_agent",
-           "TOP_CANDIDATES", "metrics_from_json", "problem_fingerprint"]
+           "TOP_CANDIDATES", "metrics_from_json", "problem_fingerprint", "search_state_file"]
+
+log = logging.getLogger(__name__)
 
 #: How many of the best allocations a search keeps for the selection step.
 TOP_CANDIDATES = 8
@@ -74,6 +78,31 @@ def problem_fingerprint(table: CandidateTable, limit: int) -> str:
     rows = [[t, [[c.fmt, c.bytes] for c in table.options[t]]] for t in table.tensors]
     blob = json.dumps([table.model, table.fixed_bytes, limit, rows]).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def search_state_file(out_dir: Path | None, name: str, *, resume: bool,
+                      force: bool) -> Path | None:
+    """``out_dir / name``, where a search keeps what ``resume`` continues from (None without
+    ``out_dir``).  Without ``resume`` an existing file there is an earlier search: an
+    :class:`~autobits.errors.AutobitsError` unless ``force``, which deletes it."""
+    if out_dir is None:
+        if resume:
+            raise ValueError(f"resume=True needs out_dir (the search's {name} lives there)")
+        return None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    if path.exists() and not resume:
+        if not force:
+            raise AutobitsError(
+                f"{str(path)!r} holds an earlier search: continue it with --resume "
+                f"(resume=True) or replace it with --force (force=True)"
+            )
+        log.warning("%s exists; replacing it with a new search (force)", path)
+        path.unlink()
+    elif resume and not path.exists():
+        log.info("no %s in %s; starting a new search", name, out_dir)
+    return path
 
 
 def metrics_from_json(d: dict) -> Metrics:

@@ -65,6 +65,7 @@ import numpy as np
 from autobits.agents.base import TOP_CANDIDATES, Evaluation, SearchProblem, SearchResult
 from autobits.agents.base import metrics_from_json as _metrics
 from autobits.agents.base import problem_fingerprint as _fingerprint
+from autobits.agents.base import search_state_file
 from autobits.agents.base import register_agent
 from autobits.allocation import Allocation
 from autobits.candidates import CandidateTable
@@ -356,24 +357,10 @@ class OptunaAgent:
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        if out_dir is None:
-            if resume:
-                raise ValueError("resume=True needs out_dir (the journal file lives there)")
+        path = search_state_file(out_dir, JOURNAL, resume=resume, force=force)
+        if path is None:
             storage: Any = optuna.storages.InMemoryStorage()
         else:
-            out_dir = Path(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / JOURNAL
-            if path.exists() and not resume:
-                if not force:
-                    raise AutobitsError(
-                        f"{str(path)!r} holds an earlier search: continue it with --resume "
-                        f"(resume=True) or replace it with --force (force=True)"
-                    )
-                log.warning("%s exists; replacing it with a new search (force)", path)
-                path.unlink()
-            elif resume and not path.exists():
-                log.info("no journal at %s; starting a new search", path)
             storage = JournalStorage(JournalFileBackend(str(path)))
         study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="minimize",
                                     load_if_exists=True)

@@ -49,6 +49,7 @@ import numpy as np
 
 from autobits.agents.base import TOP_CANDIDATES, Evaluation, SearchProblem, SearchResult
 from autobits.agents.base import metrics_from_json, problem_fingerprint, register_agent
+from autobits.agents.base import search_state_file
 from autobits.allocation import Allocation
 from autobits.envs import AllocTask, BitAllocEnv
 from autobits.errors import AutobitsError
@@ -456,26 +457,6 @@ class SACAgent:
             raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every=}")
         self.checkpoint_every = int(checkpoint_every)
 
-    def _checkpoint_path(self, out_dir: Path | None, *, resume: bool, force: bool) -> Path | None:
-        """Where this search checkpoints; refuses to overwrite an earlier search's checkpoint
-        unless ``force`` (which deletes it) or ``resume``."""
-        if out_dir is None:
-            if resume:
-                raise ValueError("resume=True needs out_dir (the checkpoint lives there)")
-            return None
-        path = Path(out_dir) / CHECKPOINT_FILE
-        if path.exists() and not resume:
-            if not force:
-                raise AutobitsError(
-                    f"{str(path)!r} holds an earlier search: continue it with --resume "
-                    f"(resume=True) or replace it with --force (force=True)"
-                )
-            log.warning("%s exists; replacing it with a new search (force)", path)
-            path.unlink()
-        if resume and not path.exists():
-            log.info("no checkpoint at %s; starting a new search", path)
-        return path
-
     def search(self, problem: SearchProblem, *, evals: int, seed: int, out_dir: Path | None = None,
                resume: bool = False, force: bool = False) -> SearchResult:
         if evals < 2:
@@ -483,7 +464,7 @@ class SACAgent:
                 f"sac needs at least 2 evaluations (greedy + policy), got evals={evals}"
             )
         t_start = time.perf_counter()
-        ckpt = self._checkpoint_path(out_dir, resume=resume, force=force)
+        ckpt = search_state_file(out_dir, CHECKPOINT_FILE, resume=resume, force=force)
         table, limit = problem.table, int(problem.limit_bytes)
         counter = CountingEvaluator(problem.evaluate, limit_bytes=limit, total=evals,
                                     log_every=self.log_every)
