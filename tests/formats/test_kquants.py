@@ -229,8 +229,6 @@ def test_kmath_public_shapes():
 def _oracle():
     from autobits.formats import oracle
 
-    if not oracle.oracle_available():
-        pytest.skip(f"llama.cpp oracle unavailable: {oracle.oracle_unavailable_reason()}")
     return oracle
 
 
@@ -242,6 +240,7 @@ def _mismatching_blocks(ours: np.ndarray, theirs: np.ndarray, type_size: int) ->
 
 
 @pytest.mark.judge
+@pytest.mark.needs("oracle")
 @pytest.mark.parametrize("with_importance", [False, True])
 @pytest.mark.parametrize("name", FORMATS)
 def test_bytes_identical_to_llama_cpp_random(name, with_importance):
@@ -356,6 +355,7 @@ def smol_ffn_down() -> list[np.ndarray]:
 
 
 @pytest.mark.judge
+@pytest.mark.needs("oracle")
 @pytest.mark.parametrize("with_importance", [False, True])
 @pytest.mark.parametrize("name", FORMATS)
 def test_bytes_identical_to_llama_cpp_smollm2(name, with_importance, smol_ffn_down):
