@@ -69,6 +69,9 @@ _ARCH_TYPES = {"algorithm": str, "net_arch": (list, dict), "activation": str, "u
                "log_std_init": (int, float), "n_critics": int, "share_features_extractor": bool,
                "observation_shape": list, "observation_bounds": list, "action_shape": list,
                "action_bounds": list}
+_SAC_TYPES = {"learning_rate": (int, float), "batch_size": int, "buffer_size": int,
+              "gamma": (int, float), "tau": (int, float), "gradient_steps": int,
+              "ent_coef": (str, int, float), "target_entropy": (int, float)}
 
 
 class PolicyError(AutobitsError):
@@ -403,6 +406,14 @@ def load_policy(path: str | os.PathLike, *, trust_pickle: bool = False) -> Saved
                 raise PolicyError(f"{where} has format {version!r}, this autobits reads format "
                                   f"{POLICY_FORMAT_VERSION}")
             _check_types(manifest, _MANIFEST_TYPES, where)
+            _check_types(manifest["sac"], _SAC_TYPES, f"{where} sac")
+            extra = sorted(set(manifest["sac"]) - set(_SAC_TYPES))
+            sac = manifest["sac"]
+            if extra or not (0 < sac["buffer_size"] <= 10**7 and 0 < sac["batch_size"] <= 1 << 16
+                             and 0 < sac["gradient_steps"] <= 1 << 16):
+                raise PolicyError(f"{where}: sac settings {sac}, expected {sorted(_SAC_TYPES)} "
+                                  f"with buffer_size <= 10**7, batch_size and gradient_steps "
+                                  f"<= 65536")
             keys = set(f.keys())
             bad = sorted(k for k in keys if not (k.startswith("policy.") or k in
                                                   ("log_ent_coef", "obs_rms.mean", "obs_rms.var")))

@@ -309,3 +309,20 @@ def test_train_policy_and_allocate_end_to_end_on_tiny_model(tiny_folder, tmp_pat
     alloc = json.loads((tmp_path / "run" / "allocation.json").read_text())
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert alloc["bpw"] <= 5.5 and metrics["bytes"] == alloc["bytes"] and metrics["kld"] >= 0
+
+
+def test_sac_search_continues_a_saved_policy(trained):
+    """SACAgent(policy=FILE): the networks come from the file (no pretraining), built from
+    its manifest with its hyper-parameters, and the search still returns a feasible result."""
+    from autobits.agents import AGENTS, SearchProblem
+
+    from test_env import fake_evaluate
+
+    _, path = trained
+    table, feats, limit = problem(3, seed=5, model="c")
+    prob = SearchProblem(table=table, features=feats, limit_bytes=limit, evaluate=fake_evaluate(table))
+    res = AGENTS["sac"](policy=path, batch_size=32, gradient_steps=2,
+                        finetune_gradient_steps=2).search(prob, evals=3, seed=0)
+    assert res.meta["pretrain_episodes"] == 0 and res.meta["options"]["policy"] == str(path)
+    assert res.meta["options"]["action"] == "absolute"  # the policy's env options win
+    assert res.best.bytes <= limit and len(res.history) >= 2
