@@ -419,7 +419,8 @@ class SACAgent:
       ``keep_proxy_buffer`` (keep the proxy transitions when switching to KLD),
       ``max_episode_factor`` (episodes allowed per evaluation: repeated allocations are
       free), ``policy`` (a saved policy file to start from instead of pretraining),
-      ``checkpoint_every`` (KLD episodes between checkpoints in ``out_dir``; 0: none);
+      ``checkpoint_every`` (KLD episodes between checkpoints in ``out_dir``; 0: only the
+      one at the end of the fine-tuning);
     * SAC: ``batch_size``, ``learning_rate``, ``gamma``, ``net_arch``, ``ent_coef``,
       ``target_entropy``, ``use_sde`` / ``log_std_init``, ``device``;
     * env: ``order``, ``action``, ``span``, ``gain_range``, ``cliff``, ``unused``,
