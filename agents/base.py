@@ -13,6 +13,10 @@ history of every evaluation, which the report turns into plots.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol
@@ -23,7 +27,11 @@ from autobits.errors import AutobitsError
 from autobits.evaluate import Metrics
 
 __all__ = ["SearchProblem", "Evaluation", "SearchResult", "Agent", "AgentSpec", "AGENTS",
-           "register_agent", "make_agent", "AgentError", "AgentConfigError", "TOP_CANDIDATES"]
+           "register_agent", "make_agent", "AgentError", "AgentConfigError", "TOP_CANDIDATES",
+           "metrics_from_json", "problem_fingerprint", "search_state_file"]
+
+log = logging.getLogger(__name__)
+
 
 class AgentError(AutobitsError):
     """A search that cannot run as asked (too few evaluations, a warm start over the budget,
@@ -75,6 +83,45 @@ class Evaluation:
     seconds: float
 
 
+def problem_fingerprint(table: CandidateTable, limit: int) -> str:
+    """Structure of a problem (tensors, formats, bytes, budget), not its measured errors:
+    what a resumed search must share with the one it continues."""
+    rows = [[t, [[c.fmt, c.bytes] for c in table.options[t]]] for t in table.tensors]
+    blob = json.dumps([table.model, table.fixed_bytes, limit, rows]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def search_state_file(out_dir: Path | None, name: str, *, resume: bool,
+                      force: bool) -> Path | None:
+    """``out_dir / name``, where a search keeps what ``resume`` continues from (None without
+    ``out_dir``).  Without ``resume`` an existing file there is an earlier search: an
+    :class:`~autobits.errors.AutobitsError` unless ``force``, which deletes it."""
+    if out_dir is None:
+        if resume:
+            raise AgentError(f"resume=True needs out_dir (the search's {name} lives there)")
+        return None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    if path.exists() and not resume:
+        if not force:
+            raise AgentError(
+                f"{str(path)!r} holds an earlier search: continue it with --resume "
+                f"(resume=True) or replace it with --force (force=True)"
+            )
+        log.warning("%s exists; replacing it with a new search (force)", path)
+        path.unlink()
+    elif resume and not path.exists():
+        log.info("no %s in %s; starting a new search", name, out_dir)
+    return path
+
+
+def metrics_from_json(d: dict) -> Metrics:
+    """:class:`Metrics` from its ``to_json()`` (keys it does not know are ignored)."""
+    names = {f.name for f in dataclasses.fields(Metrics)}
+    return Metrics(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass
 class SearchResult:
     """The best feasible allocation found, its calibration metrics, and the history."""
@@ -105,6 +152,9 @@ class Agent(Protocol):
     ``batched``: the agent measures batches through ``problem.evaluate_many`` when it is
     given (so Ray evaluator actors help it); an agent that evaluates one allocation at a
     time in its own loop says False.
+
+    ``resume`` continues the search saved in ``out_dir``; without it, saved search state
+    there is an :class:`~autobits.errors.AutobitsError` unless ``force`` (which replaces it).
     """
 
     name: ClassVar[str]
@@ -112,7 +162,7 @@ class Agent(Protocol):
 
     def search(
         self, problem: SearchProblem, *, evals: int, seed: int, out_dir: Path | None = None,
-        resume: bool = False,
+        resume: bool = False, force: bool = False,
     ) -> SearchResult: ...
 
 

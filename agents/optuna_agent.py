@@ -4,7 +4,8 @@ Each trial proposes an allocation, which is projected onto the byte budget (so e
 evaluated allocation is feasible), measured with ``problem.evaluate`` (KLD on the short
 calibration slice) and told back to the study.  Trial 0 is the warm start (the greedy
 solver's allocation).  The study lives in an Optuna journal file in ``out_dir`` under a
-fixed name, so ``resume=True`` continues an interrupted search with the evaluations left.
+fixed name, so ``resume=True`` continues an interrupted search with the evaluations left;
+an existing journal is never replaced unless ``force=True``.
 
 Search spaces (``space=``), all decoding to one candidate per tensor:
 
@@ -53,8 +54,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-import hashlib
-import json
 import logging
 import math
 import time
@@ -66,8 +65,12 @@ import numpy as np
 
 from autobits.agents.base import TOP_CANDIDATES, Evaluation, SearchProblem, SearchResult
 from autobits.agents.base import AgentConfigError, AgentError, register_agent
+from autobits.agents.base import metrics_from_json as _metrics
+from autobits.agents.base import problem_fingerprint as _fingerprint
+from autobits.agents.base import search_state_file
 from autobits.allocation import Allocation
 from autobits.candidates import CandidateTable
+from autobits.errors import AutobitsError
 from autobits.evaluate import Metrics
 from autobits.solvers import solve
 from autobits.solvers.problem import Packed, pack
@@ -126,13 +129,6 @@ def _ladders(p: Packed, warm: np.ndarray) -> list[list[int]]:
             hull = sorted(hull + [w], key=lambda k: (-int(p.bytes[i, k]), float(p.error[i, k])))
         out.append(hull)
     return out
-
-
-def _fingerprint(table: CandidateTable, limit: int) -> str:
-    """Structure of the problem (tensors, formats, bytes, budget), not the measured errors."""
-    rows = [[t, [[c.fmt, c.bytes] for c in table.options[t]]] for t in table.tensors]
-    blob = json.dumps([table.model, table.fixed_bytes, limit, rows]).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _trial_seed(seed: int, k: int) -> int:
@@ -361,24 +357,15 @@ class OptunaAgent:
                 "problem": _fingerprint(problem.table, problem.limit_bytes)}
 
     # ------------------------------------------------------------ storage
-    def _open_study(self, out_dir: Path | None, settings: dict, resume: bool):
+    def _open_study(self, out_dir: Path | None, settings: dict, resume: bool, force: bool = False):
         import optuna
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        if out_dir is None:
-            if resume:
-                raise AgentError("resume=True needs out_dir (the journal file lives there)")
+        path = search_state_file(out_dir, JOURNAL, resume=resume, force=force)
+        if path is None:
             storage: Any = optuna.storages.InMemoryStorage()
         else:
-            out_dir = Path(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / JOURNAL
-            if path.exists() and not resume:
-                log.warning("%s exists; starting a new search (pass resume=True to continue it)", path)
-                path.unlink()
-            elif resume and not path.exists():
-                log.info("no journal at %s; starting a new search", path)
             storage = JournalStorage(JournalFileBackend(str(path)))
         study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="minimize",
                                     load_if_exists=True)
@@ -414,8 +401,12 @@ class OptunaAgent:
 
     # ------------------------------------------------------------ search
     def search(self, problem: SearchProblem, *, evals: int, seed: int, out_dir: Path | None = None,
-               resume: bool = False) -> SearchResult:
-        """Run (or, with ``resume``, continue) the search until ``evals`` evaluations are done."""
+               resume: bool = False, force: bool = False) -> SearchResult:
+        """Run (or, with ``resume``, continue) the search until ``evals`` evaluations are done.
+
+        Without ``resume``, a journal already in ``out_dir`` is an error unless ``force``
+        (which deletes it and starts afresh).
+        """
         from optuna.trial import TrialState
 
         if evals < 1:
@@ -425,7 +416,7 @@ class OptunaAgent:
         p, limit = self._packed, int(problem.limit_bytes)
         settings = self.settings(problem, seed)
         with _quiet_optuna():
-            study = self._open_study(out_dir, settings, resume)
+            study = self._open_study(out_dir, settings, resume, force)
             for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
                 if tr.state == TrialState.RUNNING:  # left by a killed process
                     study.tell(tr.number, state=TrialState.FAIL)
@@ -581,11 +572,6 @@ def _tell_cached(study, trial, attrs: dict, rec: FrozenRecord) -> None:
         trial.set_user_attr(k, v)
     trial.set_user_attr("metrics", rec.metrics)
     study.tell(trial, rec.kld)
-
-
-def _metrics(d: dict) -> Metrics:
-    names = {f.name for f in dataclasses.fields(Metrics)}
-    return Metrics(**{k: v for k, v in d.items() if k in names})
 
 
 class _NoBar:

@@ -16,6 +16,15 @@ A search spends its evaluation budget ``evals`` like this:
 The best allocation seen (every episode's projected allocation is a feasible candidate) is
 returned with the full history.  Observations are normalised with ``VecNormalize``.
 
+With ``out_dir``, step 3 writes a checkpoint every ``checkpoint_every`` episodes
+(:data:`CHECKPOINT_FILE`: safetensors tensors -- networks, optimiser moments, the replay
+buffer, observation statistics, torch/NumPy RNG states -- and a JSON manifest in its
+metadata: counters, the other RNG states, every evaluation so far, the best allocations,
+the search's settings); ``resume=True`` continues from it, and a resumed run reaches the
+allocation the uninterrupted run with the same seed would have.  Without ``resume`` an
+existing checkpoint is an error unless ``force=True``.  The trained policy is saved as
+:data:`POLICY_FILE` (see :mod:`autobits.agents.policy`).
+
 Defaults, and why: the env's ``action="sensitivity"`` (the policy corrects each tensor's
 proxy error by a gain, the allocation is the equal-slope solution of the corrected errors:
 always feasible, and the zero action is the greedy solver) with gSDE exploration (one noise
@@ -28,9 +37,11 @@ per-step noise never improved on greedy in 80 evaluations (numbers in the bench 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
-
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,13 +50,23 @@ import numpy as np
 
 from autobits.agents.base import TOP_CANDIDATES, Evaluation, SearchProblem, SearchResult
 from autobits.agents.base import AgentConfigError, AgentError, register_agent
+from autobits.agents.base import metrics_from_json, problem_fingerprint, search_state_file
 from autobits.allocation import Allocation
 from autobits.envs import AllocTask, BitAllocEnv
+from autobits.errors import AutobitsError
 
 __all__ = ["SACAgent", "make_sac", "seed_episode", "StopCallback", "CountingEvaluator",
-           "deterministic_index", "sac_class"]
+           "deterministic_index", "sac_class", "POLICY_FILE", "CHECKPOINT_FILE"]
 
 log = logging.getLogger(__name__)
+
+#: The trained policy a search leaves in its run folder.
+POLICY_FILE = "sac_policy.safetensors"
+#: The checkpoint of a search in progress (resume continues from it).
+CHECKPOINT_FILE = "sac_checkpoint.safetensors"
+_CKPT_KEY = "autobits.sac_checkpoint"
+_CKPT_VERSION = 1
+_RB_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
 
 
 class CountingEvaluator:
@@ -96,6 +117,29 @@ class CountingEvaluator:
         """The ``k`` best distinct feasible allocations measured, best first."""
         keys = sorted(self.feasible, key=lambda key: self.cache[key].kld)[:k]
         return [(self.feasible[key], self.cache[key]) for key in keys]
+
+    def state(self) -> dict:
+        """Everything measured so far, as JSON (for a checkpoint)."""
+        keys = list(self.cache)
+        return {
+            "calls": self.calls,
+            "history": [dataclasses.asdict(e) for e in self.history],
+            "cache": [[[list(p) for p in key], m.to_json()] for key, m in self.cache.items()],
+            "feasible": [[keys.index(key), {"tensors": dict(a.tensors), "meta": a.meta}]
+                         for key, a in self.feasible.items()],
+            "best": None if self.best is None else keys.index(self.best[0].key),
+        }
+
+    def restore(self, state: dict, table) -> None:
+        """Back to a :meth:`state` of a search over ``table``."""
+        keys = [tuple(tuple(p) for p in key) for key, _ in state["cache"]]
+        self.cache = {k: metrics_from_json(m) for k, (_, m) in zip(keys, state["cache"])}
+        self.feasible = {keys[i]: table.allocation(a["tensors"], meta=a["meta"])
+                         for i, a in state["feasible"]}
+        self.history = [Evaluation(**e) for e in state["history"]]
+        self.calls = int(state["calls"])
+        b = state["best"]
+        self.best = None if b is None else (self.feasible[keys[b]], self.cache[keys[b]])
 
 
 class StopCallback:
@@ -227,6 +271,133 @@ def deterministic_index(model, vec, env: BitAllocEnv, *,
     return info["index"], info
 
 
+# ------------------------------------------------------------------ checkpoints
+def _optimizers(model) -> dict:
+    out = {"actor": model.actor.optimizer, "critic": model.critic.optimizer}
+    if getattr(model, "ent_coef_optimizer", None) is not None:
+        out["ent_coef"] = model.ent_coef_optimizer
+    return out
+
+
+def save_checkpoint(path: Path, *, model, vec, env: BitAllocEnv, state: dict) -> Path:
+    """Write the SAC model, its training state and ``state`` (JSON) atomically to ``path``."""
+    import torch
+    from safetensors.torch import save
+
+    from autobits.agents.report import _write_atomic
+
+    t = {f"policy.{k}": v.detach().cpu().contiguous() for k, v in model.policy.state_dict().items()}
+    if getattr(model, "log_ent_coef", None) is not None:
+        t["log_ent_coef"] = model.log_ent_coef.detach().cpu().reshape(-1).contiguous()
+    optim = {}
+    for name, opt in _optimizers(model).items():
+        sd = opt.state_dict()
+        plain: dict = {}
+        for pid, st in sd["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    t[f"opt.{name}.{pid}.{k}"] = v.detach().cpu().contiguous()
+                else:
+                    plain.setdefault(str(pid), {})[k] = v
+        optim[name] = {"ids": [int(i) for i in sd["state"]], "plain": plain,
+                       "param_groups": sd["param_groups"]}
+    rb = model.replay_buffer
+    filled = rb.buffer_size if rb.full else rb.pos
+    for f in _RB_FIELDS:
+        t[f"rb.{f}"] = torch.from_numpy(np.ascontiguousarray(getattr(rb, f)[:filled]))
+    t["rng.torch"] = torch.get_rng_state()
+    np_name, np_keys, np_pos, np_gauss, np_cached = np.random.get_state()
+    t["rng.numpy"] = torch.from_numpy(np_keys.astype(np.int64))
+    t["vec.obs_mean"] = torch.from_numpy(np.asarray(vec.obs_rms.mean, dtype=np.float64).copy())
+    t["vec.obs_var"] = torch.from_numpy(np.asarray(vec.obs_rms.var, dtype=np.float64).copy())
+    t["last_obs"] = torch.from_numpy(np.ascontiguousarray(model._last_obs))
+    t["last_original_obs"] = torch.from_numpy(np.ascontiguousarray(model._last_original_obs))
+    t["last_episode_starts"] = torch.from_numpy(np.ascontiguousarray(model._last_episode_starts))
+    py = random.getstate()
+    manifest = {
+        "version": _CKPT_VERSION,
+        "model": {"num_timesteps": int(model.num_timesteps), "n_updates": int(model._n_updates),
+                  "episode_num": int(model._episode_num),
+                  "learning_starts": int(model.learning_starts),
+                  "gradient_steps": int(model.gradient_steps),
+                  "progress_remaining": float(model._current_progress_remaining)},
+        "replay": {"pos": int(rb.pos), "full": bool(rb.full)},
+        "obs_count": float(vec.obs_rms.count),
+        "optim": optim,
+        "rng": {"numpy": [np_name, int(np_pos), int(np_gauss), float(np_cached)],
+                "python": [py[0], list(py[1]), py[2]],
+                "action_space": model.action_space.np_random.bit_generator.state,
+                "env": env.np_random.bit_generator.state},
+        **state,
+    }
+    blob = json.dumps(manifest, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    data = save(t, metadata={_CKPT_KEY: blob})
+    return _write_atomic(Path(path), lambda fh: fh.write(data), binary=True)
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict]:
+    """``(manifest, tensors)`` of a checkpoint written by :func:`save_checkpoint`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_CKPT_KEY)
+        manifest = json.loads(raw) if raw is not None else None
+        if not isinstance(manifest, dict) or manifest.get("version") != _CKPT_VERSION:
+            raise AutobitsError(f"{str(path)!r} is not an autobits SAC checkpoint of version "
+                                f"{_CKPT_VERSION}; delete it or pass --force to start anew")
+        return manifest, load_file(str(path))
+    except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AutobitsError(f"checkpoint {str(path)!r} is unreadable ({e}); delete it or pass "
+                            f"--force to start anew") from None
+
+
+def restore_checkpoint(manifest: dict, t: dict, *, model, vec, env: BitAllocEnv) -> None:
+    """Put ``model``, ``vec`` and ``env`` back in the state :func:`save_checkpoint` saved."""
+    import torch
+
+    model.policy.load_state_dict({k[len("policy."):]: v for k, v in t.items()
+                                  if k.startswith("policy.")})
+    if "log_ent_coef" in t and getattr(model, "log_ent_coef", None) is not None:
+        with torch.no_grad():
+            model.log_ent_coef.copy_(t["log_ent_coef"].reshape(model.log_ent_coef.shape))
+    for name, opt in _optimizers(model).items():
+        o = manifest["optim"][name]
+        state = {}
+        for pid in o["ids"]:
+            prefix = f"opt.{name}.{pid}."
+            st = {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+            st.update(o["plain"].get(str(pid), {}))
+            state[pid] = st
+        groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g
+                  for g in o["param_groups"]]
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    rb = model.replay_buffer
+    for f in _RB_FIELDS:
+        arr = t[f"rb.{f}"].numpy()
+        getattr(rb, f)[:len(arr)] = arr
+    rb.pos, rb.full = int(manifest["replay"]["pos"]), bool(manifest["replay"]["full"])
+    vec.obs_rms.mean = t["vec.obs_mean"].numpy().copy()
+    vec.obs_rms.var = t["vec.obs_var"].numpy().copy()
+    vec.obs_rms.count = float(manifest["obs_count"])
+    model._last_obs = t["last_obs"].numpy().copy()
+    model._last_original_obs = t["last_original_obs"].numpy().copy()
+    model._last_episode_starts = t["last_episode_starts"].numpy().copy()
+    m = manifest["model"]
+    model.num_timesteps, model._n_updates = m["num_timesteps"], m["n_updates"]
+    model._episode_num, model.learning_starts = m["episode_num"], m["learning_starts"]
+    model.gradient_steps = m["gradient_steps"]
+    model._current_progress_remaining = m["progress_remaining"]
+    rng = manifest["rng"]
+    torch.set_rng_state(t["rng.torch"])
+    name, pos, gauss, cached = rng["numpy"]
+    np.random.set_state((name, t["rng.numpy"].numpy().astype(np.uint32), pos, gauss, cached))
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    model.action_space.np_random.bit_generator.state = rng["action_space"]
+    env.np_random.bit_generator.state = rng["env"]
+
+
 def _candidates(best: Allocation, best_m, best_alloc: Allocation, counter: CountingEvaluator,
                 warm: Allocation) -> list[tuple[Allocation, Any]]:
     """The selection candidates: the best (with the result's meta), the next best, and the
@@ -267,6 +438,8 @@ class SACConfig:
     :param keep_proxy_buffer: keep the proxy transitions when switching to measured KLD
     :param finetune_gradient_steps: updates per episode on measured KLD (None: ``gradient_steps``)
     :param log_every: log every N evaluations (and every new best)
+    :param checkpoint_every: KLD episodes between checkpoints in the run folder (0: only the
+        one at the end of the fine-tuning)
     :param device: torch device of the networks
     """
 
@@ -295,6 +468,7 @@ class SACConfig:
     finetune_gradient_steps: int | None = 64
     log_every: int = 10
     device: str = "cpu"
+    checkpoint_every: int = 10
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "net_arch", tuple(int(n) for n in self.net_arch))
@@ -321,6 +495,8 @@ class SACConfig:
             raise AgentConfigError(
                 f"action must be 'absolute', 'residual' or 'sensitivity', got action={self.action!r}"
             )
+        if self.checkpoint_every < 0:
+            raise AgentConfigError(f"checkpoint_every must be >= 0, got checkpoint_every={self.checkpoint_every}")
         if self.projection not in ("shift", "proxy"):
             raise AgentConfigError(f"projection must be 'shift' or 'proxy', got projection={self.projection!r}")
 
@@ -351,22 +527,22 @@ class SACAgent:
         self.policy = c.policy
         self.max_episode_factor = int(c.max_episode_factor)
         self.log_every = int(c.log_every)
+        self.checkpoint_every = int(c.checkpoint_every)
 
     def search(self, problem: SearchProblem, *, evals: int, seed: int, out_dir: Path | None = None,
-               resume: bool = False) -> SearchResult:
+               resume: bool = False, force: bool = False) -> SearchResult:
         if evals < 2:
             raise AgentError(
                 f"sac needs at least 2 evaluations (greedy + policy), got evals={evals}"
             )
         t_start = time.perf_counter()
+        ckpt = search_state_file(out_dir, CHECKPOINT_FILE, resume=resume, force=force)
         table, limit = problem.table, int(problem.limit_bytes)
         counter = CountingEvaluator(problem.evaluate, limit_bytes=limit, total=evals,
                                     log_every=self.log_every)
         task = AllocTask(table, problem.features, evaluate=counter)
         env_kw = dict(self.env_kw)
         init = self.policy
-        if resume and out_dir is not None and (Path(out_dir) / "sac_policy.zip").is_file():
-            init = Path(out_dir) / "sac_policy.zip"
         saved = None
         if init is not None:
             from autobits.agents.policy import load_policy
@@ -374,6 +550,28 @@ class SACAgent:
             saved = load_policy(init)
             saved.check(task)
             env_kw = {**env_kw, **{k: v for k, v in saved.config["env"].items() if k in env_kw}}
+        settings = {"seed": int(seed), "limit_bytes": limit,
+                    "problem": problem_fingerprint(table, limit),
+                    "warm_start": None if problem.warm_start is None else
+                    [list(p) for p in problem.warm_start.key],
+                    "sac": {k: (list(v) if isinstance(v, tuple) else v)
+                            for k, v in self.sac_kw.items()},
+                    "env": env_kw, "pretrain_episodes": self.pretrain_episodes,
+                    "keep_proxy_buffer": self.keep_proxy_buffer,
+                    "finetune_gradient_steps": self.finetune_gradient_steps,
+                    "max_episode_factor": self.max_episode_factor,
+                    "checkpoint_every": self.checkpoint_every,
+                    "policy": None if init is None else str(init)}
+        restored = None
+        if resume and ckpt is not None and ckpt.exists():
+            restored = load_checkpoint(ckpt)
+            old = restored[0]["settings"]
+            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            if diff:
+                raise AutobitsError(f"cannot resume {str(ckpt)!r}: its search differs in {diff} "
+                                    f"(checkpoint value, requested value)")
+            counter.restore(restored[0]["counter"], table)
+            log.info("sac: resuming from %s: %d of %d evaluations done", ckpt, counter.used, evals)
         env = BitAllocEnv(tasks=[task], limit_bytes=limit, reward_mode="proxy", **env_kw)
         env.reset(seed=seed)
 
@@ -381,7 +579,10 @@ class SACAgent:
         warm = problem.warm_start
         warm_index = task.index_of(warm.tensors) if warm is not None else env._greedy_index
         greedy_alloc = table.allocation(task.choice(warm_index), meta={"method": "greedy"})
-        greedy_kld = counter(greedy_alloc).kld
+        if restored is None:
+            greedy_kld = counter(greedy_alloc).kld
+        else:
+            greedy_kld = counter.cache[greedy_alloc.key].kld
         if warm is not None and greedy_alloc.bytes > limit:
             raise AgentError(f"warm start needs {greedy_alloc.bytes} bytes, over the limit {limit}")
         env.set_kld_reference(greedy_kld)
@@ -393,8 +594,10 @@ class SACAgent:
         else:
             model, vec = make_sac(env, seed=seed, **self.sac_kw)
         stats: dict[str, Any] = {"pretrain_seconds": 0.0, "episodes": 0, "over_budget": 0}
-
         recent: list[float] = []
+        if restored is not None:
+            stats.update(restored[0]["stats"])
+            recent.extend(restored[0]["recent"])
 
         def on_episode(info: dict) -> None:
             stats["episodes"] += 1
@@ -408,7 +611,7 @@ class SACAgent:
 
         # 2. proxy pretraining (free)
         pre = self.pretrain_episodes if saved is None else 0
-        if pre > 0:
+        if pre > 0 and restored is None:
             t0 = time.perf_counter()
             seed_episode(model, env, warm_index)
             model.learn(total_timesteps=pre * task.n, callback=StopCallback(episodes=pre),
@@ -424,22 +627,40 @@ class SACAgent:
         #    the replay buffer (their reward is another quantity), the networks keep what
         #    they learned
         env.set_reward_mode("kld")
-        if not self.keep_proxy_buffer:
-            model.replay_buffer.reset()
-        seed_episode(model, env, warm_index)
-        model._last_obs = vec.reset()  # a fresh episode in KLD mode
-        model._last_original_obs = vec.get_original_obs()
-        if self.finetune_gradient_steps is not None:
-            model.gradient_steps = int(self.finetune_gradient_steps)
+        if restored is None:
+            if not self.keep_proxy_buffer:
+                model.replay_buffer.reset()
+            seed_episode(model, env, warm_index)
+            model._last_obs = vec.reset()  # a fresh episode in KLD mode
+            model._last_original_obs = vec.get_original_obs()
+            if self.finetune_gradient_steps is not None:
+                model.gradient_steps = int(self.finetune_gradient_steps)
+        else:
+            vec.reset()  # the env at a fresh episode, as at the checkpoint
+            restore_checkpoint(*restored, model=model, vec=vec, env=env)
         budget_left = lambda: counter.used >= evals - 1  # noqa: E731
         max_episodes = max(1, self.max_episode_factor * evals)
-        t0 = time.perf_counter()
-        if not budget_left():
-            model.learn(total_timesteps=max_episodes * task.n,
-                        callback=StopCallback(episodes=max_episodes, should_stop=budget_left,
-                                              on_episode=on_episode),
+        chunk = self.checkpoint_every if ckpt is not None and self.checkpoint_every else max_episodes
+        t0 = time.perf_counter() - stats.get("finetune_seconds", 0.0)
+
+        def checkpoint() -> None:
+            stats["finetune_seconds"] = time.perf_counter() - t0
+            save_checkpoint(ckpt, model=model, vec=vec, env=env, state={
+                "settings": settings, "counter": counter.state(), "stats": stats,
+                "recent": recent})
+
+        # learn in chunks of `chunk` episodes (an episode is task.n steps), checkpointing
+        # between them: the state there is complete (trained, RNGs, a fresh episode)
+        while not budget_left() and stats["episodes"] < max_episodes:
+            n = min(chunk, max_episodes - stats["episodes"])
+            model.learn(total_timesteps=n * task.n,
+                        callback=StopCallback(should_stop=budget_left, on_episode=on_episode),
                         reset_num_timesteps=False)
+            if ckpt is not None and not budget_left():
+                checkpoint()
         stats["finetune_seconds"] = time.perf_counter() - t0
+        if ckpt is not None:
+            checkpoint()
 
         # 4. the deterministic policy
         env.set_reward_mode("kld")
@@ -449,7 +670,7 @@ class SACAgent:
         if out_dir is not None:
             from autobits.agents.policy import save_policy
 
-            path = save_policy(Path(out_dir) / "sac_policy.zip", model=model, vec=vec, env=env,
+            path = save_policy(Path(out_dir) / POLICY_FILE, model=model, vec=vec, env=env,
                                meta={"trained_on": [table.model], "limit_bytes": limit,
                                      "evals": counter.used, "seed": seed})
             stats["policy"] = str(path)

@@ -84,6 +84,7 @@ class AgentAllocator:
     :param ray: where the evaluations run (SAC evaluates in this process only)
     :param out_dir: the run folder (the agent's journal or checkpoints live there)
     :param resume: continue an interrupted search in ``out_dir``
+    :param force: replace an earlier search's journal or checkpoint in ``out_dir``
     """
 
     name: str
@@ -93,6 +94,7 @@ class AgentAllocator:
     ray: RayOptions = field(default_factory=RayOptions)
     out_dir: Path | None = None
     resume: bool = False
+    force: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in AGENTS:
@@ -116,7 +118,7 @@ class AgentAllocator:
                                     limit_bytes=limit_bytes, evaluate=prepared.reward,
                                     warm_start=warm, evaluate_many=many)
             result = agent.search(problem, evals=self.evals, seed=self.seed,
-                                  out_dir=self.out_dir, resume=self.resume)
+                                  out_dir=self.out_dir, resume=self.resume, force=self.force)
         finally:
             close()
         if prepared.config.select_windows > 0:
@@ -131,7 +133,7 @@ def allocator_names() -> tuple[str, ...]:
 
 def make_allocator(name: str, *, agent: Any = None, evals: int = 300, seed: int = 0,
                    ray: RayOptions | None = None, out_dir: Path | None = None,
-                   resume: bool = False) -> Allocator:
+                   resume: bool = False, force: bool = False) -> Allocator:
     """The :class:`Allocator` called ``name``; a solver takes no agent config."""
     ray = ray or RayOptions()
     if name in SOLVERS:
@@ -142,7 +144,7 @@ def make_allocator(name: str, *, agent: Any = None, evals: int = 300, seed: int 
                                    f"(--address/--workers apply to the agents)")
         return SolverAllocator(name)
     return AgentAllocator(name=name, config=agent, evals=evals, seed=seed, ray=ray,
-                          out_dir=out_dir, resume=resume)
+                          out_dir=out_dir, resume=resume, force=force)
 
 
 # ------------------------------------------------------------------ the job
@@ -202,7 +204,7 @@ class SearchConfig:
 
     def allocator_for(self) -> Allocator:
         return make_allocator(self.allocator, agent=self.agent, evals=self.evals, seed=self.seed,
-                              ray=self.ray, out_dir=self.out, resume=self.resume)
+                              ray=self.ray, out_dir=self.out, resume=self.resume, force=self.force)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from autobits.errors import ModelLoadError
+from autobits.gguf_scan import scan_gguf_header
 from autobits.names import SUPPORTED_ARCHITECTURES, hf_to_gguf_name
 from autobits.registry import cache_dir, resolve_model_path
 from autobits.specs import QUANTIZABLE_ROLES, TensorSpec, block_of, role_of
@@ -72,6 +73,7 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFInfo:
     version = struct.unpack("<I", head[4:8])[0]
     if version not in (2, 3):
         raise ModelLoadError(f"{str(path)!r}: unsupported GGUF version {version}, expected 2 or 3")
+    scan_gguf_header(path)  # bounded: a crafted count fails here, not in gguf-py's loops
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as e:  # gguf raises ValueError/IndexError/struct.error on bad bytes

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
                         datefmt="%H:%M:%S")
 
     from autobits.allocation import Allocation, write_json_atomic
-    from autobits.cli import format_table
+    from autobits.app.options import format_table
     from autobits.evaluate import Evaluator, WeightCache
     from autobits.memory import peak_rss_bytes
     from autobits.model import load_model

@@ -13,7 +13,13 @@ relative input path that exists here are made absolute before submission.  Resul
 that run directory, on the head node's filesystem.
 
 ``address`` is the dashboard's HTTP address, as for ``ray job submit`` (``127.0.0.1:8265``
-or ``http://127.0.0.1:8265``).
+or ``http://127.0.0.1:8265``; reach a remote cluster's through ``ray dashboard CLUSTER.yaml``,
+which forwards it to localhost).
+
+Authentication: when Ray finds a token here (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+``~/.ray/auth_token``; ``ray get-auth-token`` prints a cluster's on its head node), every
+request carries it; a job server that requires a token this machine does not have is
+refused with an :class:`~autobits.errors.AutobitsError` saying how to configure it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from autobits.cluster.runtime import RAY_ENV, apply_ray_env
+from autobits.cluster.runtime import JOB_ENV, apply_ray_env
 from autobits.errors import AutobitsError
 
 __all__ = ["JobInfo", "submit", "list_jobs", "job_status", "job_logs", "wait_job",
@@ -39,7 +45,7 @@ log = logging.getLogger(__name__)
 #: they exist here.
 OUTPUT_FLAGS = ("--out", "--json")
 INPUT_FLAGS = ("--model", "--text", "--allocation", "--policy")
-#: Environment carried into the job (besides RAY_ENV): offline model loading, the model cache.
+#: Environment carried into the job (besides JOB_ENV): offline model loading, the model cache.
 PASS_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "AUTOBITS_CACHE", "HF_HOME")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -74,13 +80,40 @@ def dashboard_url(address: str) -> str:
     return address if "://" in address else f"http://{address}"
 
 
+def _token_header() -> dict[str, str]:
+    """``Authorization: Bearer <token>`` when Ray finds a token on this machine, else {}."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    loader = AuthenticationTokenLoader.instance()
+    loader.reset_cache()  # the environment may have changed since Ray last looked
+    if not loader.has_token(ignore_auth_mode=True):
+        return {}
+    return {"Authorization": f"Bearer {loader.get_raw_token(ignore_auth_mode=True)}"}
+
+
+def _auth_error(url: str, e: Exception) -> AutobitsError:
+    """Ray's AuthenticationError (HTTP 401: no token sent; 403: a wrong one) as one line."""
+    if "Authentication failed" in str(e):
+        return AutobitsError(
+            f"the Ray job server at {url} rejected this machine's authentication token: put "
+            f"the cluster's token (`ray get-auth-token` on its head node) in RAY_AUTH_TOKEN or "
+            f"~/.ray/auth_token")
+    return AutobitsError(
+        f"the Ray job server at {url} requires an authentication token and none is configured "
+        f"here: put the cluster's token (`ray get-auth-token` on its head node) in "
+        f"RAY_AUTH_TOKEN or ~/.ray/auth_token")
+
+
 def _client(address: str):
     apply_ray_env()
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     url = dashboard_url(address)
     try:
-        return JobSubmissionClient(url)
+        return JobSubmissionClient(url, headers=_token_header())
+    except AuthenticationError as e:
+        raise _auth_error(url, e) from None
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise AutobitsError(f"no Ray job server at {url}: {e}") from None
 
@@ -126,7 +159,7 @@ def submit(*, address: str, command: Sequence[str], working_dir: str | None = No
                             "e.g. autobits submit --address A -- search --target-bpw 4.5 --out DIR")
     argv = absolutize(command)
     entry = shlex.join([python or sys.executable, "-m", "autobits.app.cli", *argv])
-    env_vars = dict(RAY_ENV)
+    env_vars = dict(JOB_ENV)
     env_vars.update({k: os.environ[k] for k in PASS_ENV if k in os.environ})
     env_vars["PYTHONUNBUFFERED"] = "1"
     env_vars.update(env or {})

@@ -9,10 +9,16 @@
   where the job supervisor sets ``RAY_ADDRESS`` -- it connects as a driver and only
   disconnects at the end: the cluster keeps running.
 
-These machines need two environment variables to keep Ray on loopback without
-authentication (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, ``RAY_AUTH_MODE=disabled``);
-:func:`apply_ray_env` sets them unless the user already did, and :data:`RAY_ENV` is what
-job submission passes on to the job's processes.
+Authentication is Ray's own, never turned off here: an embedded Ray is a new local
+cluster, for which Ray (2.5x and later) enables token authentication by default (the token
+in ``~/.ray/auth_token``, generated there when missing); a cluster given by ``--address``
+keeps its own settings, and a driver needs its token (``RAY_AUTH_TOKEN``,
+``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) when it has one.
+
+:data:`RAY_ENV` is what a single-machine run needs on top (the embedded Ray binds to the
+loopback interface only; no usage statistics): :func:`apply_ray_env` sets it unless the user
+already did.  :data:`JOB_ENV` is what job submission passes on to a job's processes: not the
+loopback setting, since a cluster may span machines.
 """
 
 from __future__ import annotations
@@ -26,20 +32,19 @@ from typing import Iterator
 
 from autobits.errors import AutobitsError
 
-__all__ = ["LOOPBACK", "RAY_ENV", "RaySession", "apply_ray_env", "ray_session", "cluster_cpus"]
+__all__ = ["LOOPBACK", "RAY_ENV", "JOB_ENV", "RaySession", "apply_ray_env", "ray_session",
+           "cluster_cpus"]
 
 log = logging.getLogger(__name__)
 
 #: The only interface an embedded Ray listens on.
 LOOPBACK = "127.0.0.1"
 
-#: Environment every Ray process of a search needs on these machines (loopback, no token).
-RAY_ENV: dict[str, str] = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
-    # no usage-stats prompt or upload attempt (no network)
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
+#: A job's environment on a cluster: no usage-stats prompt or upload attempt (no network).
+JOB_ENV: dict[str, str] = {"RAY_USAGE_STATS_ENABLED": "0"}
+#: This process's environment for a single-machine run: Ray on loopback (Ray reads this when
+#: it is first imported; see :func:`_force_loopback`), plus :data:`JOB_ENV`.
+RAY_ENV: dict[str, str] = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **JOB_ENV}
 
 #: Ray namespace of autobits' actors (named actors of different searches never collide:
 #: their names carry a per-pool id).
@@ -126,8 +131,17 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
         _force_loopback()
         if num_cpus is not None and num_cpus < 1:
             raise AutobitsError(f"an embedded Ray needs at least 1 CPU, got num_cpus={num_cpus}")
-        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory,
-                 include_dashboard=False, _node_ip_address=LOOPBACK, **common)
+        # Ray enables token authentication for a new local cluster and says so on stderr;
+        # a quiet run keeps that notice out of the terminal (the setting itself stands)
+        notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = notice.level
+        if quiet:
+            notice.setLevel(logging.ERROR)
+        try:
+            ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory,
+                     include_dashboard=False, _node_ip_address=LOOPBACK, **common)
+        finally:
+            notice.setLevel(level)
         embedded = True
     session = RaySession(address=ray.get_runtime_context().gcs_address, embedded=embedded,
                          owned=True, resources=dict(ray.cluster_resources()),

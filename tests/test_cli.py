@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from autobits.app.cli import main
@@ -63,4 +64,11 @@ def test_inspect_lists_tensors(capsys, tiny_folder, tmp_path):
     code, stdout, _ = _run(capsys, "inspect", "--model", str(tiny_folder), "--json", str(tmp_path / "i.json"))
     assert code == 0 and "blk.0.ffn_down.weight" in stdout and "Q4_K" in stdout
     payload = json.loads((tmp_path / "i.json").read_text())
-    assert len(payload["tensors"]) == len([t for t in payload["tensors"]])
+    rows = {t["name"]: t for t in payload["tensors"]}
+    # 2 blocks x 9, token_embd and output_norm (tied embeddings: no output.weight)
+    assert len(rows) == len(payload["tensors"]) == 2 * 9 + 2 and "output.weight" not in rows
+    down = rows["blk.0.ffn_down.weight"]
+    assert down["shape"] == [64, 256] and down["role"] == "ffn_down" and down["block"] == 0
+    assert "Q4_K" in down["valid_formats"]  # rows of 256 fit the K-quants
+    assert "Q4_K" not in rows["blk.0.attn_q.weight"]["valid_formats"]  # rows of 64 do not
+    assert payload["params"] == sum(int(np.prod(t["shape"])) for t in payload["tensors"])

@@ -43,6 +43,87 @@ def test_launcher_yaml_is_accepted_by_ray_up_validation(name):
     assert any("ray start --head" in c for c in raw["head_start_ray_commands"])
     assert any("ray start --address" in c for c in raw["worker_start_ray_commands"])
     validate_config(prepare_config(copy.deepcopy(raw)))
+    # secure by default: the job server on the head's loopback, token authentication everywhere
+    head = " ".join(raw["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in (CLUSTER_DIR / name).read_text()
+    for cmd in (c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+                if "ray start" in c):
+        assert "RAY_AUTH_MODE=token" in cmd, cmd
+    assert any(k.endswith(".ray/auth_token") for k in raw["file_mounts"])
+    assert "ray dashboard" in (CLUSTER_DIR / name).read_text()
+
+
+def test_nothing_outside_the_test_fixtures_turns_ray_authentication_off():
+    root = CLUSTER_DIR.parent
+    for path in [*root.glob("autobits/**/*.py"), *root.glob("cluster/*"), *root.glob("agents/*.py"),
+                 *root.glob("bench/*.py"), *root.glob("exports/*.py"), *root.glob("envs/*.py")]:
+        text = path.read_text() if path.is_file() else ""
+        assert "RAY_AUTH_MODE=disabled" not in text and '"RAY_AUTH_MODE"' not in text, path
+
+
+def test_submit_passes_no_loopback_or_auth_setting_to_the_job(monkeypatch):
+    from autobits.cluster import jobs
+
+    sent = {}
+
+    class Client:
+        def submit_job(self, **kw):
+            sent.update(kw)
+            return "job-1"
+
+    monkeypatch.setattr(jobs, "_client", lambda address: Client())
+    assert jobs.submit(address="127.0.0.1:1", command=["search", "--out", "r"]) == "job-1"
+    env = sent["runtime_env"]["env_vars"]
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in env and "RAY_AUTH_MODE" not in env
+    assert env["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def _job_server(status: int, seen: list):
+    """A stand-in job server answering every request with ``status`` (401: token needed)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(dict(self.headers))
+            body = b'{"ray_version": "2.60.0"}' if status == 200 else b"Unauthorized"
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_submit_refuses_a_job_server_that_needs_a_token(monkeypatch, tmp_path, status):
+    from autobits.cluster import jobs
+    from autobits.errors import AutobitsError
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    if status == 403:
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "a" * 32)
+    seen: list = []
+    server = _job_server(status, seen)
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(AutobitsError) as e:
+            jobs.submit(address=address, command=["search", "--out", str(tmp_path / "r")])
+    finally:
+        server.shutdown()
+    msg = str(e.value)
+    assert "\n" not in msg and f"http://{address}" in msg and "ray get-auth-token" in msg
+    assert ("requires an authentication token" if status == 401 else "rejected") in msg
+    # the token configured here (if any) is what was sent
+    auth = [h.get("Authorization") for h in seen]
+    assert auth and all(a == (None if status == 401 else "Bearer " + "a" * 32) for a in auth)
 
 
 def test_absolutize_paths_for_jobs(tmp_path):
@@ -144,7 +225,11 @@ class LocalCluster:
         self.gcs_port, self.dash_port, self.client_port = ports[:3]
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"127.0.0.1:{self.dash_port}"
-        self.env = {**os.environ, **RAY_ENV}
+        # the test cluster's own nodes only: all on 127.0.0.1 (loopback pinned), and without
+        # Ray's token authentication (a throwaway cluster of this test process; the pytest
+        # process, whose token mode an embedded Ray may have switched on, and the jobs'
+        # drivers, which inherit the nodes' environment, connect to it without a token)
+        self.env = {**os.environ, **RAY_ENV, "RAY_AUTH_MODE": "disabled"}
         self.env.pop("RAY_ADDRESS", None)
         self.procs: list[subprocess.Popen] = []
         try:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
+import gguf
 
 from autobits.allocation import Allocation  # noqa: E402
 from autobits.app.cli import main  # noqa: E402
@@ -227,7 +227,7 @@ def test_cli_imatrix_needs_calibrate(capsys, tiny_lm, tiny_folder, tmp_path, mon
 
 
 def test_cli_export_imatrix_rounds_with_calibration(capsys, tiny_lm, tiny_folder, tmp_path):
-    calibrate = pytest.importorskip("autobits.calibrate").calibrate
+    from autobits.calibrate import calibrate
     from autobits.text import load_text, make_windows
 
     alloc = _mixed(tiny_lm)
@@ -247,7 +247,6 @@ def test_cli_export_imatrix_rounds_with_calibration(capsys, tiny_lm, tiny_folder
 
 
 def test_cli_export_fold(capsys, tiny_lm, tiny_folder, tmp_path):
-    pytest.importorskip("autobits.folding")
     alloc = Allocation.uniform(tiny_lm.name, tiny_lm.specs, "Q4_0").save(tmp_path / "a.json")
     out = tmp_path / "f.gguf"
     code = main(["export", "--model", str(tiny_folder), "--allocation", str(alloc), "--gguf",

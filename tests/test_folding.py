@@ -293,7 +293,7 @@ def test_fold_fallback_format_and_imatrix(tiny_folder, windows):
 
 def test_fold_from_calibration_and_folded_calibration(tiny_folder, windows):
     """fold() takes a Calibration; folded_calibration() equals calibrating the folded model."""
-    calibrate = pytest.importorskip("autobits.calibrate").calibrate
+    from autobits.calibrate import calibrate
     from autobits.folding import folded_calibration
 
     lm = load_model(tiny_folder)

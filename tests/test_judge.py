@@ -7,14 +7,11 @@ import json
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.judge
-pytest.importorskip("llama_cpp")
-
-from autobits.allocation import Allocation  # noqa: E402
-from autobits.app.cli import main  # noqa: E402
-from autobits.evaluate import Evaluator  # noqa: E402
-from autobits.exports.gguf import export_gguf  # noqa: E402
-from autobits.exports.judge import (  # noqa: E402
+from autobits.allocation import Allocation
+from autobits.app.cli import main
+from autobits.evaluate import Evaluator
+from autobits.exports.gguf import export_gguf
+from autobits.exports.judge import (
     JudgeError,
     LlamaTokenizer,
     judge,
@@ -22,7 +19,9 @@ from autobits.exports.judge import (  # noqa: E402
     open_llama,
     reference_logits,
 )
-from autobits.text import Corpus, make_windows  # noqa: E402
+from autobits.text import Corpus, make_windows
+
+pytestmark = [pytest.mark.judge, pytest.mark.needs("llama_cpp")]
 
 CTX = 64
 

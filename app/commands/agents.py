@@ -1,7 +1,7 @@
 """``autobits train-policy`` and ``autobits allocate``: zero-shot transfer of a SAC policy.
 
-    autobits train-policy --models smollm2-135m --bpw-range 4.5:6.5 --out policy.zip
-    autobits allocate --policy policy.zip --model gemma3-270m --target-bpw 5.25 --out DIR
+    autobits train-policy --models smollm2-135m --bpw-range 4.5:6.5 --out policy.safetensors
+    autobits allocate --policy policy.safetensors --model gemma3-270m --target-bpw 5.25 --out DIR
 
 ``train-policy`` measures each model (calibration, candidates, features), then trains one
 policy across the models with a budget drawn per episode from the bpw range, on the proxy
@@ -92,7 +92,9 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     from autobits.agents.policy import load_policy
 
     t_start = time.perf_counter()
-    policy = load_policy(args.policy)  # refuse a bad file before the slow measurement
+    # refuse a bad file before the slow measurement; a pickled (format-1) policy only when
+    # the user vouches for its source
+    policy = load_policy(args.policy, trust_pickle=args.trust_pickle)
     budget = budget_from_args(args)
     prep = _measure(args.model, args, eval_windows=0 if args.no_eval else args.windows)
     task_t = time.perf_counter()
@@ -148,6 +150,9 @@ def register(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     p = sub.add_parser("allocate",
                        help="allocate a model's formats with a trained policy (no search)")
     p.add_argument("--policy", required=True, help="policy file from train-policy")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="accept an old zip policy (format 1, pickled: loading it can run code "
+                   "from the file; only for files from a source you trust)")
     add_prepare_args(p)
     add_budget_args(p, required=True)
     p.add_argument("--out", required=True, help="output folder")

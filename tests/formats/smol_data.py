@@ -42,7 +42,7 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 def _tensors() -> dict[str, RawTensor]:
     """Tensor table of the SmolLM2 GGUF, parsed directly (gguf.GGUFReader takes seconds to
     build views of the 49k-token vocabulary, which these tests never read)."""
-    gguf = pytest.importorskip("gguf")
+    import gguf
     from autobits.errors import ModelLoadError
     from autobits.registry import resolve_model_path
 

@@ -8,7 +8,7 @@ from smol_data import smol_weights, synthetic_rows
 
 from autobits.formats import get_format
 from autobits.formats.floats import bf16_bits_to_fp32, fp32_to_bf16_bits
-from autobits.formats.oracle import ggml_quantize, oracle_available, oracle_unavailable_reason
+from autobits.formats.oracle import ggml_quantize
 
 FLOATS = ["F32", "F16", "BF16"]
 
@@ -33,7 +33,7 @@ def _special_values() -> np.ndarray:
 
 
 def _gguf_bytes(x: np.ndarray, name: str) -> np.ndarray:
-    gguf = pytest.importorskip("gguf")
+    import gguf
     from gguf.quants import quantize
 
     return np.asarray(quantize(x, getattr(gguf.GGMLQuantizationType, name))).view(np.uint8).reshape(
@@ -53,7 +53,7 @@ def test_quantize_equals_gguf(name):
 
 @pytest.mark.parametrize("name", FLOATS)
 def test_dequantize_equals_gguf(name):
-    gguf = pytest.importorskip("gguf")
+    import gguf
     from gguf.quants import dequantize
 
     fmt = get_format(name)
@@ -96,7 +96,7 @@ def test_bf16_nan_handling_matches_ggml():
     got = fp32_to_bf16_bits(nans.view(np.float32))
     assert got.tolist() == [((int(u) >> 16) | 64) for u in nans]
     assert np.isnan(bf16_bits_to_fp32(got)).all()
-    gguf = pytest.importorskip("gguf")
+    import gguf
     from gguf.quants import quantize
 
     theirs = np.asarray(quantize(nans.view(np.float32).reshape(1, -1), gguf.GGMLQuantizationType.BF16))
@@ -104,7 +104,7 @@ def test_bf16_nan_handling_matches_ggml():
 
 
 @pytest.mark.judge
-@pytest.mark.skipif(not oracle_available(), reason=f"oracle unavailable: {oracle_unavailable_reason()}")
+@pytest.mark.needs("oracle")
 @pytest.mark.parametrize("name", FLOATS)
 def test_equals_llama_cpp(name):
     fmt = get_format(name)

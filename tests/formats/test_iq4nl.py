@@ -10,16 +10,14 @@ from smol_data import SMOL_TENSORS, golden_input, smol_importance, smol_weights,
 
 from autobits.formats import get_format
 from autobits.formats.iq4nl import KVALUES_IQ4NL, best_index_iq4nl
-from autobits.formats.oracle import ggml_quantize, oracle_available, oracle_unavailable_reason
+from autobits.formats.oracle import ggml_quantize
 
 GOLDEN = {
     "none": "8eb67353f99db643fa096351c682f8c76ff9f668d63bc7fe305d652e91e48fc2",
     "imp": "f4b1f953508404da6f954f3c0db80c2c3e93618ebc852f6f781c31bbc3473b66",
 }
 
-needs_oracle = pytest.mark.skipif(
-    not oracle_available(), reason=f"llama.cpp oracle unavailable: {oracle_unavailable_reason()}"
-)
+needs_oracle = pytest.mark.needs("oracle")
 
 
 def _best_index_reference(v: float) -> int:
@@ -57,7 +55,7 @@ def test_best_index_matches_ggml_search():
 
 
 def test_dequantize_equals_gguf():
-    gguf = pytest.importorskip("gguf")
+    import gguf
     from gguf.quants import dequantize
 
     fmt = get_format("IQ4_NL")

@@ -227,8 +227,6 @@ def test_kscales_public_shapes():
 def _oracle():
     from autobits.formats import oracle
 
-    if not oracle.oracle_available():
-        pytest.skip(f"llama.cpp oracle unavailable: {oracle.oracle_unavailable_reason()}")
     return oracle
 
 
@@ -240,6 +238,7 @@ def _mismatching_blocks(ours: np.ndarray, theirs: np.ndarray, type_size: int) ->
 
 
 @pytest.mark.judge
+@pytest.mark.needs("oracle")
 @pytest.mark.parametrize("with_importance", [False, True])
 @pytest.mark.parametrize("name", FORMATS)
 def test_bytes_identical_to_llama_cpp_random(name, with_importance):
@@ -354,6 +353,7 @@ def smol_ffn_down() -> list[np.ndarray]:
 
 
 @pytest.mark.judge
+@pytest.mark.needs("oracle")
 @pytest.mark.parametrize("with_importance", [False, True])
 @pytest.mark.parametrize("name", FORMATS)
 def test_bytes_identical_to_llama_cpp_smollm2(name, with_importance, smol_ffn_down):

@@ -3,11 +3,6 @@ against llama.cpp's own C quantizer with and without an importance vector."""
 
 from __future__ import annotations
 
-import ctypes
-import glob
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
@@ -55,7 +50,7 @@ def _importance(seed: int, row: int) -> np.ndarray:
 # --------------------------------------------------------------------- gguf-py layout
 @pytest.mark.parametrize("name", FORMATS)
 def test_dequantize_equals_gguf(name):
-    gq = pytest.importorskip("gguf.quants")
+    import gguf.quants as gq
     import gguf
 
     fmt = get_format(name)
@@ -228,52 +223,16 @@ def test_fast_paths_and_chunking_do_not_change_bytes(name, monkeypatch):
 
 
 # -------------------------------------------------------------------- C oracle (judge)
-def _private_ctypes_quantize():
-    """Minimal fallback oracle used only when autobits.formats.oracle is absent."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    libs = []
-    for d in spec.submodule_search_locations:
-        libs += sorted(glob.glob(os.path.join(d, "lib", "libggml-base*.so*")))
-    if not libs:
-        return None
-    lib = ctypes.CDLL(libs[0])
-    f = lib.ggml_quantize_chunk
-    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                  ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    f.restype = ctypes.c_size_t
-
-    def quantize(array, ggml_type, importance=None):
-        x = np.ascontiguousarray(array, dtype=np.float32)
-        size = {10: 84, 11: 110}[ggml_type]
-        out = np.zeros((x.shape[0], x.shape[1] // 256 * size), dtype=np.uint8)
-        imp = None if importance is None else np.ascontiguousarray(importance, np.float32)
-        f(ggml_type, x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
-          None if imp is None else imp.ctypes.data)
-        return out
-
-    return quantize
-
-
 def _oracle():
-    try:
-        from autobits.formats import oracle
-    except ImportError:
-        oracle = None
-    if oracle is not None:
-        if oracle.oracle_available():
-            return oracle.ggml_quantize
-        pytest.skip(f"llama.cpp C quantizer unavailable: {oracle.oracle_unavailable_reason()}")
-    q = _private_ctypes_quantize()
-    if q is None:
-        pytest.skip("llama.cpp C quantizer unavailable: install llama-cpp-python (judge extra)")
-    return q
+    from autobits.formats import oracle
+
+    return oracle.ggml_quantize
 
 
 def _real_ffn_down() -> list[tuple[str, np.ndarray]]:
     """Real SmolLM2 ffn_down matrices (rows of 1536 = 6 super-blocks): one whole, one slice."""
-    smol_data = pytest.importorskip("smol_data")
+    import smol_data
+
     return [
         ("blk.0.ffn_down", smol_data.smol_tensor("blk.0.ffn_down.weight", 576)),
         ("blk.29.ffn_down", smol_data.smol_tensor("blk.29.ffn_down.weight", 192)),
@@ -285,6 +244,7 @@ def _mismatching_blocks(a: np.ndarray, b: np.ndarray, type_size: int) -> int:
 
 
 @pytest.mark.judge
+@pytest.mark.needs("oracle")
 @pytest.mark.parametrize("with_importance", [False, True])
 @pytest.mark.parametrize("name", FORMATS)
 def test_bytes_identical_to_llama_cpp(name, with_importance):

@@ -17,7 +17,7 @@ from smol_data import (
 )
 
 from autobits.formats import get_format
-from autobits.formats.oracle import ggml_quantize, oracle_available, oracle_unavailable_reason
+from autobits.formats.oracle import ggml_quantize
 
 LEGACY = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 IMATRIX_AWARE = ["Q4_0", "Q4_1", "Q5_0", "Q5_1"]
@@ -37,13 +37,11 @@ GOLDEN = {
 }
 
 judge = pytest.mark.judge
-needs_oracle = pytest.mark.skipif(
-    not oracle_available(), reason=f"llama.cpp oracle unavailable: {oracle_unavailable_reason()}"
-)
+needs_oracle = pytest.mark.needs("oracle")
 
 
 def _gguf_quantize(x: np.ndarray, name: str) -> np.ndarray:
-    gguf = pytest.importorskip("gguf")
+    import gguf
     from gguf.quants import quantize
 
     out = quantize(x, getattr(gguf.GGMLQuantizationType, name))
@@ -74,7 +72,7 @@ def test_quantize_equals_gguf_smollm2(name, tensor, rows):
 
 @pytest.mark.parametrize("name", LEGACY)
 def test_dequantize_equals_gguf(name):
-    gguf = pytest.importorskip("gguf")
+    import gguf
     from gguf.quants import dequantize
 
     fmt = get_format(name)

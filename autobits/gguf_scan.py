@@ -1,0 +1,198 @@
+"""A bounded pre-scan of a GGUF file's header, before gguf-py parses it.
+
+gguf-py trusts every count in the header: a crafted file that claims a metadata array of
+2**60 items, or a string of 2**40 bytes, makes it loop or allocate for as long as the
+claim says.  :func:`scan_gguf_header` walks the same header -- magic, version, tensor
+count, metadata count, each key/value (its type, string lengths, array item types and
+counts) and each tensor's name, dimensions, type and offset -- checking every count
+against the bytes left in the file and against sane limits *before* acting on it, so
+each step consumes at least one byte of the file and a bad file fails in milliseconds
+with a :class:`~autobits.errors.ModelLoadError` naming the file and the field.
+
+It reads the file through ``mmap`` (slices are copied, the file never is) and keeps no
+value but ``general.alignment``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from autobits.errors import ModelLoadError
+
+__all__ = ["GGUFHeader", "scan_gguf_header", "LIMITS"]
+
+_MAGIC = b"GGUF"
+_VERSIONS = (2, 3)
+_STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
+#: Size in bytes of each scalar value type (GGUF's GGUFValueType numbering).
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32",
+               6: "float32", 7: "bool", 8: "string", 9: "array", 10: "uint64", 11: "int64",
+               12: "float64"}
+
+#: Sane upper bounds, far above any real model (checked besides the file size).
+LIMITS = {
+    "tensors": 1 << 20,        # tensor count
+    "kv": 1 << 16,             # metadata key/value count
+    "key_bytes": 1 << 16,      # length of a metadata key
+    "string_bytes": 1 << 28,   # length of a string value
+    "array_items": 1 << 28,    # items of one metadata array of numbers (skipped at once)
+    "string_items": 1 << 22,   # items of an array of strings or arrays (read one by one;
+                               # vocabularies have up to ~10**6)
+    "array_depth": 4,          # arrays of arrays
+    "dims": 8,                 # dimensions of a tensor (ggml has 4)
+    "ggml_type": 1 << 10,      # tensor type id
+}
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """What the pre-scan read: counts and where the header ends."""
+
+    version: int
+    tensor_count: int
+    kv_count: int
+    header_bytes: int  # offset just after the last tensor info
+    alignment: int
+
+
+class _Scan:
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.size, self.path = buf, 0, len(buf), path
+
+    def fail(self, field: str, what: str) -> ModelLoadError:
+        return ModelLoadError(f"{str(self.path)!r} is a corrupt GGUF file: {field}: {what} "
+                              f"(at byte {self.pos} of {self.size:,})")
+
+    @property
+    def left(self) -> int:
+        return self.size - self.pos
+
+    def take(self, fmt: str, field: str) -> int:
+        n = struct.calcsize(fmt)
+        if n > self.left:
+            raise self.fail(field, f"needs {n} bytes, the file ends {self.left} bytes later")
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return v
+
+    def count(self, field: str, n: int, *, item_bytes: int, limit: str) -> int:
+        """Check a count read from the file: ``n`` items of at least ``item_bytes`` each."""
+        if n > LIMITS[limit]:
+            raise self.fail(field, f"count {n:,} exceeds the limit of {LIMITS[limit]:,}")
+        if n * item_bytes > self.left:
+            raise self.fail(field, f"count {n:,} needs at least {n * item_bytes:,} bytes, "
+                                   f"{self.left:,} are left in the file")
+        return n
+
+    def string(self, field: str) -> bytes:
+        """A key or tensor name (a string value is skipped by :meth:`value`)."""
+        n = self.count(field, self.take("<Q", f"{field} length"), item_bytes=1, limit="key_bytes")
+        s = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return s
+
+    def value(self, field: str, vtype: int, depth: int = 0):
+        """Skip one value of ``vtype`` (returns scalars and strings, not arrays)."""
+        if vtype in _SCALAR_SIZE:
+            fmt = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}[_SCALAR_SIZE[vtype]]
+            return self.take(fmt, field)
+        if vtype == _STRING:
+            n = self.take("<Q", f"{field} length")
+            self.pos += self.count(field, n, item_bytes=1, limit="string_bytes")
+            return None
+        if vtype != _ARRAY:
+            raise self.fail(field, f"unknown value type {vtype}")
+        if depth >= LIMITS["array_depth"]:
+            raise self.fail(field, f"arrays nested deeper than {LIMITS['array_depth']}")
+        itype = self.take("<I", f"{field} item type")
+        if itype not in _TYPE_NAMES:
+            raise self.fail(field, f"unknown array item type {itype}")
+        least = _SCALAR_SIZE.get(itype, 8 if itype == _STRING else 12)  # array: type + count
+        n = self.count(f"{field} ({_TYPE_NAMES[itype]} array)", self.take("<Q", f"{field} count"),
+                       item_bytes=least,
+                       limit="array_items" if itype in _SCALAR_SIZE else "string_items")
+        if itype in _SCALAR_SIZE:
+            self.pos += n * least
+        elif itype == _STRING:  # vocabularies: the hot loop, kept lean
+            buf, pos, size, cap = self.buf, self.pos, self.size, LIMITS["string_bytes"]
+            for i in range(n):
+                if pos + 8 > size:
+                    self.pos = pos
+                    raise self.fail(f"{field}[{i}]", "the file ends inside its length")
+                (k,) = _U64.unpack_from(buf, pos)
+                pos += 8
+                if k > cap or k > size - pos:
+                    self.pos = pos
+                    raise self.fail(f"{field}[{i}]", f"a string of {k:,} bytes, {size - pos:,} "
+                                                     f"are left in the file (limit {cap:,})")
+                pos += k
+            self.pos = pos
+        else:
+            for i in range(n):
+                self.value(f"{field}[{i}]", itype, depth + 1)
+        return None
+
+
+def scan_gguf_header(path: str | os.PathLike) -> GGUFHeader:
+    """Check a GGUF file's header against its size and :data:`LIMITS`; raise
+    :class:`ModelLoadError` naming the file and the field at the first bad count."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                raise ModelLoadError(f"{str(path)!r} is empty, expected a GGUF file")
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                return _scan(mm, path)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read model file {str(path)!r}: {e.strerror or e}") from None
+
+
+def _scan(buf: mmap.mmap, path: Path) -> GGUFHeader:
+    s = _Scan(buf, path)
+    try:
+        if bytes(buf[:4]) != _MAGIC:
+            raise s.fail("magic", f"expected b'GGUF', got {bytes(buf[:4])!r}")
+        s.pos = 4
+        version = s.take("<I", "version")
+        if version not in _VERSIONS:
+            raise s.fail("version", f"{version}, expected 2 or 3")
+        n_tensors = s.count("tensor count", s.take("<Q", "tensor count"), item_bytes=24,
+                            limit="tensors")
+        n_kv = s.count("metadata count", s.take("<Q", "metadata count"), item_bytes=13, limit="kv")
+        alignment = 32
+        for i in range(n_kv):
+            key = s.string(f"metadata key {i}").decode("utf-8", "replace")
+            vtype = s.take("<I", f"metadata {key!r} type")
+            v = s.value(f"metadata {key!r}", vtype)
+            if key == "general.alignment":
+                if not isinstance(v, int) or v <= 0 or v & (v - 1):
+                    raise s.fail(f"metadata {key!r}", f"{v!r}, expected a power of two")
+                alignment = v
+        for i in range(n_tensors):
+            name = s.string(f"tensor {i} name").decode("utf-8", "replace")
+            n_dims = s.take("<I", f"tensor {name!r} dimension count")
+            if not 0 < n_dims <= LIMITS["dims"]:
+                raise s.fail(f"tensor {name!r}", f"{n_dims} dimensions, expected 1 to {LIMITS['dims']}")
+            numel = 1
+            for d in range(n_dims):
+                numel *= s.take("<Q", f"tensor {name!r} dimension {d}")
+            if numel > s.size * 8:  # no ggml type packs more than 8 weights per byte
+                raise s.fail(f"tensor {name!r}", f"{numel:,} elements cannot fit in the file")
+            ttype = s.take("<I", f"tensor {name!r} type")
+            if ttype >= LIMITS["ggml_type"]:
+                raise s.fail(f"tensor {name!r}", f"type id {ttype} is not a ggml type")
+            offset = s.take("<Q", f"tensor {name!r} offset")
+            if offset >= s.size:
+                raise s.fail(f"tensor {name!r}", f"data offset {offset:,} is past the file's end")
+    except ModelLoadError:
+        raise
+    except (struct.error, ValueError) as e:  # pragma: no cover - every read is bounds-checked
+        raise s.fail("header", str(e)) from None
+    return GGUFHeader(version=version, tensor_count=n_tensors, kv_count=n_kv,
+                      header_bytes=s.pos, alignment=alignment)

@@ -1,0 +1,117 @@
+"""The bounded GGUF header pre-scan: a valid file passes with gguf-py's counts; crafted counts
+(huge arrays, strings, tensor or key counts), unknown types and every truncation fail in
+milliseconds with a ModelLoadError naming the file and the field."""
+
+from __future__ import annotations
+
+import struct
+import time
+
+import gguf
+import numpy as np
+import pytest
+
+from autobits.errors import ModelLoadError
+from autobits.gguf_scan import LIMITS, scan_gguf_header
+from autobits.model import read_gguf_header
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A small valid GGUF: scalars, a string, a string array, an int array, two tensors."""
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_string("test.note", "hello")
+    w.add_array("test.tokens", ["a", "bb", "ccc"])
+    w.add_array("test.scores", [1.0, 2.0, 3.0, 4.0])
+    w.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
+    w.add_tensor("output_norm.weight", np.ones(32, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _patched(src, dst, key: bytes, offset: int, fmt: str, value: int):
+    """``src`` with ``value`` packed at ``offset`` bytes after the end of metadata ``key``."""
+    data = bytearray(src.read_bytes())
+    at = data.index(key) + len(key) + offset
+    struct.pack_into(fmt, data, at, value)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_valid_file_scans_with_gguf_counts(tiny_gguf):
+    head = scan_gguf_header(tiny_gguf)
+    reader = gguf.GGUFReader(tiny_gguf)
+    assert head.version == 3 and head.tensor_count == len(reader.tensors) == 2
+    assert head.kv_count == len(reader.fields) - 3  # gguf-py lists the 3 header fields too
+    assert head.alignment == 32 and head.header_bytes <= tiny_gguf.stat().st_size
+
+
+@pytest.mark.parametrize("case", [
+    # (metadata key, bytes after the key, struct format, value, what the message names)
+    ("test.tokens", 8, "<Q", 1 << 60, "'test.tokens' (string array): count"),   # array count
+    ("test.scores", 8, "<Q", (1 << 28) - 1, "'test.scores' (float32 array): count"),
+    ("test.note", 4, "<Q", 1 << 40, "'test.note': count"),                      # string length
+    ("test.tokens", 4, "<I", 77, "unknown array item type 77"),
+    ("test.note", 0, "<I", 99, "unknown value type 99"),
+])
+def test_crafted_metadata_counts_fail_fast(tiny_gguf, tmp_path, case):
+    key, offset, fmt, value, field = case
+    bad = _patched(tiny_gguf, tmp_path / "bad.gguf", key.encode(), offset, fmt, value)
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError) as e:
+        scan_gguf_header(bad)
+    assert time.perf_counter() - t0 < 0.5
+    msg = str(e.value)
+    assert str(bad) in msg and field in msg and "\n" not in msg
+    # the model loader runs the scan before gguf-py sees the file
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="corrupt GGUF file") as e2:
+        read_gguf_header(bad)
+    assert time.perf_counter() - t0 < 0.5 and field in str(e2.value)
+
+
+@pytest.mark.parametrize("where,value,field", [
+    (8, 1 << 62, "tensor count"), (16, 1 << 62, "metadata count"),
+    (8, LIMITS["tensors"] + 1, "exceeds the limit"),
+])
+def test_crafted_header_counts_fail_fast(tiny_gguf, tmp_path, where, value, field):
+    data = bytearray(tiny_gguf.read_bytes())
+    struct.pack_into("<Q", data, where, value)
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match=field):
+        scan_gguf_header(tmp_path / "bad.gguf")
+
+
+def test_every_truncation_and_byte_flip_is_a_model_load_error(tiny_gguf, tmp_path):
+    """Cut the header anywhere, or flip any header byte: ModelLoadError or a clean pass."""
+    data = tiny_gguf.read_bytes()
+    end = scan_gguf_header(tiny_gguf).header_bytes
+    bad = tmp_path / "cut.gguf"
+    t0 = time.perf_counter()
+    for n in range(1, end):
+        bad.write_bytes(data[:n])
+        with pytest.raises(ModelLoadError):
+            scan_gguf_header(bad)
+    rng = np.random.default_rng(0)
+    for i in range(end):
+        flipped = bytearray(data)
+        flipped[i] ^= int(rng.integers(1, 256))
+        bad.write_bytes(bytes(flipped))
+        try:
+            scan_gguf_header(bad)
+        except ModelLoadError:
+            pass
+    assert time.perf_counter() - t0 < 30
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="is empty"):
+        scan_gguf_header(tmp_path / "empty.gguf")
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        scan_gguf_header(tmp_path / "missing.gguf")
