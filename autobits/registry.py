@@ -136,7 +136,7 @@ def standin_path(name: str, config=None) -> Path:
     if target.is_file():
         return target
     log.info("making the float stand-in %s from %s (once; cached as %s)", name, source, target)
-    return build_standin(source, target, config=config)
+    return build_standin(source, target, config=config, calibration_dir=target.parent)
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:

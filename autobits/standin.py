@@ -21,7 +21,7 @@ while the model's function is kept:
   tensors of the source (norms, biases, an F16 weight) are copied unchanged.
 
 The construction is deterministic for a source file and a :class:`StandinConfig` on one
-machine (seeded signs; calibration with one worker); its parameters are written into the
+machine (seeded signs; calibration with a fixed worker count); its parameters are written into the
 file as ``autobits.standin.*`` keys.  :func:`build_standin` writes the file atomically.
 """
 
@@ -42,7 +42,7 @@ import numpy as np
 from autobits.errors import AutobitsError
 
 __all__ = [
-    "STANDIN_VERSION", "StandinConfig", "StandinError", "build_standin", "grid_of",
+    "STANDIN_VERSION", "StandinConfig", "StandinError", "build_standin", "calibration_name", "grid_of",
     "off_grid", "perturb_tensor", "standin_metadata",
 ]  # fmt: skip
 
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 STANDIN_VERSION = 1
 #: Prefix of the metadata keys that record the construction.
 META_PREFIX = "autobits.standin."
+#: Calibration threads (fixed: the sums' order, hence the last bits, depend on it).
+_CALIB_WORKERS = 2
 #: Rows moved at once when a tensor has no error feedback (bounds an embedding's memory).
 _CHUNK_ROWS = 8192
 #: ggml types that are float already (copied, never perturbed).
@@ -75,7 +77,7 @@ class StandinConfig:
     that sit exactly on a grid point.
     """
 
-    offset: float = 0.3
+    offset: float = 0.2
     feedback: bool = True
     damp: float = 0.01
     block: int = 128
@@ -151,21 +153,21 @@ def grid_of(raw: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndarray]:
     return v0, v1 - v0
 
 
-def off_grid(w, offset, step, *, min_dist: float, signs):
+def off_grid(w: np.ndarray, offset: np.ndarray, step: np.ndarray, *, min_dist: float,
+             signs: np.ndarray) -> np.ndarray:
     """``w`` moved to at least ``min_dist`` grid steps from its grid, by the least move.
 
-    Torch tensors of one shape; an element on a grid point moves by ``signs`` (+-1); a zero
-    step (a constant block) leaves the element unchanged.
+    Arrays of one shape (float32); an element on a grid point moves by ``signs`` (+-1); a
+    zero step (a constant block) leaves the element unchanged.
     """
-    import torch
-
-    safe = torch.where(step == 0, torch.ones_like(step), step)
+    zero = step == 0
+    safe = np.where(zero, np.float32(1), step)
     f = (w - offset) / safe
-    k = torch.round(f)
+    k = np.rint(f)
     d = f - k
-    s = torch.where(d == 0, signs, torch.sign(d))
-    d = s * torch.clamp(d.abs(), min=min_dist)
-    return torch.where(step == 0, w, offset + safe * (k + d))
+    s = np.where(d == 0, signs, np.sign(d))
+    moved = offset + safe * (k + s * np.maximum(np.abs(d), np.float32(min_dist)))
+    return np.where(zero, w, moved).astype(np.float32, copy=False)
 
 
 def perturb_tensor(
@@ -178,43 +180,50 @@ def perturb_tensor(
     columns move one by one with GPTQ error feedback (module docstring); otherwise every
     element moves on its own.  Returns float32, the shape of ``w``.
     """
-    import torch
-
     if w.ndim != 2 or offset.shape != w.shape or step.shape != w.shape:
         raise StandinError(f"tensor of shape {w.shape} needs a grid of the same shape")
-    W = torch.from_numpy(np.array(w, dtype=np.float32))
-    A = torch.from_numpy(np.ascontiguousarray(offset, dtype=np.float32))
-    S = torch.from_numpy(np.ascontiguousarray(step, dtype=np.float32))
-    signs = torch.from_numpy(rng.integers(0, 2, size=w.shape, dtype=np.int8) * 2 - 1).float()
+    w = np.asarray(w, dtype=np.float32)
+    offset = np.asarray(offset, dtype=np.float32)
+    step = np.asarray(step, dtype=np.float32)
+    signs = (rng.integers(0, 2, size=w.shape, dtype=np.int8) * 2 - 1).astype(np.float32)
     dist = float(config.offset)
     if h is None or not config.feedback:
-        return off_grid(W, A, S, min_dist=dist, signs=signs).numpy()
+        return off_grid(w, offset, step, min_dist=dist, signs=signs)
     cols = w.shape[1]
     if h.shape != (cols, cols):
         raise StandinError(f"H of shape {h.shape} does not fit a tensor with {cols} columns")
     u = _inverse_factor(h, config.damp)
-    for i1 in range(0, cols, config.block):
-        i2 = min(i1 + config.block, cols)
-        w1 = W[:, i1:i2].clone()
-        err = torch.zeros_like(w1)
+    # columns as rows (contiguous): the loop reads and updates one column at a time
+    wt = np.ascontiguousarray(w.T)
+    _feedback_loop(wt, np.ascontiguousarray(offset.T), np.ascontiguousarray(step.T),
+                   np.ascontiguousarray(signs.T), u, dist, config.block)
+    return np.ascontiguousarray(wt.T)
+
+
+def _feedback_loop(wt, at, st, signs_t, u, dist: float, block: int) -> None:
+    """GPTQ's lazy-batch loop over the columns of ``W`` (``wt`` = ``W^T``, in place), with
+    off-grid targets instead of grid points."""
+    cols = wt.shape[0]
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = wt[i1:i2]  # a view: updated in place
+        err = np.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         for j in range(i2 - i1):
             c = i1 + j
-            col = w1[:, j]
-            t = off_grid(col, A[:, c], S[:, c], min_dist=dist, signs=signs[:, c])
+            col = w1[j]
+            t = off_grid(col, at[c], st[c], min_dist=dist, signs=signs_t[c])
             e = (col - t) / u1[j, j]
-            w1[:, j] = t
-            w1[:, j + 1 :] -= e[:, None] * u1[j, j + 1 :][None, :]
-            err[:, j] = e
-        W[:, i1:i2] = w1
+            w1[j] = t
+            w1[j + 1 :] -= u1[j, j + 1 :, None] * e[None, :]
+            err[j] = e
         if i2 < cols:
-            W[:, i2:] -= err @ u[i1:i2, i2:]
-    return W.numpy()
+            wt[i2:] -= u[i1:i2, i2:].T @ err
 
 
-def _inverse_factor(h: np.ndarray, damp: float):
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (torch float32), as GPTQ;
-    a dead input channel (zero diagonal) gets a unit diagonal."""
+def _inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1 = U^T U`` (float32),
+    as GPTQ; a dead input channel (zero diagonal) gets a unit diagonal."""
     import torch
 
     hh = torch.from_numpy(np.array(h, dtype=np.float64))
@@ -224,9 +233,17 @@ def _inverse_factor(h: np.ndarray, damp: float):
     hh[:, dead] = 0
     diag[dead] = 1.0
     diag += float(damp) * float(diag.mean())
-    low = torch.linalg.cholesky(hh)
-    inv = torch.cholesky_inverse(low)
-    return torch.linalg.cholesky(inv, upper=True).float()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared machine one thread is several times faster here
+    try:
+        low, info = torch.linalg.cholesky_ex(hh)
+        if int(info) != 0:
+            raise StandinError("the calibration second moment is not positive definite even "
+                               f"with damp={damp}; use more calibration windows or a larger damp")
+        inv = torch.cholesky_inverse(low)
+        return torch.linalg.cholesky(inv, upper=True).float().numpy()
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- file
@@ -256,6 +273,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _text_sha256(text: str) -> str:
+    from autobits.text import load_text
+
+    return load_text(text).sha256
+
+
 def _calibrate(source: Path, config: StandinConfig):
     """Input second moments of the source model on the calibration windows."""
     from autobits.calibrate import calibrate
@@ -266,31 +289,53 @@ def _calibrate(source: Path, config: StandinConfig):
     corpus = load_text(config.text)
     split = make_windows(corpus, lm.tokenizer, ctx=config.ctx).split(
         calib=config.calib_windows, eval=0)
+    # two windows at once, torch's threads 1 each (faster than one window on all cores,
+    # above all on a shared machine); the sums are merged in a fixed order: deterministic
     calib = calibrate(lm, split.calib, fisher_windows=0, seed=config.seed, progress=False,
-                      workers=1)
+                      workers=_CALIB_WORKERS)
     return calib, corpus.sha256
 
 
+def calibration_name(source_sha256: str, config: StandinConfig) -> str:
+    """File name of the calibration a stand-in of that source and config uses (cacheable:
+    the calibration pass is most of a stand-in's build time)."""
+    return (f"calibration-{source_sha256[:12]}-{config.calib_windows}x{config.ctx}-"
+            f"{hashlib.sha256(config.text.encode()).hexdigest()[:8]}.npz")
+
+
 def build_standin(source: str | os.PathLike, out_path: str | os.PathLike, *,
-                  config: StandinConfig = StandinConfig()) -> Path:
+                  config: StandinConfig = StandinConfig(),
+                  calibration_dir: str | os.PathLike | None = None) -> Path:
     """Write the float stand-in of the quantized GGUF ``source`` to ``out_path`` (F32).
 
     All of the source's metadata (tokenizer included) is kept, ``general.file_type`` is
     set to ALL_F32 and the construction is recorded (:func:`standin_metadata`).  The file
     is written under a temporary name in the target folder and renamed when complete.
+    With ``calibration_dir`` the source's calibration is read from there when present
+    (:func:`calibration_name`) and saved there otherwise.
     """
     import gguf
 
+    from autobits.calibrate import Calibration
     from autobits.model import read_gguf_header
 
     source, out = Path(source), Path(out_path)
     info = read_gguf_header(source)
     t0 = time.perf_counter()
-    calib, text_sha = _calibrate(source, config)
+    source_sha = _sha256(source)
+    calib_path = (None if calibration_dir is None
+                  else Path(calibration_dir) / calibration_name(source_sha, config))
+    if calib_path is not None and calib_path.is_file():
+        calib = Calibration.load(calib_path)
+        text_sha = _text_sha256(config.text)
+    else:
+        calib, text_sha = _calibrate(source, config)
+        if calib_path is not None:
+            calib.save(calib_path)
     log.info("stand-in of %s: calibrated on %d tokens in %.1fs", source.name, calib.n_tokens,
              time.perf_counter() - t0)
     reader = gguf.GGUFReader(source, "r")
-    meta = standin_metadata(config, source=source, source_sha256=_sha256(source),
+    meta = standin_metadata(config, source=source, source_sha256=source_sha,
                             text_sha256=text_sha, calib_tokens=calib.n_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
@@ -315,6 +360,7 @@ def build_standin(source: str | os.PathLike, out_path: str | os.PathLike, *,
         writer.close()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the partial file only
         os.replace(tmp, out)
     except BaseException:
         try:

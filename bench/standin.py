@@ -140,7 +140,7 @@ def main(argv=None) -> int:
 
     from dataclasses import replace
 
-    from autobits.registry import STANDINS, resolve_model_path, standin_path
+    from autobits.registry import STANDINS, cache_dir, resolve_model_path, standin_path
     from autobits.standin import StandinConfig, build_standin
 
     if args.model not in STANDINS:
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     if args.standin:
         path = Path(args.standin)
         if not path.is_file():
-            build_standin(source, path, config=cfg)
+            build_standin(source, path, config=cfg, calibration_dir=cache_dir() / "standin")
     else:
         if over:
             raise SystemExit("--offset/--damp/--no-feedback need --standin FILE")
@@ -172,11 +172,11 @@ def main(argv=None) -> int:
         print("\nno free format: re-quantized to the source format, relative RMS error / "
               "the format's on Gaussian data (check: min >= 0.5)")
         print(format_table(
-            ["role", "format", "tensors", "min ratio", "median", "worst tensor", "its err",
-             "gaussian"],
             [[r["role"], r["format"], r["tensors"], f"{r['min_ratio']:.3f}",
               f"{r['median_ratio']:.3f}", r["worst"], f"{r['standin_err']:.4f}",
-              f"{r['gaussian_err']:.4f}"] for r in table]))
+              f"{r['gaussian_err']:.4f}"] for r in table],
+            ["role", "format", "tensors", "min ratio", "median", "worst tensor", "its err",
+             "gaussian"]), flush=True)
         result["requant"] = {"roles": table, "tensors": rows,
                              "min_ratio": min(r["min_ratio"] for r in table)}
     from autobits.model import load_model
@@ -189,6 +189,7 @@ def main(argv=None) -> int:
     ev["window_ids"] = list(split.eval_ids)
     del lm
     result["evaluator"] = ev
+    print(f"autobits Evaluator: KLD {ev['kld']:.4f} on {ev['windows']} windows", flush=True)
     kl_rows = [["autobits Evaluator (float)", ev["windows"], f"{ev['kld']:.4f}",
                 f"{ev['ppl_packaged']:.3f}", f"{ev['ppl_standin']:.3f}", f"{ev['top1']:.3f}"]]
     if not args.no_judge:
@@ -199,8 +200,8 @@ def main(argv=None) -> int:
                         f"{jd['top1']:.3f}"])
     print(f"\nclose to the real model: KL(packaged || stand-in) on held-out windows "
           f"{split.eval_ids[0]}..{split.eval_ids[-1]} of {cfg.ctx} tokens (check: <= 0.05)")
-    print(format_table(["measured by", "windows", "KLD", "ppl packaged", "ppl stand-in",
-                        "top-1"], kl_rows))
+    print(format_table(kl_rows, ["measured by", "windows", "KLD", "ppl packaged",
+                                 "ppl stand-in", "top-1"]))
     if args.json:
         write_json_atomic(args.json, result)
     return 0
