@@ -317,11 +317,18 @@ def build_standin(source: str | os.PathLike, out_path: str | os.PathLike, *,
     import gguf
 
     from autobits.calibrate import Calibration
-    from autobits.model import read_gguf_header
+    from autobits.names import SUPPORTED_ARCHITECTURES
 
     source, out = Path(source), Path(out_path)
-    info = read_gguf_header(source)
     t0 = time.perf_counter()
+    try:  # one reader (parsing a large vocabulary's fields takes seconds)
+        reader = gguf.GGUFReader(source, "r")
+    except Exception as e:  # gguf raises ValueError/IndexError/struct.error on bad bytes
+        raise StandinError(f"{str(source)!r} is not a readable GGUF file ({e})") from None
+    arch_field = reader.fields.get("general.architecture")
+    arch = arch_field.contents() if arch_field is not None else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise StandinError(f"{str(source)!r}: unsupported architecture {arch!r}")
     source_sha = _sha256(source)
     calib_path = (None if calibration_dir is None
                   else Path(calibration_dir) / calibration_name(source_sha, config))
@@ -334,14 +341,13 @@ def build_standin(source: str | os.PathLike, out_path: str | os.PathLike, *,
             calib.save(calib_path)
     log.info("stand-in of %s: calibrated on %d tokens in %.1fs", source.name, calib.n_tokens,
              time.perf_counter() - t0)
-    reader = gguf.GGUFReader(source, "r")
     meta = standin_metadata(config, source=source, source_sha256=source_sha,
                             text_sha256=text_sha, calib_tokens=calib.n_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    writer = gguf.GGUFWriter(tmp, info.architecture)
+    writer = gguf.GGUFWriter(tmp, arch)
     try:
         _copy_kv(reader, writer)
         writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
