@@ -192,6 +192,8 @@ def main(argv=None) -> int:
     print(f"autobits Evaluator: KLD {ev['kld']:.4f} on {ev['windows']} windows", flush=True)
     kl_rows = [["autobits Evaluator (float)", ev["windows"], f"{ev['kld']:.4f}",
                 f"{ev['ppl_packaged']:.3f}", f"{ev['ppl_standin']:.3f}", f"{ev['top1']:.3f}"]]
+    if args.json:  # what is measured so far (the judge runs llama.cpp in this process)
+        write_json_atomic(args.json, result)
     if not args.no_judge:
         jd = judge_kld(source, path, cfg.text, cfg.ctx, args.judge_windows or args.windows)
         result["llama_cpp"] = jd
