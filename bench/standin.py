@@ -1,7 +1,7 @@
 """The two checks of a float stand-in (autobits.standin) against its packaged model.
 
     python bench/standin.py [--model smollm2-135m-float] [--windows 16] [--json OUT]
-                            [--standin FILE] [--offset 0.3] [--no-feedback] [--no-judge]
+                            [--standin FILE] [--offset 0.2] [--no-feedback] [--no-judge]
                             [--build-only]
 
 1. **No free format.**  For every quantized tensor of the packaged file, the stand-in's
