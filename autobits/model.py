@@ -26,11 +26,13 @@ from autobits.names import SUPPORTED_ARCHITECTURES, hf_to_gguf_name
 from autobits.registry import cache_dir, resolve_model_path
 from autobits.specs import QUANTIZABLE_ROLES, TensorSpec, block_of, role_of
 
-__all__ = ["LoadedModel", "load_model", "read_gguf_header", "GGUFInfo"]
+__all__ = ["FLOAT_SOURCE_TYPES", "LoadedModel", "load_model", "read_gguf_header", "GGUFInfo"]
 
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
+#: Storage types of an unquantized source tensor (GGUF type names, safetensors dtypes).
+FLOAT_SOURCE_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,20 @@ class LoadedModel:
             raise ModelLoadError(
                 f"--ctx {ctx} exceeds the trained context of {self.name!r} ({n} tokens)"
             )
+
+    @property
+    def source_types(self) -> dict[str, str]:
+        """How the source file stores each quantizable tensor (``Q4_1``, ``F16``, ``BF16``...)."""
+        return {s.name: s.source_type for s in self.quantizable}
+
+    @property
+    def source_quantized(self) -> bool:
+        """Whether the source stores any quantizable tensor in a quantized (non-float) type.
+
+        Re-quantizing such a tensor to its own format reproduces it exactly, so quality
+        measured on this source flatters that format (measure on a float stand-in instead).
+        """
+        return any(t not in FLOAT_SOURCE_TYPES for t in self.source_types.values())
 
     def spec(self, name: str) -> TensorSpec:
         for s in self.specs:
@@ -271,6 +287,8 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
     specs = _hf_specs(arch, model, tied)
     if info is not None:
         specs = _reconcile_with_gguf(specs, info)
+    else:
+        specs = _with_safetensors_types(specs, path)
     for pname, param in model.named_parameters():
         if not torch.isfinite(param).all():
             raise ModelLoadError(
@@ -339,6 +357,33 @@ def _converted_folder(path: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _safetensors_dtypes(folder: Path) -> dict[str, str]:
+    """Parameter name -> stored dtype (``F32``, ``BF16``...) from the headers of a folder's
+    ``*.safetensors`` files (the JSON header only; no tensor is read)."""
+    out: dict[str, str] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with f.open("rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                header = json.loads(fh.read(n))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{str(f)!r} has no readable safetensors header: {e}") from None
+        for k, v in header.items():
+            if k != "__metadata__" and isinstance(v, dict) and "dtype" in v:
+                out[k] = str(v["dtype"])
+    return out
+
+
+def _with_safetensors_types(specs: list[TensorSpec], folder: Path) -> list[TensorSpec]:
+    """Specs of a Hugging Face folder with the dtypes its files store (the model itself is
+    loaded in float32); a tensor not found in a header keeps the loaded dtype."""
+    from dataclasses import replace
+
+    stored = _safetensors_dtypes(folder)
+    return [replace(s, source_type=stored[s.hf_name]) if s.hf_name in stored else s
+            for s in specs]
 
 
 def _reconcile_with_gguf(specs: list[TensorSpec], info: GGUFInfo) -> list[TensorSpec]:

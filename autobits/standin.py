@@ -1,0 +1,430 @@
+"""Float stand-ins: a float model made from a quantized GGUF, on no ggml grid, close to it.
+
+Every model autobits can install is quantized, and re-quantizing a tensor to its source
+format reproduces it exactly (the format is free).  A *stand-in* is an F32 GGUF with the
+source's metadata and tokenizer whose quantized weights have been moved off their grids
+while the model's function is kept:
+
+* every element of a quantized tensor ends at least ``offset`` grid steps away from the
+  nearest point of its source grid (the grid of its block: ``a + step * k``, read from the
+  source bytes by :func:`grid_of`), so re-quantizing to the source format costs a real
+  error (``bench/standin.py`` measures it against Gaussian data);
+* the move is made column by column (input channels) with error feedback, as GPTQ
+  quantizes: column ``j`` is set to its off-grid target and the output change this causes
+  on the calibration inputs (``H = E[x x^T]`` of the tensor's input, from
+  :func:`autobits.calibrate.calibrate` on the source model) is compensated in the columns
+  not yet moved, through the Cholesky factor of ``H^-1``.  The compensation moves later
+  columns off their grid by itself, so most of them need little or no push of their own;
+  ``W x`` stays nearly what it was on the calibration text;
+* tensors without an input second moment (a tied ``token_embd``: its rows are looked up
+  by token as well as used as the output head) are pushed off-grid without feedback; float
+  tensors of the source (norms, biases, an F16 weight) are copied unchanged.
+
+The construction is deterministic for a source file and a :class:`StandinConfig` on one
+machine (seeded signs; calibration with a fixed worker count); its parameters are written into the
+file as ``autobits.standin.*`` keys.  :func:`build_standin` writes the file atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autobits.io import atomic_path
+from autobits.errors import AutobitsError
+
+__all__ = [
+    "STANDIN_VERSION", "StandinConfig", "StandinError", "build_standin", "calibration_name", "grid_of",
+    "off_grid", "perturb_tensor", "standin_metadata",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+#: Version of the construction (part of the cache key and of the file's metadata).
+STANDIN_VERSION = 1
+#: Prefix of the metadata keys that record the construction.
+META_PREFIX = "autobits.standin."
+#: Calibration threads (fixed: the sums' order, hence the last bits, depend on it).
+_CALIB_WORKERS = 2
+#: Rows moved at once when a tensor has no error feedback (bounds an embedding's memory).
+_CHUNK_ROWS = 8192
+#: ggml types that are float already (copied, never perturbed).
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+class StandinError(AutobitsError):
+    """A source a stand-in cannot be made from (type without a known grid), or bad options."""
+
+
+@dataclass(frozen=True)
+class StandinConfig:
+    """How a stand-in is made.
+
+    ``offset``: the smallest distance, in grid steps, of every quantized element from its
+    source grid (0 < offset <= 0.5; 0.5 is the middle of a cell).  ``feedback``: compensate
+    each column's move in the later columns (GPTQ-style) with the calibration ``H``;
+    ``damp``: the ridge added to ``H``'s diagonal, relative to its mean; ``block``: columns
+    per lazy-update block.  Calibration: the first ``calib_windows`` windows of ``ctx``
+    tokens of ``text`` (:func:`autobits.text.load_text`).  ``seed``: the signs of elements
+    that sit exactly on a grid point.
+    """
+
+    offset: float = 0.2
+    feedback: bool = True
+    damp: float = 0.01
+    block: int = 128
+    text: str = "stdlib"
+    ctx: int = 512
+    calib_windows: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.offset) <= 0.5:
+            raise StandinError(f"offset must be in (0, 0.5] grid steps, got {self.offset!r}")
+        if not float(self.damp) > 0.0:
+            raise StandinError(f"damp must be > 0, got {self.damp!r}")
+        for k in ("block", "ctx", "calib_windows"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if k == "ctx" else 1):
+                raise StandinError(f"{k} must be a positive integer, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise StandinError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.text, str) or not self.text:
+            raise StandinError(f"text must be a text source name or path, got {self.text!r}")
+
+    def key(self) -> str:
+        """A short hash of the parameters (part of the cached file's name)."""
+        blob = json.dumps(asdict(self) | {"version": STANDIN_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+# ----------------------------------------------------------------------------- grids
+#: Per ggml type: the byte ranges of a block that hold the codes, and the byte that sets
+#: every code of a range to 1 (zero bytes give code 0).  Dequantization is affine in the
+#: code, so ``v(0)`` and ``v(1) - v(0)`` are each element's grid offset and step.
+_CODE_BYTES: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "Q4_0": ((2, 18, 0x11),),
+    "Q4_1": ((4, 20, 0x11),),
+    "Q5_0": ((2, 6, 0x00), (6, 22, 0x11)),
+    "Q5_1": ((4, 8, 0x00), (8, 24, 0x11)),
+    "Q8_0": ((2, 34, 0x01),),
+    "Q4_K": ((16, 144, 0x11),),
+    "Q5_K": ((16, 48, 0x00), (48, 176, 0x11)),
+    "Q6_K": ((0, 128, 0x11), (128, 192, 0x00)),
+    "Q2_K": ((16, 80, 0x55),),
+}
+
+
+def grid_of(raw: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The grid of every element of a quantized tensor: ``(offset, step)`` float32 arrays
+    shaped like the dequantized tensor, so that its possible values are
+    ``offset + step * k`` (``k`` an integer code).
+
+    ``raw`` is the tensor's bytes as gguf-py reads them (``(..., row_bytes)`` uint8).
+    Dequantization (:mod:`autobits.formats`) is affine in each element's code: decoding
+    the bytes with every code set to 0 gives the offsets, with every code 1 the steps.
+    """
+    from autobits.formats import get_format
+
+    spans = _CODE_BYTES.get(type_name)
+    if spans is None:
+        raise StandinError(
+            f"no grid is known for ggml type {type_name}; stand-ins support "
+            f"{', '.join(_CODE_BYTES)} (and float tensors, copied)"
+        )
+    fmt = get_format(type_name)
+    raw = np.asarray(raw, dtype=np.uint8)
+    shape = (*raw.shape[:-1], raw.shape[-1] // fmt.type_size * fmt.block_size)
+    blocks = raw.reshape(-1, fmt.type_size)
+    zero, one = blocks.copy(), blocks.copy()
+    for lo, hi, byte in spans:
+        zero[:, lo:hi] = 0
+        one[:, lo:hi] = byte
+    v0 = fmt.dequantize(zero.reshape(raw.shape), shape).astype(np.float32)
+    v1 = fmt.dequantize(one.reshape(raw.shape), shape).astype(np.float32)
+    return v0, v1 - v0
+
+
+def off_grid(w: np.ndarray, offset: np.ndarray, step: np.ndarray, *, min_dist: float,
+             signs: np.ndarray) -> np.ndarray:
+    """``w`` moved to at least ``min_dist`` grid steps from its grid, by the least move.
+
+    Arrays of one shape (float32); an element on a grid point moves by ``signs`` (+-1); a
+    zero step (a constant block) leaves the element unchanged.
+    """
+    zero = step == 0
+    safe = np.where(zero, np.float32(1), step)
+    f = (w - offset) / safe
+    k = np.rint(f)
+    d = f - k
+    s = np.where(d == 0, signs, np.sign(d))
+    moved = offset + safe * (k + s * np.maximum(np.abs(d), np.float32(min_dist)))
+    return np.where(zero, w, moved).astype(np.float32, copy=False)
+
+
+def perturb_tensor(
+    w: np.ndarray, offset: np.ndarray, step: np.ndarray, *, h: np.ndarray | None,
+    config: StandinConfig, rng: np.random.Generator,
+) -> np.ndarray:  # fmt: skip
+    """The stand-in values of one tensor (rows = output channels, columns = input channels).
+
+    With ``h`` (``E[x x^T]`` of the input, ``(cols, cols)``) and ``config.feedback`` the
+    columns move one by one with GPTQ error feedback (module docstring); otherwise every
+    element moves on its own.  Returns float32, the shape of ``w``.
+    """
+    if w.ndim != 2 or offset.shape != w.shape or step.shape != w.shape:
+        raise StandinError(f"tensor of shape {w.shape} needs a grid of the same shape")
+    w = np.asarray(w, dtype=np.float32)
+    offset = np.asarray(offset, dtype=np.float32)
+    step = np.asarray(step, dtype=np.float32)
+    signs = (rng.integers(0, 2, size=w.shape, dtype=np.int8) * 2 - 1).astype(np.float32)
+    dist = float(config.offset)
+    if h is None or not config.feedback:
+        return off_grid(w, offset, step, min_dist=dist, signs=signs)
+    cols = w.shape[1]
+    if h.shape != (cols, cols):
+        raise StandinError(f"H of shape {h.shape} does not fit a tensor with {cols} columns")
+    u = _inverse_factor(h, config.damp)
+    # columns as rows (contiguous): the loop reads and updates one column at a time
+    wt = np.ascontiguousarray(w.T)
+    _feedback_loop(wt, np.ascontiguousarray(offset.T), np.ascontiguousarray(step.T),
+                   np.ascontiguousarray(signs.T), u, dist, config.block)
+    return np.ascontiguousarray(wt.T)
+
+
+def _feedback_loop(wt, at, st, signs_t, u, dist: float, block: int) -> None:
+    """GPTQ's lazy-batch loop over the columns of ``W`` (``wt`` = ``W^T``, in place), with
+    off-grid targets instead of grid points."""
+    cols = wt.shape[0]
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = wt[i1:i2]  # a view: updated in place
+        err = np.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            c = i1 + j
+            col = w1[j]
+            t = off_grid(col, at[c], st[c], min_dist=dist, signs=signs_t[c])
+            e = (col - t) / u1[j, j]
+            w1[j] = t
+            w1[j + 1 :] -= u1[j, j + 1 :, None] * e[None, :]
+            err[j] = e
+        if i2 < cols:
+            wt[i2:] -= u[i1:i2, i2:].T @ err
+
+
+def _inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1 = U^T U`` (float32),
+    as GPTQ; a dead input channel (zero diagonal) gets a unit diagonal."""
+    import torch
+
+    hh = torch.from_numpy(np.array(h, dtype=np.float64))
+    diag = torch.diagonal(hh)
+    dead = diag <= 0
+    hh[dead, :] = 0
+    hh[:, dead] = 0
+    diag[dead] = 1.0
+    diag += float(damp) * float(diag.mean())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared machine one thread is several times faster here
+    try:
+        low, info = torch.linalg.cholesky_ex(hh)
+        if int(info) != 0:
+            raise StandinError("the calibration second moment is not positive definite even "
+                               f"with damp={damp}; use more calibration windows or a larger damp")
+        inv = torch.cholesky_inverse(low)
+        return torch.linalg.cholesky(inv, upper=True).float().numpy()
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- file
+def standin_metadata(config: StandinConfig, *, source: Path, source_sha256: str,
+                     text_sha256: str, calib_tokens: int) -> dict[str, Any]:
+    """The ``autobits.standin.*`` keys recorded in a stand-in file."""
+    meta: dict[str, Any] = {
+        "version": STANDIN_VERSION,
+        "method": ("every quantized element moved >= offset grid steps off its source grid, "
+                   "column by column with GPTQ error feedback through the calibration "
+                   "second moment (tied token_embd: no feedback); float tensors copied"),
+        "source": source.name,
+        "source_sha256": source_sha256,
+        "text_sha256": text_sha256,
+        "calib_tokens": int(calib_tokens),
+    }
+    for k, v in asdict(config).items():
+        meta[k] = v
+    return {META_PREFIX + k: v for k, v in meta.items()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _text_sha256(text: str) -> str:
+    from autobits.text import load_text
+
+    return load_text(text).sha256
+
+
+def _calibrate(source: Path, config: StandinConfig):
+    """Input second moments of the source model on the calibration windows."""
+    from autobits.calibrate import calibrate
+    from autobits.model import load_model
+    from autobits.text import load_text, make_windows
+
+    lm = load_model(source)
+    corpus = load_text(config.text)
+    split = make_windows(corpus, lm.tokenizer, ctx=config.ctx).split(
+        calib=config.calib_windows, eval=0)
+    # two windows at once, torch's threads 1 each (faster than one window on all cores,
+    # above all on a shared machine); the sums are merged in a fixed order: deterministic
+    calib = calibrate(lm, split.calib, fisher_windows=0, seed=config.seed, progress=False,
+                      workers=_CALIB_WORKERS)
+    return calib, corpus.sha256
+
+
+def calibration_name(source_sha256: str, config: StandinConfig) -> str:
+    """File name of the calibration a stand-in of that source and config uses (cacheable:
+    the calibration pass is most of a stand-in's build time)."""
+    return (f"calibration-{source_sha256[:12]}-{config.calib_windows}x{config.ctx}-"
+            f"{hashlib.sha256(config.text.encode()).hexdigest()[:8]}.npz")
+
+
+def build_standin(source: str | os.PathLike, out_path: str | os.PathLike, *,
+                  config: StandinConfig = StandinConfig(),
+                  calibration_dir: str | os.PathLike | None = None) -> Path:
+    """Write the float stand-in of the quantized GGUF ``source`` to ``out_path`` (F32).
+
+    All of the source's metadata (tokenizer included) is kept, ``general.file_type`` is
+    set to ALL_F32 and the construction is recorded (:func:`standin_metadata`).  The file
+    is written under a temporary name in the target folder and renamed when complete.
+    With ``calibration_dir`` the source's calibration is read from there when present
+    (:func:`calibration_name`) and saved there otherwise.
+    """
+    import gguf
+
+    from autobits.calibrate import Calibration
+    from autobits.names import SUPPORTED_ARCHITECTURES
+
+    source, out = Path(source), Path(out_path)
+    t0 = time.perf_counter()
+    try:  # one reader (parsing a large vocabulary's fields takes seconds)
+        reader = gguf.GGUFReader(source, "r")
+    except Exception as e:  # gguf raises ValueError/IndexError/struct.error on bad bytes
+        raise StandinError(f"{str(source)!r} is not a readable GGUF file ({e})") from None
+    arch_field = reader.fields.get("general.architecture")
+    arch = arch_field.contents() if arch_field is not None else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise StandinError(f"{str(source)!r}: unsupported architecture {arch!r}")
+    source_sha = _sha256(source)
+    calib_path = (None if calibration_dir is None
+                  else Path(calibration_dir) / calibration_name(source_sha, config))
+    if calib_path is not None and calib_path.is_file():
+        calib = Calibration.load(calib_path)
+        text_sha = _text_sha256(config.text)
+    else:
+        calib, text_sha = _calibrate(source, config)
+        if calib_path is not None:
+            calib.save(calib_path)
+    log.info("stand-in of %s: calibrated on %d tokens in %.1fs", source.name, calib.n_tokens,
+             time.perf_counter() - t0)
+    meta = standin_metadata(config, source=source, source_sha256=source_sha,
+                            text_sha256=text_sha, calib_tokens=calib.n_tokens)
+    with atomic_path(out, suffix=".partial") as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            _copy_kv(reader, writer)
+            writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+            for k, v in meta.items():
+                _add_meta(writer, k, v)
+            for t in reader.tensors:
+                shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+                writer.add_tensor_info(t.name, shape, np.dtype(np.float32),
+                                       int(np.prod(shape, dtype=np.int64)) * 4)
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for i, t in enumerate(reader.tensors):
+                data = _standin_tensor(t, calib, config, i)
+                writer.write_tensor_data(data)
+        finally:
+            writer.close()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    log.info("wrote stand-in %s (%d bytes) in %.1fs", out, out.stat().st_size,
+             time.perf_counter() - t0)
+    return out
+
+
+def _standin_tensor(t, calib, config: StandinConfig, index: int) -> np.ndarray:
+    import gguf
+
+    from autobits.formats import get_format
+
+    type_name = t.tensor_type.name
+    shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+    if type_name in FLOAT_TYPES:
+        values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        return np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
+    try:
+        fmt = get_format(type_name)
+    except AutobitsError:
+        raise StandinError(f"tensor {t.name!r} has ggml type {type_name}, which autobits "
+                           f"cannot read") from None
+    values = fmt.dequantize(np.asarray(t.data), shape).astype(np.float32).reshape(shape)
+    raw = np.asarray(t.data).reshape(-1, np.asarray(t.data).shape[-1])
+    w2 = values.reshape(-1, shape[-1])
+    h = calib.hessian(t.name) if config.feedback and t.name in calib.tensor_site else None
+    rng = np.random.default_rng([config.seed, index])
+    t0 = time.perf_counter()
+    # without feedback every row is on its own: row chunks bound the memory (an embedding)
+    step_rows = w2.shape[0] if h is not None else _CHUNK_ROWS
+    out = np.empty_like(w2)
+    for r in range(0, w2.shape[0], step_rows):
+        a, st = grid_of(raw[r : r + step_rows], type_name)
+        out[r : r + step_rows] = perturb_tensor(w2[r : r + step_rows], a, st, h=h,
+                                                config=config, rng=rng)
+    log.debug("stand-in %s (%s, %s): %.2fs", t.name, type_name,
+              "feedback" if h is not None and config.feedback else "no feedback",
+              time.perf_counter() - t0)
+    return np.ascontiguousarray(out.reshape(shape))
+
+
+def _copy_kv(reader, writer) -> None:
+    """Every key/value field of the source except the file type and the writer's own."""
+    import gguf
+
+    for field in reader.fields.values():
+        key = field.name
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type") \
+                or not field.types:
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        if vtype == gguf.GGUFValueType.ARRAY and not field.data:
+            continue
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+
+
+def _add_meta(writer, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_int64(key, value)
+    elif isinstance(value, float):
+        writer.add_float64(key, value)
+    else:
+        writer.add_string(key, str(value))

