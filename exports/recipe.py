@@ -42,7 +42,7 @@ from autobits.formats import get_format
 from autobits.io import write_atomic
 from autobits.requantize import is_quantized_source
 
-__all__ = ["RecipeError", "BASE_TYPE", "recipe_lines", "recipe_args", "write_recipe"]
+__all__ = ["RecipeError", "BASE_TYPE", "recipe_lines", "recipe_args", "write_recipe", "read_recipe"]
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +117,16 @@ def write_recipe(allocation: Allocation, specs: Sequence, path: str | os.PathLik
     write_atomic(args_path, " ".join(args) + "\n")
     log.info("recipe for llama-quantize: %s (%d tensors), flags in %s", path, len(lines), args_path)
     return path, args_path
+
+
+def read_recipe(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """A ``--tensor-type-file`` as ``llama-quantize`` parses it: whitespace-separated
+    ``pattern=type`` tokens, the pattern lower-cased, split at the first ``=``."""
+    out = []
+    for token in Path(path).read_text(encoding="utf-8").split():
+        pattern, sep, tname = token.partition("=")
+        if not sep or not pattern or not tname:
+            raise RecipeError(f"recipe {str(path)!r}: malformed entry {token!r} (expected "
+                              f"pattern=type)")
+        out.append((pattern.lower(), tname))
+    return out
