@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from autobits import __version__
-from autobits.app.commands import agents, cluster, export, features, search
+from autobits.app.commands import agents, cluster, export, features, imatrix, search
 from autobits.app.options import (
     add_budget_args,
     DEFAULT_MODEL,
@@ -156,7 +156,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 #: Modules that add subcommands: each defines ``register(sub) -> dict[name, handler]``.
-COMMAND_MODULES = (features, search, export, agents, cluster)
+COMMAND_MODULES = (features, search, export, imatrix, agents, cluster)
 
 
 def build_parser() -> argparse.ArgumentParser:

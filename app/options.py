@@ -31,6 +31,7 @@ __all__ = [
     "add_budget_args",
     "budget_from_args",
     "add_prepare_args",
+    "add_requantize_arg",
     "prepare_config_from_args",
     "add_agent_args",
     "agent_config_from_args",
@@ -118,11 +119,23 @@ def add_prepare_args(p: argparse.ArgumentParser, *, model: bool = True,
                         f"trusts the reward slice alone (default {d.select_windows})")
     p.add_argument("--fold", action="store_true",
                    help=f"apply Scale Folding (searched for {d.fold_format}) before quantizing")
-    p.add_argument("--imatrix", action="store_true",
-                   help="quantize with calibration importance vectors (llama.cpp's imatrix)")
+    p.add_argument("--imatrix", nargs="?", const=True, default=False, metavar="FILE",
+                   help="quantize with importance vectors (llama.cpp's imatrix): alone, "
+                   "autobits' own E[x^2] from the calibration windows; with FILE, those of a "
+                   "llama.cpp imatrix file (GGUF or legacy .dat, e.g. from llama-imatrix or "
+                   "`autobits imatrix`)")
     p.add_argument("--cache-gb", type=float, default=None,
                    help="memory for dequantized candidate weights kept between evaluations "
                    "(GB; default 0.5; the quantized bytes are always kept, metrics do not change)")
+
+
+
+def add_requantize_arg(p: argparse.ArgumentParser) -> None:
+    """``--allow-requantize`` (commands that quantize the model's weights: search, export)."""
+    p.add_argument("--allow-requantize", action="store_true",
+                   help="accept a source whose weights are already quantized (refused "
+                   "otherwise: formats at or above the source's own reproduce it exactly, so "
+                   "quality numbers are optimistic; llama-quantize's flag of the same name)")
 
 
 def prepare_config_from_args(args: argparse.Namespace, *, model: str | None = None,
@@ -137,7 +150,8 @@ def prepare_config_from_args(args: argparse.Namespace, *, model: str | None = No
         model=model or args.model, text=args.text, ctx=ctx, calib_windows=args.calib_windows,
         eval_windows=windows, reward_windows=min(args.reward_windows, args.calib_windows),
         reward_ctx=min(args.reward_ctx, ctx), select_windows=args.select_windows,
-        fold=args.fold, imatrix=args.imatrix,
+        fold=args.fold, imatrix=bool(args.imatrix),
+        imatrix_file=args.imatrix if isinstance(args.imatrix, str) else None,
         cache_bytes=None if getattr(args, "cache_gb", None) is None else int(args.cache_gb * 2**30),
     )
 
@@ -215,4 +229,5 @@ def search_config_from_args(args: argparse.Namespace, *, allocator: str | None =
         gguf=None if gguf is None else (Path(gguf) if gguf else True),
         resume=getattr(args, "resume", False), force=getattr(args, "force", False),
         ray=ray_options_from_args(args) if hasattr(args, "address") else RayOptions(),
+        allow_requantize=getattr(args, "allow_requantize", False),
     )

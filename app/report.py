@@ -211,9 +211,12 @@ def _budget_line(limit_bytes: int, params: int) -> str:
 
 def _markdown(name: str, best: Allocation, reward: Metrics | None, search: SearchResult | None,
               heldout: Metrics | None, baselines: Mapping[str, tuple[Allocation, Metrics]],
-              specs: Sequence[TensorSpec], plots: Mapping[str, Path], limit_bytes: int) -> str:
+              specs: Sequence[TensorSpec], plots: Mapping[str, Path], limit_bytes: int,
+              source_note: str | None = None) -> str:
     kind = "search" if search is not None else "solver"
     lines = [f"# {name} {kind}: {best.model}", "", _budget_line(limit_bytes, best.params)]
+    if source_note:
+        lines.append(f"- source: {source_note}")
     if search is not None:
         h, bm = search.history, search.best_metrics
         at = next((e.index + 1 for e in h if e.kld == bm.kld and e.bytes == bm.bytes), None)
@@ -275,8 +278,8 @@ def _markdown(name: str, best: Allocation, reward: Metrics | None, search: Searc
 def write_report(*, name: str, allocation: Allocation, out_dir: str | os.PathLike,
                  specs: Sequence[TensorSpec], limit_bytes: int, reward: Metrics | None = None,
                  search: SearchResult | None = None, heldout: Metrics | None = None,
-                 baselines: Mapping[str, tuple[Allocation, Metrics]] | None = None
-                 ) -> dict[str, Path]:
+                 baselines: Mapping[str, tuple[Allocation, Metrics]] | None = None,
+                 source_note: str | None = None) -> dict[str, Path]:
     """Write ``report.md`` and its plots into ``out_dir``; return their paths by
     :data:`REPORT_FILES` key (``best_kld`` only for a search).
 
@@ -284,7 +287,8 @@ def write_report(*, name: str, allocation: Allocation, out_dir: str | os.PathLik
     ``reward`` its reward-slice metrics; ``search`` the agent's record (history, selection),
     None for a solver; ``heldout`` the answer's held-out metrics; ``baselines`` maps a solver
     name to its allocation and held-out metrics at the same budget; ``specs`` the model's
-    tensors (for bits per weight and roles).
+    tensors (for bits per weight and roles); ``source_note`` a line on the source model
+    printed under the budget (e.g. that it was already quantized).
     """
     if not specs:
         raise AutobitsError(f"specs must list the model's tensors, got {len(specs)=}")
@@ -297,7 +301,7 @@ def write_report(*, name: str, allocation: Allocation, out_dir: str | os.PathLik
     plots["bits_by_depth"] = _plot_bits(allocation, specs, out / REPORT_FILES["bits_by_depth"])
     plots["pareto"] = _plot_pareto(name, search, heldout, baselines, out / REPORT_FILES["pareto"])
     text = _markdown(name, allocation, reward, search, heldout, baselines, specs, plots,
-                     limit_bytes)
+                     limit_bytes, source_note)
     report = write_atomic(out / REPORT_FILES["report"], text)
     log.info("report written to %s", report)
     return {"report": report, **plots}

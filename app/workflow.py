@@ -33,6 +33,7 @@ from autobits.errors import AutobitsError
 from autobits.evaluate import Metrics
 from autobits.io import write_json_atomic
 from autobits.pipeline import PrepareConfig, Prepared, prepare
+from autobits.requantize import check_requantize, is_quantized_source, source_record, source_types
 from autobits.solvers import SOLVERS, solve
 
 __all__ = ["SearchConfig", "SearchOutcome", "Allocated", "Allocator", "SolverAllocator",
@@ -169,6 +170,8 @@ class SearchConfig:
     :param ray: where an agent's evaluations run
     :param baselines: solvers measured on the held-out windows at the same budget for the
         report (those equal to ``allocator`` are skipped)
+    :param allow_requantize: accept a source whose weights are already quantized (refused
+        otherwise: :func:`~autobits.requantize.check_requantize`)
     """
 
     prepare: PrepareConfig
@@ -183,6 +186,7 @@ class SearchConfig:
     force: bool = False
     ray: RayOptions = field(default_factory=RayOptions)
     baselines: tuple[str, ...] = tuple(SOLVERS)
+    allow_requantize: bool = False
 
     def __post_init__(self) -> None:
         if self.allocator not in allocator_names():
@@ -241,7 +245,8 @@ class SearchOutcome:
         payload = {**self.heldout.to_json(), "model": p.lm.name, "agent": config.allocator,
                    "budget": config.budget.describe(), "limit_bytes": self.limit_bytes,
                    "text": p.split.to_json(), "timings": {**p.timings, **self.timings},
-                   "baselines": {n: m.to_json() for n, (_, m) in self.baselines.items()}}
+                   "baselines": {n: m.to_json() for n, (_, m) in self.baselines.items()},
+                   "source": source_record(p.lm.specs, allow=config.allow_requantize)}
         if self.search is not None and "selection" in self.search.meta:
             payload["selection"] = self.search.meta["selection"]
         if "gguf" in self.paths:
@@ -297,9 +302,12 @@ def search(config: SearchConfig, *, lm=None, prepared: Prepared | None = None) -
             from autobits.model import load_model
 
             lm = load_model(config.prepare.model)
+        check_requantize(lm.specs, model=lm.name, allow=config.allow_requantize)
         limit = config.budget.check_feasible(lm.specs, config.prepare.formats)
         prepared = prepare(config.prepare, lm=lm)
     else:
+        check_requantize(prepared.lm.specs, model=prepared.lm.name,
+                         allow=config.allow_requantize)
         limit = config.budget.check_feasible(prepared.lm.specs, config.prepare.formats)
 
     timings: dict[str, float] = {}
@@ -330,6 +338,15 @@ def search(config: SearchConfig, *, lm=None, prepared: Prepared | None = None) -
     return outcome
 
 
+def _source_note(specs) -> str:
+    types = ", ".join(f"{t} x{n}" for t, n in sorted(source_types(specs).items()))
+    if is_quantized_source(specs):
+        return (f"already quantized ({types}; requantized with --allow-requantize): formats at "
+                f"or above the source's own reproduce it exactly, so the quality numbers are "
+                f"optimistic")
+    return f"float ({types})"
+
+
 def _write(outcome: SearchOutcome, config: SearchConfig) -> None:
     from autobits.app.report import write_report
     from autobits.exports.gguf import export_gguf
@@ -346,5 +363,6 @@ def _write(outcome: SearchOutcome, config: SearchConfig) -> None:
         name=config.allocator, allocation=outcome.allocation, reward=outcome.reward,
         search=outcome.search, out_dir=out, heldout=outcome.heldout,
         baselines=outcome.baselines, specs=p.lm.specs, limit_bytes=outcome.limit_bytes,
+        source_note=_source_note(p.lm.specs),
     ))
     outcome.paths["metrics"] = write_json_atomic(out / "metrics.json", outcome.metrics_json(config))

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from autobits.allocation import Allocation
+from autobits.calibrate import Calibration
 from autobits.errors import AutobitsError
 from autobits.formats import get_format
 from autobits.evaluate import Evaluator, Metrics, WeightCache
@@ -49,6 +50,10 @@ class PrepareConfig:
     #: search and an export of the same allocation fold the same way)
     fold_format: str = "Q4_0"
     imatrix: bool = False
+    #: an importance-matrix file (llama.cpp's GGUF imatrix or legacy ``.dat``) whose vectors
+    #: replace the calibration's E[x^2] wherever an imatrix is used (candidates, exports);
+    #: needs ``imatrix=True``
+    imatrix_file: str | None = None
     #: the first min(fisher_windows, calib_windows) calibration windows also run backward for
     #: the output Fisher (the proxy's weights)
     fisher_windows: int = 4
@@ -79,6 +84,13 @@ class PrepareConfig:
             raise AutobitsError(f"select_windows must be >= 0, got select_windows={self.select_windows}")
         if self.fisher_windows < 0:
             raise AutobitsError(f"fisher_windows must be >= 0, got fisher_windows={self.fisher_windows}")
+        if self.imatrix_file is not None:
+            if not self.imatrix:
+                raise AutobitsError(f"imatrix_file={self.imatrix_file!r} needs imatrix=True")
+            if self.fold:
+                raise AutobitsError(
+                    f"imatrix file {self.imatrix_file!r} describes the unfolded model's inputs "
+                    f"and Scale Folding changes them: use --imatrix without a file with --fold")
         get_format(self.fold_format)  # an unknown name is a FormatError here, not after loading
         if self.cache_bytes is not None and self.cache_bytes < 0:
             raise AutobitsError(f"the weight cache budget must be >= 0 bytes, got "
@@ -147,11 +159,29 @@ class Prepared:
         return self.heldout_evaluator.evaluate(allocation)
 
     def importance(self) -> dict | None:
-        """Per-tensor importance vectors when the config asks for an imatrix, else None."""
+        """Per-tensor importance vectors when the config asks for an imatrix, else None (with
+        ``imatrix_file``: the file's vectors)."""
         if not self.config.imatrix:
             return None
         return {s.name: v for s in self.lm.quantizable
                 if (v := self.calib.importance(s.name)) is not None}
+
+
+@dataclass(frozen=True, eq=False)
+class _FileImportanceCalibration(Calibration):
+    """A calibration whose :meth:`importance` answers from an imatrix file (tensors without
+    an entry: None); every other statistic is the measured one."""
+
+    file_importance: dict = field(default_factory=dict)
+
+    def importance(self, name: str) -> np.ndarray | None:
+        return self.file_importance.get(name)
+
+
+def _with_importance(calib: Calibration, importance: dict) -> Calibration:
+    values = {f.name: getattr(calib, f.name) for f in fields(calib) if f.init}
+    values.pop("file_importance", None)
+    return _FileImportanceCalibration(**values, file_importance=importance)
 
 
 def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: bool = True,
@@ -184,6 +214,11 @@ def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: boo
     timings["load"] = time.perf_counter() - t
     lm.check_context(config.ctx)
     log_memory("load")
+    file_importance = None
+    if config.imatrix_file is not None:  # read and matched before the slow calibration
+        from autobits.imatrix import read_imatrix
+
+        file_importance = read_imatrix(config.imatrix_file).importance_for(lm.specs, model=lm.name)
 
     t = time.perf_counter()
     windows = make_windows(corpus, lm.tokenizer, ctx=config.ctx)
@@ -199,6 +234,8 @@ def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: boo
     timings["calibrate"] = time.perf_counter() - t
     release_free_memory()  # the accumulators and activations of the pass
     log_memory("calibration")
+    if file_importance is not None:
+        calib = _with_importance(calib, file_importance)
 
     fold_report = None
     if config.fold:

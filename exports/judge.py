@@ -298,16 +298,33 @@ def judge(
     return res
 
 
+def _ggml_type_id(lc, name: str) -> int:
+    from autobits.formats import get_format
+
+    tid = getattr(get_format(name), "ggml_type", None)
+    if tid is None:
+        raise JudgeError(f"{name!r} is not a ggml type llama.cpp can write")
+    return int(tid)
+
+
 def llama_quantize(
     src: str | os.PathLike, dst: str | os.PathLike, *, preset: str,
     importance: Mapping[str, np.ndarray] | None = None, n_threads: int = 0,
+    tensor_types: Sequence[tuple[str, str]] | None = None,
+    token_embedding_type: str | None = None, output_tensor_type: str | None = None,
+    allow_requantize: bool = False,
 ) -> Path:
     """``llama-quantize src dst preset`` through the binding (``llama_model_quantize``).
 
     ``importance`` (tensor name -> per-input-channel ``E[x^2]``) is handed to llama.cpp in
     memory as ``llama_model_quantize_params.imatrix`` (what ``llama-quantize --imatrix``
     builds from an imatrix file: the mean squared activation per channel), so llama.cpp
-    rounds with exactly the vectors autobits uses.  Written to a temporary name, then renamed.
+    rounds with exactly the vectors autobits uses.  ``tensor_types`` are
+    ``(pattern, type)`` overrides as ``--tensor-type`` / ``--tensor-type-file`` parse them
+    (pattern lower-cased, a regex searched in each name; type a ggml type name), handed over
+    as ``tt_overrides``; ``token_embedding_type`` / ``output_tensor_type`` /
+    ``allow_requantize`` are the flags of the same names.  Written to a temporary name, then
+    renamed.
     """
     try:
         import llama_cpp.llama_cpp as lc
@@ -333,6 +350,23 @@ def llama_quantize(
         entries[len(importance)].name = None
         keep.append(entries)
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(lc.llama_model_imatrix_data))
+    if tensor_types:
+        if not hasattr(lc, "llama_model_tensor_override"):
+            raise JudgeError("this llama-cpp-python has no per-tensor type overrides "
+                             "(llama_model_quantize_params.tt_overrides)")
+        tto = (lc.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (pattern, tname) in enumerate(tensor_types):
+            keep.append(str(pattern).lower().encode())
+            tto[i].pattern = keep[-1]
+            tto[i].type = _ggml_type_id(lc, tname)
+        tto[len(tensor_types)].pattern = None
+        keep.append(tto)
+        params.tt_overrides = ctypes.cast(tto, ctypes.POINTER(lc.llama_model_tensor_override))
+    if token_embedding_type is not None:
+        params.token_embedding_type = _ggml_type_id(lc, token_embedding_type)
+    if output_tensor_type is not None:
+        params.output_tensor_type = _ggml_type_id(lc, output_tensor_type)
+    params.allow_requantize = bool(allow_requantize)
     with atomic_path(dst, suffix=".partial") as tmp:
         rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:

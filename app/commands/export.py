@@ -1,6 +1,7 @@
 """``autobits export`` (allocation -> GGUF file) and ``autobits judge`` (llama.cpp's verdict).
 
-    autobits export --model M --allocation FILE --gguf OUT.gguf [--imatrix] [--fold]
+    autobits export --model M --allocation FILE --gguf OUT.gguf [--imatrix [FILE]] [--fold]
+                    [--recipe RECIPE] [--allow-requantize]
     autobits judge --gguf FILE [--reference REF.gguf] [--text SRC] [--ctx 512] [--windows N]
 
 ``--imatrix`` and ``--fold`` measure the model with :func:`autobits.pipeline.prepare` on the
@@ -8,6 +9,10 @@ first ``--calib-windows`` of ``--text``, with the options and defaults of ``auto
 (Scale Folding searched for :attr:`PrepareConfig.fold_format`; the importance vectors of a
 folded model are the calibration's rescaled by the folding scales), so ``search --fold
 --imatrix --gguf`` and ``export --fold --imatrix`` of the same allocation write the same file.
+``--imatrix FILE`` uses a llama.cpp imatrix file's vectors instead (:mod:`autobits.imatrix`).
+``--recipe`` writes the allocation for llama.cpp's own quantizer
+(:mod:`autobits.exports.recipe`).  A source whose weights are already quantized is refused
+without ``--allow-requantize`` (:mod:`autobits.requantize`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Callable
 
 from autobits.app.options import (
     add_prepare_args,
+    add_requantize_arg,
     add_text_args,
     format_table,
     prepare_config_from_args,
@@ -26,8 +32,10 @@ from autobits.app.options import (
 from autobits.errors import AutobitsError
 from autobits.exports.gguf import export_gguf
 from autobits.exports.packed import export_packed
+from autobits.exports.recipe import BASE_TYPE, write_recipe
 from autobits.io import write_json_atomic
 from autobits.pipeline import prepare
+from autobits.requantize import check_requantize
 
 __all__ = ["register", "cmd_export", "cmd_judge"]
 
@@ -38,14 +46,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     from autobits.allocation import Allocation
     from autobits.model import load_model
 
-    if args.gguf is None and args.packed is None:
-        raise AutobitsError("give --gguf OUT.gguf (or --packed OUT_DIR)")
-    out = Path(args.gguf or args.packed)
-    if not out.parent.is_dir():  # before the slow model load
-        raise AutobitsError(f"output folder {str(out.parent)!r} does not exist")
+    if args.gguf is None and args.packed is None and args.recipe is None:
+        raise AutobitsError("give --gguf OUT.gguf, --packed OUT_DIR or --recipe FILE")
+    for out in (args.gguf, args.packed, args.recipe):
+        if out is not None and not Path(out).parent.is_dir():  # before the slow model load
+            raise AutobitsError(f"output folder {str(Path(out).parent)!r} does not exist")
     Allocation.read(args.allocation)
     lm = load_model(args.model)
+    check_requantize(lm.specs, model=lm.name, allow=args.allow_requantize)
     alloc = Allocation.load(args.allocation, lm.specs, lm.name)
+    if args.recipe is not None:
+        recipe, flags = write_recipe(alloc, lm.specs, args.recipe)
+        imx = f" --imatrix {args.imatrix}" if isinstance(args.imatrix, str) else (
+            " --imatrix IMATRIX.gguf" if args.imatrix else "")
+        print(f"llama-quantize recipe written to {recipe} ({len(alloc.tensors)} tensors), "
+              f"flags in {flags}:\n  llama-quantize $(cat {flags}){imx} SOURCE-F32.gguf "
+              f"OUT.gguf {BASE_TYPE}")
+        if args.gguf is None and args.packed is None:
+            return 0
+    out = Path(args.gguf or args.packed)
     importance = None
     if args.imatrix or args.fold:
         # the same measurement and fold rule as `autobits search` (so both write one file)
@@ -61,7 +80,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         [[str(path), f"{size:,}", f"{alloc.bytes:,}", f"{alloc.bpw:.4f}", f"{size * 8 / alloc.params:.4f}"]],
         ["file", "file bytes", "tensor bytes", "bpw (tensors)", "bpw (file)"],
     ))
-    extras = [x for x, on in (("imatrix", args.imatrix), ("folded", args.fold)) if on]
+    imx = f"imatrix {args.imatrix}" if isinstance(args.imatrix, str) else "imatrix"
+    extras = [x for x, on in ((imx, args.imatrix), ("folded", args.fold)) if on]
     print(f"\n{lm.name}: {len(alloc.tensors)} quantized tensors"
           + (f" ({', '.join(extras)})" if extras else ""))
     return 0
@@ -101,8 +121,12 @@ def register(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--gguf", help="output GGUF file (its folder must exist)")
     g.add_argument("--packed", help="output folder of a packed checkpoint (INT*_G* formats)")
+    p.add_argument("--recipe", metavar="FILE",
+                   help="also (or only) write the allocation as a llama-quantize "
+                   "--tensor-type-file recipe, with the flags it needs in FILE.args")
     # --imatrix/--fold measure the model on the calibration windows exactly as a search does
     add_prepare_args(p, eval_windows=False)
+    add_requantize_arg(p)
 
     p = sub.add_parser("judge", help="perplexity / KLD / top-1 of a GGUF file in llama.cpp")
     p.add_argument("--gguf", required=True, help="GGUF file to judge")

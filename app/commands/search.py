@@ -16,6 +16,7 @@ from autobits.app.options import (
     add_budget_args,
     add_prepare_args,
     add_ray_args,
+    add_requantize_arg,
     format_table,
     search_config_from_args,
 )
@@ -50,6 +51,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def register(sub) -> dict:
     p = sub.add_parser("search", help="allocate formats under a budget with a solver or agent")
     add_prepare_args(p)
+    add_requantize_arg(p)
     add_budget_args(p)
     p.add_argument("--agent", default="greedy", choices=allocator_names(),
                    help="solver or agent (default greedy)")
