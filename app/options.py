@@ -23,6 +23,7 @@ from autobits.allocation import Budget
 from autobits.cluster import RayOptions
 from autobits.errors import AutobitsError
 from autobits.pipeline import PrepareConfig
+from autobits.registry import DEFAULT_MODEL
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -41,7 +42,6 @@ __all__ = [
     "format_table",
 ]
 
-DEFAULT_MODEL = "smollm2-135m"
 _PREPARE_DEFAULTS = PrepareConfig()
 
 
@@ -60,7 +60,9 @@ def format_table(rows: Sequence[Sequence[object]], header: Sequence[str], *,
 def add_model_args(p: argparse.ArgumentParser, *, default: str | None = DEFAULT_MODEL) -> None:
     p.add_argument(
         "--model", default=default,
-        help="built-in name (smollm2-135m, gemma3-270m), GGUF file or Hugging Face folder "
+        help="built-in name (smollm2-135m-float, gemma3-270m-float: float stand-ins; "
+        "smollm2-135m, gemma3-270m: the packaged quantized files), GGUF file "
+        "or Hugging Face folder "
         f"(default: {default or 'the one named by the input file'})",
     )
 

@@ -23,6 +23,7 @@ from autobits.allocation import Allocation
 from autobits.calibrate import Calibration
 from autobits.errors import AutobitsError
 from autobits.formats import get_format
+from autobits.registry import DEFAULT_MODEL
 from autobits.evaluate import Evaluator, Metrics, WeightCache
 from autobits.specs import DEFAULT_CANDIDATES
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 class PrepareConfig:
     """How to measure a model.  Validated on construction."""
 
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     text: str = "stdlib"
     ctx: int = 512
     calib_windows: int = 8

