@@ -25,6 +25,7 @@ from autobits.app.options import (
 )
 from autobits.errors import AutobitsError
 from autobits.io import write_json_atomic
+from autobits.memory import format_bytes, peak_rss_bytes
 from autobits.pipeline import PrepareConfig
 
 __all__ = ["main", "build_parser"]
@@ -52,13 +53,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         limit = budget.check_feasible(lm.specs)
         print(f"budget {budget.describe()} = {limit:,} bytes: feasible")
     print(
-        f"\n{lm.name}: {lm.architecture}, {len(lm.specs)} tensors "
+        f"\n{lm.name} ({lm.path}): {lm.architecture}, {len(lm.specs)} tensors "
         f"({len(lm.quantizable)} quantizable), {n:,} parameters; "
         f"file size range {lo:,}..{hi:,} bytes ({lo * 8 / n:.3f}..{hi * 8 / n:.3f} bpw)"
     )
     if args.json:
         write_json_atomic(args.json, {
-            "model": lm.name, "architecture": lm.architecture, "params": n,
+            "model": lm.name, "path": str(lm.path), "architecture": lm.architecture, "params": n,
             "tensors": [
                 {"name": s.name, "shape": list(s.shape), "role": s.role, "block": s.block,
                  "type": s.source_type, "quantizable": s.quantizable,
@@ -228,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        print(f"peak memory {format_bytes(peak_rss_bytes())} (resident)")
+        return code
     except AutobitsError as e:
         message = _one_line(e)
     except OSError as e:  # what the user's paths and disk cause: never a traceback

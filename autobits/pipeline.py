@@ -13,6 +13,7 @@ the same windows, the same candidates and the same caches.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -22,9 +23,9 @@ import numpy as np
 from autobits.allocation import Allocation
 from autobits.calibrate import Calibration
 from autobits.errors import AutobitsError
+from autobits.evaluate import DEFAULT_CACHE_BYTES, Evaluator, Metrics, WeightCache
 from autobits.formats import get_format
 from autobits.registry import DEFAULT_MODEL
-from autobits.evaluate import Evaluator, Metrics, WeightCache
 from autobits.specs import DEFAULT_CANDIDATES
 
 __all__ = ["PrepareConfig", "Prepared", "prepare"]
@@ -199,9 +200,9 @@ def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: boo
     * ``progress``: progress bars of the calibration pass and the candidate table;
     * ``workers``: threads quantizing candidates (default: the CPU count).
     """
-    from autobits.calibrate import calibrate
+    from autobits.calibrate import FISHER_THREADS, calibrate
     from autobits.features import build_candidates, extract_features
-    from autobits.memory import log_memory, release_free_memory
+    from autobits.memory import check_memory, estimate_peak_bytes, log_memory, release_free_memory
     from autobits.model import load_model
     from autobits.text import load_text, make_windows
 
@@ -215,6 +216,14 @@ def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: boo
     timings["load"] = time.perf_counter() - t
     lm.check_context(config.ctx)
     log_memory("load")
+    if candidates:  # refuse what would not fit before the slow stages, not be killed in them
+        check_memory(estimate_peak_bytes(
+            shapes={s.name: s.shape for s in lm.specs}, formats=config.formats,
+            cache_bytes=DEFAULT_CACHE_BYTES if config.cache_bytes is None else config.cache_bytes,
+            ctx=config.ctx, eval_windows=config.eval_windows, calib_workers=os.cpu_count() or 1,
+            fisher_threads=FISHER_THREADS, eval_threads=os.cpu_count() or 1,
+        ), what=f"preparing {lm.name}", lower_by="--cache-gb 0, fewer --windows or fewer "
+           "candidate formats")
     file_importance = None
     if config.imatrix_file is not None:  # read and matched before the slow calibration
         from autobits.imatrix import read_imatrix
