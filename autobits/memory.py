@@ -304,10 +304,10 @@ def check_memory(
     avail = available_bytes() if available is None else int(available)
     detail = f" ({estimate.describe()})" if isinstance(estimate, MemoryEstimate) else ""
     if avail is None:
-        log.info("memory estimate for %s: %s%s; available memory unknown", what,
+        log.debug("memory estimate for %s: %s%s; available memory unknown", what,
                  format_bytes(total), detail)
         return
-    log.info("memory estimate for %s: %s%s; available %s", what, format_bytes(total), detail,
+    log.debug("memory estimate for %s: %s%s; available %s", what, format_bytes(total), detail,
              format_bytes(avail))
     if total > avail:
         raise MemoryBudgetError(

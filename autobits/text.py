@@ -263,7 +263,7 @@ def _stdlib_docs() -> tuple[tuple[str, ...], str]:
             f"{exc} {detail.decode('utf-8', 'replace')[-500:]}".strip()
         ) from None
     text = out["text"]
-    log.info(
+    log.debug(
         "stdlib text: %d modules, %d docstrings, %d characters in %.2f s",
         len(out["modules"]), out["docstrings"], len(text), time.perf_counter() - t0,
     )
@@ -423,7 +423,7 @@ def handbook_text(directory: str | os.PathLike[str] = HANDBOOK_DIR) -> str:
     t0 = time.perf_counter()
     pages = _handbook_pages(directory)
     text = "\n\n".join(t for t in pages if t)
-    log.info(
+    log.debug(
         "debian-handbook text: %d pages, %d characters in %.2f s",
         len(pages), len(text), time.perf_counter() - t0,
     )
@@ -469,7 +469,7 @@ def load_text(source: str | os.PathLike[str] | None = None) -> Corpus:
         raise TextError(
             f"text source must be {' or '.join(map(repr, SOURCES))} or a file path, got {source!r}"
         )
-    log.info("loaded text %r: %d characters, sha256 %.12s", corpus.name, len(corpus.text),
+    log.debug("loaded text %r: %d characters, sha256 %.12s", corpus.name, len(corpus.text),
              corpus.sha256)
     return corpus
 
@@ -583,7 +583,7 @@ def make_windows(
     tokens = stream[: n * ctx].reshape(n, ctx).copy()
     if add_bos and n:
         tokens[:, 0] = int(bos)
-    log.info(
+    log.debug(
         "tokenised %r: %d characters -> %d tokens in %.2f s; %d windows of %d tokens%s",
         corpus.name, len(corpus.text), len(ids), seconds, n, ctx, " (BOS first)" if add_bos else "",
     )
