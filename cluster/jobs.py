@@ -1,6 +1,6 @@
 """Searches as Ray jobs (Ray's Job Submission API).
 
-A job's entrypoint is ``<python> -m autobits.app.cli <command> ...`` run by the cluster's job
+A job's entrypoint is ``<python> -m <the CLI module> <command> ...`` run by the cluster's job
 supervisor on the head node, with ``RAY_ADDRESS`` set: the search inside connects to that
 cluster (see :func:`autobits.cluster.runtime.ray_session`) and its evaluator actors spread
 over the cluster's nodes.  ``<python>`` defaults to this interpreter, right for a cluster of
@@ -149,16 +149,19 @@ def _abs(flag: str, value: str, base: Path) -> str:
     return value  # e.g. a built-in model name
 
 
-def submit(*, address: str, command: Sequence[str], working_dir: str | None = None,
+def submit(*, address: str, module: str, command: Sequence[str], working_dir: str | None = None,
            python: str | None = None, job_id: str | None = None,
            env: dict[str, str] | None = None) -> str:
-    """Submit ``autobits <command...>`` as a Ray job; returns its submission id."""
+    """Submit ``<python> -m <module> <command...>`` as a Ray job; returns its submission id.
+
+    ``module`` is the command-line entry point the job runs (the application layer names
+    its own CLI; this layer does not know it)."""
     command = list(command)
     if not command:
         raise AutobitsError("nothing to submit: give the autobits command after '--', "
                             "e.g. autobits submit --address A -- search --target-bpw 4.5 --out DIR")
     argv = absolutize(command)
-    entry = shlex.join([python or sys.executable, "-m", "autobits.app.cli", *argv])
+    entry = shlex.join([python or sys.executable, "-m", module, *argv])
     env_vars = dict(JOB_ENV)
     env_vars.update({k: os.environ[k] for k in PASS_ENV if k in os.environ})
     env_vars["PYTHONUNBUFFERED"] = "1"

@@ -72,7 +72,7 @@ def test_submit_passes_no_loopback_or_auth_setting_to_the_job(monkeypatch):
             return "job-1"
 
     monkeypatch.setattr(jobs, "_client", lambda address: Client())
-    assert jobs.submit(address="127.0.0.1:1", command=["search", "--out", "r"]) == "job-1"
+    assert jobs.submit(address="127.0.0.1:1", module="autobits.app.cli", command=["search", "--out", "r"]) == "job-1"
     env = sent["runtime_env"]["env_vars"]
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in env and "RAY_AUTH_MODE" not in env
     assert env["RAY_USAGE_STATS_ENABLED"] == "0"
@@ -115,7 +115,7 @@ def test_submit_refuses_a_job_server_that_needs_a_token(monkeypatch, tmp_path, s
     address = f"127.0.0.1:{server.server_address[1]}"
     try:
         with pytest.raises(AutobitsError) as e:
-            jobs.submit(address=address, command=["search", "--out", str(tmp_path / "r")])
+            jobs.submit(address=address, module="autobits.app.cli", command=["search", "--out", str(tmp_path / "r")])
     finally:
         server.shutdown()
     msg = str(e.value)

@@ -35,7 +35,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     build_parser().parse_args(command)  # a typo fails here, not on the cluster
     sid = jobs.submit(address=args.address, command=command, working_dir=args.working_dir,
-                      python=args.python, job_id=args.job_id)
+                      python=args.python, job_id=args.job_id, module="autobits.app.cli")
     print(sid)
     if not args.wait:
         return 0
