@@ -159,6 +159,7 @@ class Agent(Protocol):
 
     name: ClassVar[str]
     batched: ClassVar[bool]
+    min_evals: ClassVar[int]
 
     def search(
         self, problem: SearchProblem, *, evals: int, seed: int, out_dir: Path | None = None,

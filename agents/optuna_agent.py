@@ -225,6 +225,7 @@ class OptunaAgent:
 
     name: ClassVar[str] = "optuna"
     batched: ClassVar[bool] = True
+    min_evals: ClassVar[int] = 1
 
     def __init__(self, config: OptunaConfig | None = None) -> None:
         config = OptunaConfig() if config is None else config

@@ -47,6 +47,7 @@ from autobits.allocation import Allocation
 from autobits.envs import AllocTask, BitAllocEnv, FeatureSpecError
 from autobits.errors import AutobitsError
 from autobits.formats import get_format
+from autobits.io import write_atomic
 from autobits.specs import DEFAULT_CANDIDATES
 
 __all__ = ["POLICY_FORMAT_VERSION", "PolicyError", "PolicySpecError", "SavedPolicy",
@@ -229,13 +230,11 @@ class SavedPolicy:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the policy file atomically (temporary name beside ``path``, then rename)."""
-        from autobits.agents.report import _write_atomic
-
         path = Path(path)
         if path.suffix == ".zip":
             log.warning("%s: policies are safetensors files now; the name ends in .zip", path)
         data = self.to_bytes()
-        _write_atomic(path, lambda fh: fh.write(data), binary=True)
+        write_atomic(path, data)
         self.path = path
         return path
 

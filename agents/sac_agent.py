@@ -54,6 +54,7 @@ from autobits.agents.base import metrics_from_json, problem_fingerprint, search_
 from autobits.allocation import Allocation
 from autobits.envs import AllocTask, BitAllocEnv
 from autobits.errors import AutobitsError
+from autobits.io import write_atomic
 
 __all__ = ["SACAgent", "make_sac", "seed_episode", "StopCallback", "CountingEvaluator",
            "deterministic_index", "sac_class", "POLICY_FILE", "CHECKPOINT_FILE"]
@@ -284,8 +285,6 @@ def save_checkpoint(path: Path, *, model, vec, env: BitAllocEnv, state: dict) ->
     import torch
     from safetensors.torch import save
 
-    from autobits.agents.report import _write_atomic
-
     t = {f"policy.{k}": v.detach().cpu().contiguous() for k, v in model.policy.state_dict().items()}
     if getattr(model, "log_ent_coef", None) is not None:
         t["log_ent_coef"] = model.log_ent_coef.detach().cpu().reshape(-1).contiguous()
@@ -332,7 +331,7 @@ def save_checkpoint(path: Path, *, model, vec, env: BitAllocEnv, state: dict) ->
     }
     blob = json.dumps(manifest, default=lambda o: o.item() if hasattr(o, "item") else str(o))
     data = save(t, metadata={_CKPT_KEY: blob})
-    return _write_atomic(Path(path), lambda fh: fh.write(data), binary=True)
+    return write_atomic(Path(path), data)
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict]:
@@ -508,6 +507,7 @@ class SACAgent:
 
     name = "sac"
     batched = False  # one environment, one evaluation per episode
+    min_evals = 2  # the greedy warm start, then at least one policy episode
 
     def __init__(self, config: SACConfig | None = None):
         c = SACConfig() if config is None else config
@@ -531,9 +531,9 @@ class SACAgent:
 
     def search(self, problem: SearchProblem, *, evals: int, seed: int, out_dir: Path | None = None,
                resume: bool = False, force: bool = False) -> SearchResult:
-        if evals < 2:
+        if evals < self.min_evals:
             raise AgentError(
-                f"sac needs at least 2 evaluations (greedy + policy), got evals={evals}"
+                f"sac needs at least {self.min_evals} evaluations (greedy + policy), got {evals=}"
             )
         t_start = time.perf_counter()
         ckpt = search_state_file(out_dir, CHECKPOINT_FILE, resume=resume, force=force)

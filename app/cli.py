@@ -224,10 +224,14 @@ def _os_message(e: OSError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # autobits' own progress at INFO; the libraries under it (gguf's writer, Ray, ...) only
+    # when they warn, unless --verbose asks for everything
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        log.setLevel(logging.INFO)
     try:
         code = COMMANDS[args.command](args)
         print(f"peak memory {format_bytes(peak_rss_bytes())} (resident)")

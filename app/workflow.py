@@ -100,8 +100,11 @@ class AgentAllocator:
     def __post_init__(self) -> None:
         if self.name not in AGENTS:
             raise AgentConfigError(f"agent {self.name!r} is not available; built: {sorted(AGENTS)}")
-        if self.evals < 1:
-            raise AgentConfigError(f"--evals must be at least 1, got {self.evals}")
+        least = AGENTS[self.name].cls.min_evals
+        if self.evals < least:
+            raise AgentConfigError(
+                f"--agent {self.name} needs --evals of at least {least}, got {self.evals}"
+            )
         if not AGENTS[self.name].cls.batched and self.ray.requested:
             batched = sorted(n for n, a in AGENTS.items() if a.cls.batched)
             raise AgentConfigError(

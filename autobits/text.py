@@ -588,7 +588,7 @@ def make_windows(
         corpus.name, len(corpus.text), len(ids), seconds, n, ctx, " (BOS first)" if add_bos else "",
     )
     if n == 0:
-        log.warning("text %r gives no window of %d tokens (%d)", corpus.name, ctx, len(stream))
+        log.debug("text %r gives no window of %d tokens (%d)", corpus.name, ctx, len(stream))
     return Windows(
         corpus.name, corpus.sha256, ctx, _readonly(tokens), add_bos=bool(add_bos),
         bos_token_id=None if bos is None else int(bos), text_tokens=len(ids),

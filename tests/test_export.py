@@ -215,17 +215,6 @@ def test_cli_export_errors(capsys, tiny_lm, tiny_folder, tmp_path):
     assert not (tmp_path / "m.gguf").exists()
 
 
-def test_cli_imatrix_needs_calibrate(capsys, tiny_lm, tiny_folder, tmp_path, monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "autobits.calibrate", None)  # as if not built yet
-    alloc = _mixed(tiny_lm).save(tmp_path / "a.json")
-    code = main(["export", "--model", str(tiny_folder), "--allocation", str(alloc),
-                 "--gguf", str(tmp_path / "m.gguf"), "--imatrix", "--ctx", "64"])
-    assert code == 2 and "needs autobits.calibrate" in capsys.readouterr().err
-    assert not (tmp_path / "m.gguf").exists()
-
-
 def test_cli_export_imatrix_rounds_with_calibration(capsys, tiny_lm, tiny_folder, tmp_path):
     from autobits.calibrate import calibrate
     from autobits.text import load_text, make_windows

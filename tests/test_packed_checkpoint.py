@@ -189,7 +189,10 @@ def test_evaluate_packed_same_metrics_as_in_memory(tiny_folder, tiny_lm, tiny_ck
     m, got_split, lm = evaluate_packed(out, backend="torch", model=str(tiny_folder), text=str(text),
                                        ctx=16, windows=1)
     assert got_split.eval_ids == split.eval_ids
-    assert (m.kld, m.ppl, m.top1, m.bytes) == (mem.kld, mem.ppl, mem.top1, mem.bytes)
+    # the same weights: bytes and top-1 exactly, KLD and PPL to float32 rounding (a different
+    # torch thread count, set by an earlier test, reorders the matmul sums)
+    assert (m.top1, m.bytes) == (mem.top1, mem.bytes)
+    assert m.ppl == pytest.approx(mem.ppl, rel=1e-5) and m.kld == pytest.approx(mem.kld, abs=1e-6)
     mt, _, _ = evaluate_packed(out, backend="triton", model=str(tiny_folder), text=str(text),
                                ctx=16, windows=1)
     assert mt.ppl == pytest.approx(m.ppl, rel=1e-4) and mt.kld == pytest.approx(m.kld, abs=1e-5)
