@@ -223,6 +223,7 @@ def make_sac(env: BitAllocEnv, *, seed: int, learning_rate: float = 3e-4, batch_
     way, which suits allocations better than independent per-step noise.
     Returns ``(model, vec_env)``.
     """
+    from stable_baselines3.common.logger import Logger
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
     vec = VecNormalize(DummyVecEnv([lambda: env]), norm_obs=True, norm_reward=False,
@@ -240,6 +241,9 @@ def make_sac(env: BitAllocEnv, *, seed: int, learning_rate: float = 3e-4, batch_
         use_sde=bool(use_sde), sde_sample_freq=-1, use_sde_at_warmup=bool(use_sde),
         policy_kwargs=policy_kwargs, seed=seed, device=device, verbose=0,
     )
+    # SB3's default logger makes a folder /tmp/SB3-<date> per learn() call; nothing here
+    # reads its records, so it gets one that writes nowhere
+    model.set_logger(Logger(folder=None, output_formats=[]))
     return model, vec
 
 

@@ -1,9 +1,9 @@
 """Zero-shot transfer: a policy trained on one model allocates for another, versus solvers.
 
     python -m bench.transfer                       # train on smollm2-135m, allocate gemma3-270m
-    python -m bench.transfer --policy policy.zip   # reuse a trained policy
+    python -m bench.transfer --policy policy.safetensors   # reuse a trained policy
     python -m bench.transfer --budgets 4.75,5.5 --steps 60000 --kld-episodes 40
-    python -m bench.transfer --policy policy.zip --optuna-evals 300   # + target-specific optuna
+    python -m bench.transfer --policy policy.safetensors --optuna-evals 300   # + target-specific optuna
 
 Trains (unless ``--policy``) across ``--bpw-range`` on the training model, then measures the
 target model and, at each budget, compares the policy's zero-shot allocation (no evaluation

@@ -1,4 +1,4 @@
-"""Ray integration: evaluator actors, distributed agents, job submission, cluster YAMLs.
+"""Ray integration: evaluator actors, job submission, cluster YAMLs.
 
 Importing this package sets the environment these machines need before Ray is imported
 (Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, at import): an embedded Ray then
