@@ -26,7 +26,7 @@ from autobits.app.options import (
 from autobits.errors import AutobitsError
 from autobits.io import write_json_atomic
 from autobits.memory import format_bytes, peak_rss_bytes
-from autobits.pipeline import PrepareConfig
+from autobits.pipeline import NUMERICS, PrepareConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -103,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         split = make_windows(corpus, lm.tokenizer, ctx=args.ctx).split(calib=0, eval=args.windows)
     t0 = time.perf_counter()
-    ev = Evaluator(lm, split.eval, llama_numerics=args.llama_numerics)
+    ev = Evaluator(lm, split.eval, llama_numerics=args.numerics == "llama")
     ref_s = time.perf_counter() - t0
     m = ev.evaluate(alloc)
     label = Path(args.allocation).name if args.allocation else alloc.meta["rule"]
@@ -114,10 +114,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ))
     print(f"\n{lm.name}, {m.windows} held-out windows x {args.ctx} tokens of {split.corpus} "
           f"(windows {split.eval_ids[0]}..{split.eval_ids[-1]}), reference pass {ref_s:.1f}s"
-          + (", llama.cpp activation rounding" if args.llama_numerics else ""))
+          + f", numerics: {NUMERICS[args.numerics]}")
     if args.json:
         payload = {**m.to_json(), "model": lm.name, "allocation": label,
-                   "llama_numerics": bool(args.llama_numerics), "text": split.to_json()}
+                   "numerics": args.numerics, "text": split.to_json()}
         write_json_atomic(args.json, payload)
         print(f"metrics written to {args.json}")
     return 0
@@ -190,9 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply Scale Folding (calibrated on the start of the text) first")
     p.add_argument("--calib-windows", type=int, default=PrepareConfig.calib_windows,
                    help=f"calibration windows for --fold (default {PrepareConfig.calib_windows})")
-    p.add_argument("--llama-numerics", action="store_true",
-                   help="round activations as llama.cpp's CPU matmuls do (8-bit blocks per the "
-                   "weight's format), to match `autobits judge --kv-type f32`")
     p.add_argument("--json", help="write the metrics as JSON here")
 
     for mod in COMMAND_MODULES:

@@ -22,7 +22,7 @@ from typing import Sequence
 from autobits.allocation import Budget
 from autobits.cluster import RayOptions
 from autobits.errors import AutobitsError
-from autobits.pipeline import PrepareConfig
+from autobits.pipeline import NUMERICS, PrepareConfig
 from autobits.registry import DEFAULT_MODEL
 
 __all__ = [
@@ -77,6 +77,10 @@ def add_text_args(p: argparse.ArgumentParser, *, windows: bool = True) -> None:
     if windows:
         p.add_argument("--windows", type=int, default=d.eval_windows,
                        help=f"held-out evaluation windows (default {d.eval_windows})")
+        p.add_argument("--numerics", choices=tuple(NUMERICS), default=d.numerics,
+                       help="held-out metrics: llama = activations rounded as llama.cpp's CPU "
+                       "matmuls do (what llama.cpp measures, with an F32 KV cache), float = "
+                       f"plain torch (default {d.numerics})")
 
 
 def add_budget_args(p: argparse.ArgumentParser, *, required: bool = False,
@@ -155,6 +159,7 @@ def prepare_config_from_args(args: argparse.Namespace, *, model: str | None = No
         fold=args.fold, imatrix=bool(args.imatrix),
         imatrix_file=args.imatrix if isinstance(args.imatrix, str) else None,
         cache_bytes=None if getattr(args, "cache_gb", None) is None else int(args.cache_gb * 2**30),
+        numerics=getattr(args, "numerics", d.numerics),
     )
 
 

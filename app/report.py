@@ -212,11 +212,13 @@ def _budget_line(limit_bytes: int, params: int) -> str:
 def _markdown(name: str, best: Allocation, reward: Metrics | None, search: SearchResult | None,
               heldout: Metrics | None, baselines: Mapping[str, tuple[Allocation, Metrics]],
               specs: Sequence[TensorSpec], plots: Mapping[str, Path], limit_bytes: int,
-              source_note: str | None = None) -> str:
+              source_note: str | None = None, numerics: str | None = None) -> str:
     kind = "search" if search is not None else "solver"
     lines = [f"# {name} {kind}: {best.model}", "", _budget_line(limit_bytes, best.params)]
     if source_note:
         lines.append(f"- source: {source_note}")
+    if numerics:
+        lines.append(f"- held-out numerics: {numerics}")
     if search is not None:
         h, bm = search.history, search.best_metrics
         at = next((e.index + 1 for e in h if e.kld == bm.kld and e.bytes == bm.bytes), None)
@@ -279,7 +281,7 @@ def write_report(*, name: str, allocation: Allocation, out_dir: str | os.PathLik
                  specs: Sequence[TensorSpec], limit_bytes: int, reward: Metrics | None = None,
                  search: SearchResult | None = None, heldout: Metrics | None = None,
                  baselines: Mapping[str, tuple[Allocation, Metrics]] | None = None,
-                 source_note: str | None = None) -> dict[str, Path]:
+                 source_note: str | None = None, numerics: str | None = None) -> dict[str, Path]:
     """Write ``report.md`` and its plots into ``out_dir``; return their paths by
     :data:`REPORT_FILES` key (``best_kld`` only for a search).
 
@@ -288,7 +290,8 @@ def write_report(*, name: str, allocation: Allocation, out_dir: str | os.PathLik
     None for a solver; ``heldout`` the answer's held-out metrics; ``baselines`` maps a solver
     name to its allocation and held-out metrics at the same budget; ``specs`` the model's
     tensors (for bits per weight and roles); ``source_note`` a line on the source model
-    printed under the budget (e.g. that it was already quantized).
+    printed under the budget (e.g. that it was already quantized); ``numerics`` how the
+    held-out metrics were computed (:data:`autobits.pipeline.NUMERICS`).
     """
     if not specs:
         raise AutobitsError(f"specs must list the model's tensors, got {len(specs)=}")
@@ -301,7 +304,7 @@ def write_report(*, name: str, allocation: Allocation, out_dir: str | os.PathLik
     plots["bits_by_depth"] = _plot_bits(allocation, specs, out / REPORT_FILES["bits_by_depth"])
     plots["pareto"] = _plot_pareto(name, search, heldout, baselines, out / REPORT_FILES["pareto"])
     text = _markdown(name, allocation, reward, search, heldout, baselines, specs, plots,
-                     limit_bytes, source_note)
+                     limit_bytes, source_note, numerics)
     report = write_atomic(out / REPORT_FILES["report"], text)
     log.info("report written to %s", report)
     return {"report": report, **plots}

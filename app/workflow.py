@@ -32,7 +32,7 @@ from autobits.cluster import RayOptions, cluster_evaluate_factory
 from autobits.errors import AutobitsError
 from autobits.evaluate import Metrics
 from autobits.io import write_json_atomic
-from autobits.pipeline import PrepareConfig, Prepared, prepare
+from autobits.pipeline import NUMERICS, PrepareConfig, Prepared, prepare
 from autobits.requantize import check_requantize, is_quantized_source, source_record, source_types
 from autobits.solvers import SOLVERS, solve
 
@@ -247,7 +247,8 @@ class SearchOutcome:
         p = self.prepared
         payload = {**self.heldout.to_json(), "model": p.lm.name, "agent": config.allocator,
                    "budget": config.budget.describe(), "limit_bytes": self.limit_bytes,
-                   "text": p.split.to_json(), "timings": {**p.timings, **self.timings},
+                   "text": p.split.to_json(), "numerics": p.config.numerics,
+                   "timings": {**p.timings, **self.timings},
                    "baselines": {n: m.to_json() for n, (_, m) in self.baselines.items()},
                    "source": source_record(p.lm.specs, allow=config.allow_requantize)}
         if self.search is not None and "selection" in self.search.meta:
@@ -360,12 +361,12 @@ def _write(outcome: SearchOutcome, config: SearchConfig) -> None:
     if gguf_path is not None:
         t = time.perf_counter()
         outcome.paths["gguf"] = export_gguf(p.lm, outcome.allocation, gguf_path,
-                                            importance=p.importance())
+                                            importance=p.importance(), cache=p.cache)
         outcome.timings["gguf"] = time.perf_counter() - t
     outcome.paths.update(write_report(
         name=config.allocator, allocation=outcome.allocation, reward=outcome.reward,
         search=outcome.search, out_dir=out, heldout=outcome.heldout,
         baselines=outcome.baselines, specs=p.lm.specs, limit_bytes=outcome.limit_bytes,
-        source_note=_source_note(p.lm.specs),
+        source_note=_source_note(p.lm.specs), numerics=NUMERICS[p.config.numerics],
     ))
     outcome.paths["metrics"] = write_json_atomic(out / "metrics.json", outcome.metrics_json(config))

@@ -28,7 +28,11 @@ from autobits.formats import get_format
 from autobits.registry import DEFAULT_MODEL
 from autobits.specs import DEFAULT_CANDIDATES
 
-__all__ = ["PrepareConfig", "Prepared", "prepare"]
+__all__ = ["NUMERICS", "PrepareConfig", "Prepared", "prepare"]
+
+#: The held-out metrics' numerics (:attr:`PrepareConfig.numerics`), with what they mean.
+NUMERICS = {"llama": "llama.cpp's CPU activation rounding, float KV cache",
+            "float": "float (torch), float KV cache"}
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,12 @@ class PrepareConfig:
     #: None: :data:`autobits.evaluate.DEFAULT_CACHE_BYTES`); the quantized bytes of every
     #: candidate are kept regardless, and the metrics do not depend on it
     cache_bytes: int | None = None
+    #: the held-out metrics' numerics: ``"llama"`` rounds every linear layer's input as
+    #: llama.cpp's CPU matmuls do (:mod:`autobits.numerics`), so that a file checked in
+    #: llama.cpp reads what autobits printed; ``"float"`` is plain torch.  The KV cache stays
+    #: float (llama.cpp's default is F16: ``autobits judge --kv-type f32`` compares exactly).
+    #: The reward and selection slices are always float (speed; a ranking, not a report).
+    numerics: str = "llama"
 
     def __post_init__(self) -> None:
         if self.ctx < 16:
@@ -93,6 +103,9 @@ class PrepareConfig:
                 raise AutobitsError(
                     f"imatrix file {self.imatrix_file!r} describes the unfolded model's inputs "
                     f"and Scale Folding changes them: use --imatrix without a file with --fold")
+        if self.numerics not in NUMERICS:
+            raise AutobitsError(f"numerics must be one of {', '.join(NUMERICS)}, got "
+                                f"numerics={self.numerics!r}")
         get_format(self.fold_format)  # an unknown name is a FormatError here, not after loading
         if self.cache_bytes is not None and self.cache_bytes < 0:
             raise AutobitsError(f"the weight cache budget must be >= 0 bytes, got "
@@ -139,7 +152,8 @@ class Prepared:
     def heldout_evaluator(self) -> Evaluator:
         """Evaluator on the held-out windows (final reporting only)."""
         if self._heldout is None:
-            self._heldout = Evaluator(self.lm, self.split.eval, cache=self.cache)
+            self._heldout = Evaluator(self.lm, self.split.eval, cache=self.cache,
+                                      llama_numerics=self.config.numerics == "llama")
         return self._heldout
 
     @property

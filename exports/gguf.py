@@ -337,7 +337,8 @@ def _check_allocation(lm, allocation: Allocation) -> Allocation:
     return alloc
 
 
-def _plan(lm, alloc: Allocation, importance: Mapping[str, np.ndarray] | None, reader) -> list[_Item]:
+def _plan(lm, alloc: Allocation, importance: Mapping[str, np.ndarray] | None, reader,
+          cache=None) -> list[_Item]:
     import gguf
 
     src = {t.name: t for t in reader.tensors} if reader is not None else {}
@@ -365,25 +366,41 @@ def _plan(lm, alloc: Allocation, importance: Mapping[str, np.ndarray] | None, re
         shape = tuple(int(x) for x in spec.shape)
         byte_shape = (*shape[:-1], shape[-1] // fmt.block_size * fmt.type_size)
         imp = None if importance is None else importance.get(name)
+        held = cache if spec.quantizable and _holds(cache, name, fmt.name, imp) else None
         items.append(_Item(name, gguf.GGMLQuantizationType(fmt.ggml_type), byte_shape,
-                           _maker(lm, spec, fmt, imp, src.get(name), cfg)))
+                           _maker(lm, spec, fmt, imp, src.get(name), cfg, held)))
     return items
 
 
-def _maker(lm, spec, fmt, imp, src_tensor, cfg) -> Callable[[], np.ndarray]:
+def _maker(lm, spec, fmt, imp, src_tensor, cfg, held) -> Callable[[], np.ndarray]:
     arch, name = lm.architecture, spec.name
+    rows = int(spec.shape[0])
 
     def make() -> np.ndarray:
-        w = lm.reference_weight(name).detach().cpu().numpy().astype(np.float32, copy=False)
-        if not spec.quantizable:
-            w = _kept_values(arch, name, w, src_tensor)
-        data = fmt.quantize(w, imp, tensor=name)
-        order = gguf_row_order(arch, name, w.shape[0], cfg)
+        if held is not None:  # the same quantizer on the same weight and importance: reused
+            data = held.quantize(name, fmt.name)
+        else:
+            w = lm.reference_weight(name).detach().cpu().numpy().astype(np.float32, copy=False)
+            if not spec.quantizable:
+                w = _kept_values(arch, name, w, src_tensor)
+            data = fmt.quantize(w, imp, tensor=name)
+        order = gguf_row_order(arch, name, rows, cfg)
         if order is not None:
-            data = data[order] if data.ndim == 2 else data.reshape(w.shape[0], -1)[order].reshape(-1)
+            data = data[order] if data.ndim == 2 else data.reshape(rows, -1)[order].reshape(-1)
         return np.ascontiguousarray(data)
 
     return make
+
+
+def _holds(cache, name: str, fmt: str, imp) -> bool:
+    """True when ``cache`` (a :class:`~autobits.evaluate.WeightCache` of the same model)
+    holds the bytes of (``name``, ``fmt``) quantized with the importance ``imp``."""
+    if cache is None or not cache.has(name, fmt):
+        return False
+    theirs = cache.importance.get(name)
+    if imp is None or theirs is None:
+        return imp is None and theirs is None
+    return np.array_equal(np.asarray(theirs), np.asarray(imp))
 
 
 def _kept_values(arch: str, name: str, w: np.ndarray, src_tensor) -> np.ndarray:
@@ -411,11 +428,15 @@ def export_gguf(
     out_path: str | os.PathLike,
     *,
     importance: Mapping[str, np.ndarray] | None = None,
+    cache=None,
 ) -> Path:
     """Write ``lm`` quantized by ``allocation`` as a GGUF file at ``out_path``; return the path.
 
     ``importance`` maps tensor names to per-input-channel importance vectors (the imatrix
-    used for rounding, as in :class:`~autobits.evaluate.WeightCache`).  Raises
+    used for rounding, as in :class:`~autobits.evaluate.WeightCache`).  ``cache``: a
+    :class:`~autobits.evaluate.WeightCache` of ``lm`` (a prepared search's); the quantized
+    bytes it holds with the same importance are written as they are instead of quantizing
+    the tensor again (the same quantizer on the same weight: the same bytes).  Raises
     :class:`ExportError` for an allocation that does not fit the model, a format with no
     ggml type, an unsupported source, or an output path whose folder is missing; no file is
     left behind on any error.
@@ -428,7 +449,7 @@ def export_gguf(
     t0 = time.perf_counter()
     reader = gguf.GGUFReader(lm.gguf.path, "r") if lm.gguf is not None else None
     kv = _source_kv(reader) if reader is not None else _hf_kv(lm)
-    items = _plan(lm, alloc, importance, reader)
+    items = _plan(lm, alloc, importance, reader, cache)
     with atomic_path(out, suffix=".partial") as tmp:
         writer = gguf.GGUFWriter(tmp, lm.architecture)
         try:

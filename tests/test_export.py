@@ -145,6 +145,38 @@ def test_importance_changes_bytes_like_the_quantizer(tiny_lm, tmp_path):
     assert not np.array_equal(_tensor_bytes(t), quantize(w, "Q4_K").reshape(-1))
 
 
+def test_cached_bytes_reused_only_with_the_same_importance(tiny_lm, tmp_path):
+    """export_gguf(cache=...) writes a search's quantized bytes instead of quantizing again
+    (the same file as without the cache); bytes held with other importance are not used."""
+    alloc = _mixed(tiny_lm)
+    rng = np.random.default_rng(0)
+    imp = {s.name: rng.uniform(0.1, 3.0, s.row_length).astype(np.float32)
+           for s in tiny_lm.quantizable}
+    plain = export_gguf(tiny_lm, alloc, tmp_path / "plain.gguf", importance=imp)
+    cache = WeightCache(tiny_lm, imp)
+    for name, fmt in alloc.tensors.items():
+        if WeightCache.keeps(fmt):
+            cache.quantize(name, fmt)
+    cached = export_gguf(tiny_lm, alloc, tmp_path / "cached.gguf", importance=imp, cache=cache)
+    assert cached.read_bytes() == plain.read_bytes()
+
+    # the held bytes are what is written: a marked copy shows up in the file
+    name = "blk.1.ffn_down.weight"
+    fmt = alloc.tensors[name]
+    marked = cache.quantize(name, fmt).copy()
+    marked.reshape(-1)[:4] ^= 0xFF
+    poisoned = WeightCache(tiny_lm, imp)
+    poisoned.put(name, fmt, marked)
+    out = export_gguf(tiny_lm, alloc, tmp_path / "marked.gguf", importance=imp, cache=poisoned)
+    got = {t.name: t for t in gguf.GGUFReader(out).tensors}[name]
+    assert np.array_equal(_tensor_bytes(got), marked.reshape(-1))
+    # held with other importance (none): not used
+    other = WeightCache(tiny_lm, None)
+    other.put(name, fmt, marked)
+    again = export_gguf(tiny_lm, alloc, tmp_path / "again.gguf", importance=imp, cache=other)
+    assert again.read_bytes() == plain.read_bytes()
+
+
 # --------------------------------------------------------------------------- atomic / errors
 def test_interrupted_export_leaves_nothing(tiny_lm, tmp_path, monkeypatch):
     alloc = Allocation.uniform(tiny_lm.name, tiny_lm.specs, "Q8_0")

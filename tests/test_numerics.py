@@ -71,3 +71,29 @@ def test_activation_quantizer_covers_the_tied_head(tiny_lm):
         assert len(act._handles) == n_linear  # every projection and the (tied) output head
     finally:
         act.remove()
+
+
+def test_heldout_numerics_follow_the_prepare_config(tiny_lm):
+    """Held-out metrics use llama.cpp's numerics by default; the reward slice stays float;
+    ``numerics="float"`` is plain torch; an unknown name fails at construction."""
+    from autobits.errors import AutobitsError
+    from autobits.pipeline import PrepareConfig, prepare
+
+    cfg = PrepareConfig(model=tiny_lm.name, text="stdlib", ctx=32, calib_windows=1, eval_windows=1,
+                        reward_windows=1, reward_ctx=32, fisher_windows=0)
+    p = prepare(cfg, lm=tiny_lm, progress=False)
+    try:
+        assert cfg.numerics == "llama" and p.heldout_evaluator.llama_numerics
+        assert not p.reward_evaluator.llama_numerics
+        alloc = Allocation.uniform(tiny_lm.name, tiny_lm.specs, "Q4_0", fallback=True)
+        llama = p.heldout(alloc)
+    finally:
+        p.heldout_evaluator._act.remove()
+    from dataclasses import replace
+
+    f = prepare(replace(cfg, numerics="float"), lm=tiny_lm, progress=False)
+    assert not f.heldout_evaluator.llama_numerics
+    plain = f.heldout(alloc)
+    assert plain.bytes == llama.bytes and plain.kld != llama.kld
+    with pytest.raises(AutobitsError, match="numerics must be one of llama, float"):
+        replace(cfg, numerics="fp8")

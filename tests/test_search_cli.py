@@ -21,6 +21,9 @@ def test_greedy_search_exports_a_gguf(tiny_folder, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     alloc = json.loads((out / "allocation.json").read_text())
     assert metrics["agent"] == "greedy" and metrics["bpw"] <= 6.0
+    # held-out numbers are llama.cpp's numerics unless --numerics float
+    assert metrics["numerics"] == "llama" and "llama.cpp's CPU activation rounding" in printed.out
+    assert "held-out numerics: llama.cpp" in (out / "report.md").read_text()
     path = out / metrics["gguf"].split("/")[-1]
     assert path.is_file() and str(path) in printed.out and "report.md" in printed.out
     assert (out / "report.md").is_file()

@@ -21,6 +21,7 @@ from autobits.app.options import (
     search_config_from_args,
 )
 from autobits.app.workflow import allocator_names, search
+from autobits.pipeline import NUMERICS
 
 __all__ = ["register", "cmd_search"]
 
@@ -38,7 +39,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     rows = [_row(config.allocator, m)] + [_row(n, bm) for n, (_, bm) in outcome.baselines.items()]
     print(format_table(rows, ["allocation", "KLD", "PPL", "top-1", "bytes", "bpw"]))
     print(f"\nbudget {config.budget.describe()} = {outcome.limit_bytes:,} bytes; held-out: "
-          f"{m.windows} windows x {config.prepare.ctx} tokens (reference PPL {m.ref_ppl:.4f})")
+          f"{m.windows} windows x {config.prepare.ctx} tokens (reference PPL {m.ref_ppl:.4f}); "
+          f"numerics: {NUMERICS[config.prepare.numerics]}")
     paths = outcome.paths
     print(f"run directory: {config.out}\n  allocation: {paths['allocation']}\n"
           f"  metrics:    {paths['metrics']}\n  report:     {paths['report']}")
