@@ -86,9 +86,14 @@ def _token_header() -> dict[str, str]:
 
     loader = AuthenticationTokenLoader.instance()
     loader.reset_cache()  # the environment may have changed since Ray last looked
-    if not loader.has_token(ignore_auth_mode=True):
-        return {}
-    return {"Authorization": f"Bearer {loader.get_raw_token(ignore_auth_mode=True)}"}
+    try:
+        if not loader.has_token(ignore_auth_mode=True):
+            return {}
+        return {"Authorization": f"Bearer {loader.get_raw_token(ignore_auth_mode=True)}"}
+    finally:
+        # the loader is process-wide: a token read here must not outlive this call (a later
+        # Ray connection in this process reads its own environment again)
+        loader.reset_cache()
 
 
 def _auth_error(url: str, e: Exception) -> AutobitsError:
