@@ -38,7 +38,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     m = outcome.heldout
     rows = [_row(config.allocator, m)] + [_row(n, bm) for n, (_, bm) in outcome.baselines.items()]
     print(format_table(rows, ["allocation", "KLD", "PPL", "top-1", "bytes", "bpw"]))
-    print(f"\nbudget {config.budget.describe()} = {outcome.limit_bytes:,} bytes; held-out: "
+    budget = (f"{config.budget.describe()} = " if config.budget.target_bpw is not None else "")
+    print(f"\nbudget {budget}{outcome.limit_bytes:,} bytes; held-out: "
           f"{m.windows} windows x {config.prepare.ctx} tokens (reference PPL {m.ref_ppl:.4f}); "
           f"numerics: {NUMERICS[config.prepare.numerics]}")
     paths = outcome.paths
