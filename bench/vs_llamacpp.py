@@ -2,7 +2,8 @@
 
     python -m bench.vs_llamacpp [--model smollm2-135m-float] [--windows 20] [--calib-windows 16]
                                 [--presets Q4_K_M,Q3_K_M,Q2_K,Q4_0] [--solver greedy]
-                                [--heldout stdlib,debian-handbook] [--out DIR] [--json OUT]
+                                [--heldout stdlib,debian-handbook] [--imatrix-only]
+                                [--out DIR] [--json OUT]
                                 [--plot OUT.png] [--flash-attn] [--no-autobits]
 
 1. The reference: the model's float weights exported as an F32 GGUF (for a GGUF source,
@@ -81,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--solver", default="greedy", help="greedy or ilp")
     ap.add_argument("--flash-attn", action="store_true")
     ap.add_argument("--no-autobits", action="store_true", help="presets only")
+    ap.add_argument("--imatrix-only", action="store_true",
+                    help="only the imatrix variants (presets with the imatrix, autobits with it)")
     ap.add_argument("--out", default="/tmp/autobits-vs-llamacpp")
     ap.add_argument("--json")
     ap.add_argument("--plot", help="KLD against file size, as a PNG")
@@ -135,7 +138,8 @@ def main(argv=None) -> int:
 
     def record(name: str, path: Path, kind: str, alloc: Allocation | None = None) -> None:
         if (name in done and done[name]["file_bytes"] == path.stat().st_size
-                and set(done[name]["heldout"]) == set(texts)):
+                and set(done[name]["heldout"]) == set(texts)
+                and done[name].get("windows") == args.windows):
             rows.append(done[name])
             return
         heldout = {}
@@ -145,7 +149,8 @@ def main(argv=None) -> int:
                           "kld": res.kld, "top1": res.top1, "seconds": res.seconds}
         tb = tensor_bytes(path)
         row = {"name": name, "kind": kind, "file": str(path), "file_bytes": path.stat().st_size,
-               "tensor_bytes": tb, "bpw": tb * 8 / params, "heldout": heldout}
+               "tensor_bytes": tb, "bpw": tb * 8 / params, "windows": args.windows,
+               "heldout": heldout}
         if alloc is not None:
             row["types"] = sorted(set(alloc.tensors.values()))
             row["meta"] = {k: v for k, v in alloc.meta.items() if k != "details"}
@@ -156,11 +161,12 @@ def main(argv=None) -> int:
                  {t: (round(h["ppl"], 4), round(h["kld"], 5)) for t, h in heldout.items()})
 
     tables = {}
+    variants = (True,) if args.imatrix_only else (False, True)
     if not args.no_autobits:
         from autobits.candidates import CandidateTable
         from autobits.features import build_candidates
 
-        for im in (False, True):  # no weight cache: it would hold every candidate (~6 GB)
+        for im in variants:  # no weight cache: it would hold every candidate (~6 GB)
             tpath = out / f"candidates{'-imatrix' if im else ''}.json"
             if tpath.is_file():
                 tables[im] = CandidateTable.from_json(json.loads(tpath.read_text()), lm.specs)
@@ -168,7 +174,7 @@ def main(argv=None) -> int:
                 tables[im] = build_candidates(lm, calib, imatrix=im, progress=False)
                 write_json_atomic(tpath, tables[im].to_json())
     for preset in presets:
-        for im in (False, True):
+        for im in variants:
             tag = f"{preset}{'-imatrix' if im else ''}"
             p = out / f"llama-{tag}.gguf"
             if not p.is_file():
@@ -179,7 +185,8 @@ def main(argv=None) -> int:
             limit = tensor_bytes(p)
             a_out = out / f"autobits-{tag}.gguf"
             name = f"autobits {args.solver} @{tag}"
-            if name in done and a_out.is_file():
+            if (name in done and a_out.is_file() and done[name].get("windows") == args.windows
+                    and set(done[name]["heldout"]) == set(texts)):
                 rows.append(done[name])
                 continue
             a_path, alloc = autobits_file(lm, tables[im], args.solver, limit, p.stat().st_size,
