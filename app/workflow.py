@@ -18,7 +18,6 @@ nothing else writes this sequence out.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from autobits.allocation import Allocation, Budget
 from autobits.cluster import RayOptions, cluster_evaluate_factory
 from autobits.errors import AutobitsError
 from autobits.evaluate import Metrics
-from autobits.io import write_json_atomic
+from autobits.io import OutputError, check_output_folder, write_json_atomic
 from autobits.pipeline import NUMERICS, PrepareConfig, Prepared, prepare
 from autobits.requantize import check_requantize, is_quantized_source, source_record, source_types
 from autobits.solvers import SOLVERS, solve
@@ -266,8 +265,10 @@ def check_out_dir(out: Path, *, resume: bool = False, force: bool = False) -> No
         probe = probe.parent
     if not probe.is_dir():
         raise AutobitsError(f"--out {str(out)!r}: {str(probe)!r} is a file, expected a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise AutobitsError(f"--out {str(out)!r}: folder {str(probe)!r} is not writable")
+    try:
+        check_output_folder(probe)
+    except OutputError as e:
+        raise AutobitsError(f"--out {str(out)!r}: {e}") from None
     if probe == out and any(out.iterdir()) and not (resume or force):
         raise AutobitsError(
             f"--out {str(out)!r} is not empty (an earlier run?): give a new folder, --resume "
@@ -296,8 +297,11 @@ def search(config: SearchConfig, *, lm=None, prepared: Prepared | None = None) -
         check_out_dir(config.out, resume=config.resume, force=config.force)
     if config.ray.uses_ray:
         config.ray.check_reachable()  # a wrong --address fails now, not after prepare
-    if isinstance(config.gguf, Path) and not config.gguf.parent.is_dir():
-        raise AutobitsError(f"--gguf: output folder {str(config.gguf.parent)!r} does not exist")
+    if isinstance(config.gguf, Path):
+        try:
+            check_output_folder(config.gguf.parent)
+        except OutputError as e:
+            raise AutobitsError(f"--gguf: {e}") from None
     if prepared is not None and prepared.config != config.prepare:
         raise AutobitsError("prepared was made with another PrepareConfig than config.prepare")
 

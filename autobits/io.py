@@ -24,7 +24,7 @@ from typing import IO, Callable, Iterator, Mapping
 from autobits.errors import AutobitsError
 
 __all__ = ["OutputError", "atomic_path", "write_atomic", "write_json_atomic", "atomic_dir",
-           "file_mode"]
+           "check_output_folder", "file_mode"]
 
 
 def _umask() -> int:
@@ -46,6 +46,26 @@ def _output_error(path: Path, e: OSError) -> OutputError:
     return OutputError(f"cannot write {str(path)!r}: {e.strerror or e}")
 
 
+def check_output_folder(folder: str | os.PathLike) -> Path:
+    """Refuse, before any slow work, a folder that a file cannot be written into: missing,
+    not a folder, or refusing a new file (probed by creating and removing one, which also
+    catches what permission bits do not show: a read-only mount, root on /proc).
+    Raises :class:`OutputError`; returns the folder."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise OutputError(f"output folder {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise OutputError(f"output folder {str(folder)!r} is a file, expected a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".autobits-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise OutputError(f"output folder {str(folder)!r} is not writable: "
+                          f"{e.strerror or e}") from e
+    return folder
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on a clean exit it is renamed to ``path``.
@@ -65,8 +85,8 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Pa
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except OSError as e:
-        if e.filename is None or Path(e.filename) in (path, tmp, path.parent):
-            raise _output_error(path, e) from e
+        if tmp is None or e.filename is None or Path(e.filename) in (path, tmp, path.parent):
+            raise _output_error(path, e) from e  # (tmp None: the temporary file was not made)
         raise
     finally:
         if tmp is not None:

@@ -44,7 +44,7 @@ from autobits import __version__
 from autobits.allocation import FLOAT_KEPT, Allocation
 from autobits.errors import AllocationError, AutobitsError
 from autobits.formats import get_format
-from autobits.io import atomic_path
+from autobits.io import OutputError, atomic_path, check_output_folder
 
 __all__ = [
     "ExportError",
@@ -416,8 +416,10 @@ def _kept_values(arch: str, name: str, w: np.ndarray, src_tensor) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- export
 def _check_out_path(out: Path) -> None:
-    if not out.parent.is_dir():
-        raise ExportError(f"output folder {str(out.parent)!r} does not exist")
+    try:
+        check_output_folder(out.parent)
+    except OutputError as e:
+        raise ExportError(str(e)) from None
     if out.is_dir():
         raise ExportError(f"output path {str(out)!r} is a folder; give a file name (.gguf)")
 

@@ -124,7 +124,7 @@ def _cases(d: Path, tiny: Path) -> list[tuple[str, list[str], str]]:
                                    "--gguf", str(d / "no" / "such" / "x.gguf")], "does not exist"),
         # /proc refuses new files even to root (a chmod'ed folder would not stop root)
         ("unwritable output folder", ["export", "--model", t, "--allocation", str(d / "good.json"),
-                                      "--gguf", "/proc/autobits-x.gguf"], "/proc"),
+                                      "--gguf", "/proc/autobits-x.gguf"], "output folder '/proc' is not writable"),
         ("output folder is a file", ["search", "--model", t, *TINY_CTX, "--target-bpw", "6",
                                      "--out", str(d / "a-file" / "run")], "a-file"),
         ("export without a target", ["export", "--model", t, "--allocation",

@@ -33,7 +33,7 @@ from autobits.errors import AutobitsError
 from autobits.exports.gguf import export_gguf
 from autobits.exports.packed import export_packed
 from autobits.exports.recipe import BASE_TYPE, write_recipe
-from autobits.io import write_json_atomic
+from autobits.io import check_output_folder, write_json_atomic
 from autobits.pipeline import prepare
 from autobits.requantize import check_requantize
 
@@ -49,8 +49,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.gguf is None and args.packed is None and args.recipe is None:
         raise AutobitsError("give --gguf OUT.gguf, --packed OUT_DIR or --recipe FILE")
     for out in (args.gguf, args.packed, args.recipe):
-        if out is not None and not Path(out).parent.is_dir():  # before the slow model load
-            raise AutobitsError(f"output folder {str(Path(out).parent)!r} does not exist")
+        if out is not None:  # before the slow model load
+            check_output_folder(Path(out).parent)
     Allocation.read(args.allocation)
     lm = load_model(args.model)
     check_requantize(lm.specs, model=lm.name, allow=args.allow_requantize)

@@ -15,8 +15,8 @@ import logging
 from pathlib import Path
 
 from autobits.app.options import add_model_args, add_text_args
-from autobits.errors import AutobitsError
 from autobits.imatrix import imatrix_from_calibration, write_imatrix
+from autobits.io import check_output_folder
 from autobits.pipeline import PrepareConfig, prepare
 
 __all__ = ["register", "cmd_imatrix"]
@@ -26,8 +26,7 @@ log = logging.getLogger(__name__)
 
 def cmd_imatrix(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if not out.parent.is_dir():  # before the slow calibration
-        raise AutobitsError(f"output folder {str(out.parent)!r} does not exist")
+    check_output_folder(out.parent)  # before the slow calibration
     cfg = PrepareConfig(model=args.model, text=args.text, ctx=args.ctx,
                         calib_windows=args.calib_windows, eval_windows=0,
                         reward_windows=1, reward_ctx=min(PrepareConfig.reward_ctx, args.ctx),
