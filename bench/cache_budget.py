@@ -1,6 +1,6 @@
 """Reward-evaluation time and memory by weight-cache budget (same metrics whatever the budget).
 
-    python bench/cache_budget.py [--model smollm2-135m] [--uniform Q4_0 | --allocation FILE]
+    python bench/cache_budget.py [--model smollm2-135m-float] [--uniform Q4_0 | --allocation FILE]
                                  [--budgets-mb 0,512,1000000] [--repeats 3] [--json OUT]
 
 The weight cache (:class:`autobits.evaluate.WeightCache`) keeps the quantized bytes of every
@@ -26,7 +26,7 @@ log = logging.getLogger("bench.cache_budget")
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default="smollm2-135m-float")
     ap.add_argument("--uniform", default="Q4_0", help="format of a uniform allocation (with "
                     "llama.cpp's fallbacks) when no --allocation is given")
     ap.add_argument("--allocation", default=None, help="an allocation.json of this model")

@@ -1,6 +1,6 @@
 """Evaluation speed: autobits' Evaluator next to llama.cpp's perplexity computation.
 
-    python -m bench.eval_speed [--model smollm2-135m] [--windows 4] [--ctx 512]
+    python -m bench.eval_speed [--model smollm2-135m-float] [--windows 4] [--ctx 512]
                                [--repeats 3] [--f32] [--json OUT]
 
 Both sides score the same windows (llama.cpp's own token ids of the last ``--windows``
@@ -39,7 +39,7 @@ log = logging.getLogger("bench.eval_speed")
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default="smollm2-135m-float")
     ap.add_argument("--text", default="stdlib")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--windows", type=int, default=4)

@@ -7,7 +7,7 @@ Quantization times per format are summed over the worker threads; ``wall`` is th
 time.  CPU time of the process and the load average are printed too, since the machine may
 be shared (wall time then exceeds what 2 free cores would take).
 
-    .venv/bin/python -m bench.features                      # smollm2-135m, table on stdout
+    .venv/bin/python -m bench.features                      # smollm2-135m-float, table on stdout
     .venv/bin/python -m bench.features --calib-windows 16 --workers 1 --json out.json
 """
 
@@ -30,7 +30,7 @@ from autobits.text import load_text, make_windows
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default="smollm2-135m-float")
     ap.add_argument("--text", default="stdlib")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--calib-windows", type=int, default=8)

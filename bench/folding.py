@@ -17,7 +17,7 @@ With ``--imatrix`` every quantization (search and measurements) uses llama.cpp's
 ``E[x^2]`` of each input on the calibration windows (of the folded input, ``/ s^2``, after
 folding); ``token_embd`` gets none either way.
 
-    .venv/bin/python -m bench.folding                       # smollm2-135m, Q4_0
+    .venv/bin/python -m bench.folding                       # smollm2-135m-float, Q4_0
     .venv/bin/python -m bench.folding --fmt Q4_K --json out.json
 """
 
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m-float")
     p.add_argument("--fmt", default="Q4_0", help="uniform format searched and measured")
     p.add_argument("--text", default="stdlib")
     p.add_argument("--ctx", type=int, default=512)

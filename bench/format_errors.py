@@ -47,11 +47,11 @@ FAMILIES = {
 
 
 def load_weights(rows: int) -> list[tuple[str, str, np.ndarray]]:
-    """(name, role, float32 array) of every quantizable 2-D SmolLM2 weight, ``rows`` rows
+    """(name, role, float32 array) of every quantizable 2-D weight of the SmolLM2 float stand-in (the packaged Q4_1 file would make its own format free), ``rows`` rows
     each (evenly spaced; 0 = all)."""
     from autobits.model import load_model
 
-    m = load_model("smollm2-135m")
+    m = load_model("smollm2-135m-float")
     out = []
     for s in m.quantizable:
         w = m.reference_weight(s.name).detach().cpu().numpy().astype(np.float32)

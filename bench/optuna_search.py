@@ -17,7 +17,7 @@ Wall time depends on the machine's load (it is shared); the CPU time of the proc
 printed too, as is the load average.  ``search_cpu`` in ``bench.json`` is the CPU time of the
 whole search job (search, selection, held-out measurements, report).
 
-    python -m bench.optuna_search                       # smollm2-135m, 5.25 bpw, 300
+    python -m bench.optuna_search                       # smollm2-135m-float, 5.25 bpw, 300
     python -m bench.optuna_search --evals 100 --space offsets --out runs/offsets
     python -m bench.optuna_search --resume --out runs/optuna-bench
 """

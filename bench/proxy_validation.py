@@ -89,7 +89,7 @@ def _embd_diag(calib: Calibration, w, wq) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default="smollm2-135m-float")
     ap.add_argument("--text", default="stdlib")
     ap.add_argument("--formats", default="Q3_K,Q4_0",
                     help="lossy format per tensor: the first of these that fits (default Q3_K,Q4_0)")

@@ -18,7 +18,7 @@ threads), then for each worker count start an embedded Ray, build an
 The closing note gives the 2-vs-1 ratio and extrapolates, from the measured per-evaluation
 costs, the throughput of a 16-node cluster.
 
-    .venv/bin/python -m bench.ray_scaling                       # smollm2-135m, 8 evals per config
+    .venv/bin/python -m bench.ray_scaling                       # smollm2-135m-float, 8 evals per config
     .venv/bin/python -m bench.ray_scaling --evals 16 --json out.json
 """
 
@@ -132,7 +132,7 @@ def run_pool(prepared, allocs, workers: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default="smollm2-135m-float")
     ap.add_argument("--evals", type=int, default=8, help="timed evaluations per worker count")
     ap.add_argument("--workers", default="1,2", help="worker counts (default 1,2)")
     ap.add_argument("--reward-windows", type=int, default=2)

@@ -1,6 +1,6 @@
 """SAC versus the greedy solver on one model at one budget, with the same held-out windows.
 
-    python -m bench.sac_vs_greedy                      # smollm2-135m, 5.25 bpw, 300 evaluations
+    python -m bench.sac_vs_greedy                      # smollm2-135m-float, 5.25 bpw, 300 evaluations
     python -m bench.sac_vs_greedy --evals 100 --sac '{"action": "sensitivity", "use_sde": true}'
 
 Runs the search job (:func:`autobits.app.search` with the ``sac`` agent, warm-started from

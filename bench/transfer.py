@@ -1,6 +1,6 @@
 """Zero-shot transfer: a policy trained on one model allocates for another, versus solvers.
 
-    python -m bench.transfer                       # train on smollm2-135m, allocate gemma3-270m
+    python -m bench.transfer                       # train on smollm2-135m-float, allocate gemma3-270m-float
     python -m bench.transfer --policy policy.safetensors   # reuse a trained policy
     python -m bench.transfer --budgets 4.75,5.5 --steps 60000 --kld-episodes 40
     python -m bench.transfer --policy policy.safetensors --optuna-evals 300   # + target-specific optuna
@@ -49,8 +49,8 @@ def _optuna(prep, budget, args):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train", default="smollm2-135m", help="comma-separated training models")
-    ap.add_argument("--target", default="gemma3-270m")
+    ap.add_argument("--train", default="smollm2-135m-float", help="comma-separated training models")
+    ap.add_argument("--target", default="gemma3-270m-float")
     ap.add_argument("--bpw-range", default="4.5:6.5")
     ap.add_argument("--budgets", default="4.75,5.5", help="target budgets in bpw")
     ap.add_argument("--steps", type=int, default=60_000)
