@@ -20,6 +20,7 @@ from autobits.app.options import (
     DEFAULT_MODEL,
     add_model_args,
     add_text_args,
+    add_numerics_arg,
     budget_from_args,
     format_table,
 )
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply Scale Folding (calibrated on the start of the text) first")
     p.add_argument("--calib-windows", type=int, default=PrepareConfig.calib_windows,
                    help=f"calibration windows for --fold (default {PrepareConfig.calib_windows})")
+    add_numerics_arg(p)
     p.add_argument("--json", help="write the metrics as JSON here")
 
     for mod in COMMAND_MODULES:

@@ -77,10 +77,15 @@ def add_text_args(p: argparse.ArgumentParser, *, windows: bool = True) -> None:
     if windows:
         p.add_argument("--windows", type=int, default=d.eval_windows,
                        help=f"held-out evaluation windows (default {d.eval_windows})")
-        p.add_argument("--numerics", choices=tuple(NUMERICS), default=d.numerics,
-                       help="held-out metrics: llama = activations rounded as llama.cpp's CPU "
-                       "matmuls do (what llama.cpp measures, with an F32 KV cache), float = "
-                       f"plain torch (default {d.numerics})")
+
+
+def add_numerics_arg(p: argparse.ArgumentParser) -> None:
+    """``--numerics``: how autobits computes held-out metrics (commands that report them)."""
+    d = _PREPARE_DEFAULTS
+    p.add_argument("--numerics", choices=tuple(NUMERICS), default=d.numerics,
+                   help="held-out metrics: llama = activations rounded as llama.cpp's CPU "
+                   "matmuls do (what llama.cpp measures, with an F32 KV cache), float = "
+                   f"plain torch (default {d.numerics})")
 
 
 def add_budget_args(p: argparse.ArgumentParser, *, required: bool = False,
@@ -113,6 +118,8 @@ def add_prepare_args(p: argparse.ArgumentParser, *, model: bool = True,
     if model:
         add_model_args(p)
     add_text_args(p, windows=eval_windows)
+    if eval_windows:
+        add_numerics_arg(p)
     p.add_argument("--calib-windows", type=int, default=d.calib_windows,
                    help=f"calibration windows (from the start of the text; default {d.calib_windows})")
     p.add_argument("--reward-windows", type=int, default=d.reward_windows,
