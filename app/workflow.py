@@ -263,9 +263,7 @@ def check_out_dir(out: Path, *, resume: bool = False, force: bool = False) -> No
     probe = out
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
-    if not probe.is_dir():
-        raise AutobitsError(f"--out {str(out)!r}: {str(probe)!r} is a file, expected a folder")
-    try:
+    try:  # missing, a file, or refusing a new file
         check_output_folder(probe)
     except OutputError as e:
         raise AutobitsError(f"--out {str(out)!r}: {e}") from None
