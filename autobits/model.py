@@ -25,6 +25,7 @@ from autobits.gguf_scan import scan_gguf_header
 from autobits.names import SUPPORTED_ARCHITECTURES, hf_to_gguf_name
 from autobits.registry import cache_dir, resolve_model_path
 from autobits.specs import QUANTIZABLE_ROLES, TensorSpec, block_of, role_of
+from autobits.tokenizer import match_llama_cpp
 
 __all__ = ["FLOAT_SOURCE_TYPES", "LoadedModel", "load_model", "read_gguf_header", "GGUFInfo"]
 
@@ -279,6 +280,8 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
         kwargs = {"local_files_only": True}
     log.debug("loading %s (%s) from %s", name_or_path, arch, path)
     tokenizer, model = _from_pretrained(src_dir, path, kwargs)
+    if info is not None:
+        tokenizer = match_llama_cpp(tokenizer, path, info.metadata)
     model.eval()
     model.requires_grad_(False)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))

@@ -49,7 +49,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Version of the construction (part of the cache key and of the file's metadata).
-STANDIN_VERSION = 1
+#: 2: the calibration windows are tokenised as llama.cpp does (autobits/tokenizer.py).
+STANDIN_VERSION = 2
 #: Prefix of the metadata keys that record the construction.
 META_PREFIX = "autobits.standin."
 #: Calibration threads (fixed: the sums' order, hence the last bits, depend on it).

@@ -534,7 +534,7 @@ def tokenize(text: str, tokenizer: Any) -> list[int]:
     """
     offset = _cut_offset(tokenizer)
     if offset is None:
-        log.warning("tokenizer is not stable at paragraph cuts; tokenising the text in one piece")
+        log.debug("tokenizer is not stable at paragraph cuts; tokenising the text in one piece")
     pieces = [text] if offset is None else _chunks(text, offset)
     return [t for seq in _encode(tokenizer, pieces) for t in seq]
 
