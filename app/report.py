@@ -27,6 +27,7 @@ from autobits.allocation import Allocation
 from autobits.errors import AutobitsError
 from autobits.evaluate import Metrics
 from autobits.io import write_atomic
+from autobits.paired import PairedDiff
 from autobits.specs import DEFAULT_CANDIDATES, QUANTIZABLE_ROLES, TensorSpec
 
 __all__ = ["write_report", "pareto_front", "REPORT_FILES"]
@@ -209,6 +210,39 @@ def _budget_line(limit_bytes: int, params: int) -> str:
     return f"- budget: {int(limit_bytes):,} bytes ({int(limit_bytes) * 8 / params:.4f} bpw, file-level)"
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:+.2f}%"
+
+
+def _selection_lines(sel: Mapping) -> list[str]:
+    """The selection section: every re-measured allocation, with its paired interval of
+    selection KLD against the warm start (see :mod:`autobits.agents.selection`)."""
+    level, method = sel.get("level"), sel.get("method")
+    head = (f"{level * 100:g}% interval ({method})" if level is not None else "interval")
+    lines = ["## Selection", "", "The best allocations of the search were re-measured on the "
+             "selection slice (calibration windows disjoint from the reward slice) and "
+             "compared, window by window, with the warm start (the greedy solver's "
+             "allocation, where the search starts); a candidate replaces it only when the "
+             "whole interval of its KLD difference is below zero.", "",
+             f"Chosen: **{sel['chosen']}**" + (f": {sel['reason']}." if sel.get("reason") else "."),
+             "", f"| allocation | reward KLD | selection KLD | KLD vs warm start | {head} "
+             f"| windows | bytes | bpw |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sel["rows"]:
+        rk = "-" if r["reward_kld"] is None else f"{r['reward_kld']:.5f}"
+        d = r.get("vs_warm_start")
+        if d is not None:
+            d = PairedDiff(**d)
+            vs = _pct(d.rel) if d.rel is not None else f"{d.diff:+.3g}"
+            span = (f"{_pct(d.rel_lo)} .. {_pct(d.rel_hi)}" if d.mean_a else
+                    f"{d.lo:+.3g} .. {d.hi:+.3g}")
+        else:
+            vs = span = "(warm start)" if r.get("warm_start") else "-"
+        label = f"**{r['label']}** (chosen)" if r["label"] == sel["chosen"] else r["label"]
+        lines.append(f"| {label} | {rk} | {r['selection_kld']:.5f} | {vs} | {span} "
+                     f"| {r.get('windows', '-')} | {r['bytes']:,} | {r['bpw']:.4f} |")
+    return lines + [""]
+
+
 def _markdown(name: str, best: Allocation, reward: Metrics | None, search: SearchResult | None,
               heldout: Metrics | None, baselines: Mapping[str, tuple[Allocation, Metrics]],
               specs: Sequence[TensorSpec], plots: Mapping[str, Path], limit_bytes: int,
@@ -253,16 +287,7 @@ def _markdown(name: str, best: Allocation, reward: Metrics | None, search: Searc
     meta = search.meta if search is not None else {}
     sel = meta.get("selection")
     if sel:
-        lines += ["## Selection", "", f"The best allocations of the search were re-measured on "
-                  f"the selection slice (calibration windows disjoint from the reward slice); "
-                  f"chosen: **{sel['chosen']}**.", "",
-                  "| allocation | reward KLD | selection KLD | bytes | bpw |",
-                  "|---|---:|---:|---:|---:|"]
-        for r in sel["rows"]:
-            rk = "-" if r["reward_kld"] is None else f"{r['reward_kld']:.5f}"
-            lines.append(f"| {r['label']} | {rk} | {r['selection_kld']:.5f} | {r['bytes']:,} "
-                         f"| {r['bpw']:.4f} |")
-        lines.append("")
+        lines += _selection_lines(sel)
     lines += ["## Plots", ""]
     captions = {"best_kld": "Best KLD versus evaluations", "bits_by_depth": "Bits per tensor over depth",
                 "pareto": "Pareto points of solvers and agents"}

@@ -50,7 +50,11 @@ class Metrics:
     quantized model on the scored tokens; ``top1``: fraction of scored tokens whose argmax
     agrees with the reference; ``bytes``/``bpw``: exact tensor bytes and file-level bits per
     weight; ``seconds``: wall time of the evaluation; ``ref_ppl``: the reference's
-    perplexity on the same tokens.
+    perplexity on the same tokens; ``window_kld``: the mean KLD of each window's scored
+    tokens, in window order (what :func:`autobits.paired.paired_interval` compares two
+    allocations on; every window scores as many tokens, so ``kld`` is their mean up to
+    rounding, and unlike ``kld`` they are not clipped at 0); empty when the measurement kept
+    none (e.g. a record written before they were kept).
     """
 
     kld: float
@@ -62,9 +66,16 @@ class Metrics:
     tokens: int
     windows: int
     ref_ppl: float
+    window_kld: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        # a JSON round trip gives a list: keep the record hashable and comparable
+        object.__setattr__(self, "window_kld", tuple(float(v) for v in self.window_kld))
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["window_kld"] = list(self.window_kld)
+        return d
 
 
 #: Default budget of the dequantized weights a :class:`WeightCache` keeps between
@@ -335,7 +346,8 @@ class Evaluator:
             self._act.set(tensors)
 
     def evaluate(self, allocation: Allocation) -> Metrics:
-        """KLD, perplexity and top-1 agreement of ``allocation`` against the reference."""
+        """KLD (overall and per window), perplexity and top-1 agreement of ``allocation``
+        against the reference."""
         import torch
 
         t0 = time.perf_counter()
@@ -348,15 +360,17 @@ class Evaluator:
                 agree = (lp.argmax(-1) == self._ref_top[k]).sum().item()
                 target = ids[:, self.score_from + 1 :]
                 nll = -lp.gather(-1, target.unsqueeze(-1)).sum().item()
-                return kl.sum().item(), agree, nll
+                return kl.sum().item(), kl.mean(-1).tolist(), agree, nll
 
         try:
             self.apply(allocation.tensors)
             batches = [(k, ids) for k, (_, ids) in enumerate(self._batches())]
             kl_sum = nll = 0.0
             agree = 0
-            for b_kl, b_agree, b_nll in thread_map(one, batches, self._threads()):
+            window_kld: list[float] = []
+            for b_kl, b_windows, b_agree, b_nll in thread_map(one, batches, self._threads()):
                 kl_sum += b_kl
+                window_kld += b_windows
                 agree += b_agree
                 nll += b_nll
         finally:
@@ -375,4 +389,5 @@ class Evaluator:
             tokens=int(self.tokens.numel()),
             windows=int(self.tokens.shape[0]),
             ref_ppl=self.ref_ppl,
+            window_kld=tuple(window_kld),
         )

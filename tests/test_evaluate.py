@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from autobits.allocation import Allocation
-from autobits.evaluate import Evaluator
+from autobits.evaluate import Evaluator, Metrics
 from autobits.text import load_text, make_windows
 
 
@@ -62,6 +62,12 @@ def test_parallel_windows_match_serial(tiny_lm, stdlib_windows):
     assert s.kld > 1e-4
     assert p.kld == pytest.approx(s.kld, rel=1e-5) and p.top1 == s.top1
     assert p.ppl == pytest.approx(s.ppl, rel=1e-6)
+    # per-window KLDs, in window order whatever the thread count; their mean is the KLD
+    assert len(s.window_kld) == 4 and p.window_kld == pytest.approx(s.window_kld, rel=1e-5)
+    assert np.mean(s.window_kld) == pytest.approx(s.kld, rel=1e-6)
+    assert len(set(s.window_kld)) == 4  # windows differ
+    batched = Evaluator(tiny_lm, windows, workers=1, batch_size=3).evaluate(a)
+    assert batched.window_kld == pytest.approx(s.window_kld, rel=1e-4)
     with pytest.raises(ValueError, match="workers"):
         Evaluator(tiny_lm, windows, workers=0)
 
@@ -82,3 +88,17 @@ def test_smollm2_f16_vs_lossy(smollm2):
     assert f16.kld < 1e-3 and f16.top1 > 0.99
     assert q4.kld > 10 * f16.kld and q4.ppl > f16.ppl
     assert 1 < f16.ref_ppl < 100
+
+
+def test_metrics_json_round_trip():
+    import json
+
+    from autobits.agents.base import metrics_from_json
+
+    m = Metrics(kld=0.02, ppl=10.0, top1=0.9, bytes=100, bpw=4.5, seconds=1.0, tokens=128,
+                windows=2, ref_ppl=9.5, window_kld=(0.01, 0.03))
+    d = json.loads(json.dumps(m.to_json()))
+    assert d["window_kld"] == [0.01, 0.03]
+    assert metrics_from_json(d) == m and hash(metrics_from_json(d)) == hash(m)
+    old = {k: v for k, v in d.items() if k != "window_kld"}  # written before they were kept
+    assert metrics_from_json(old).window_kld == ()

@@ -115,3 +115,42 @@ def test_write_report_for_a_solver(tmp_path, result):
     assert md.startswith("# greedy solver: synthetic")
     assert "evaluations:" not in md and "## Selection" not in md
     assert "| calibration KLD | 0.02100 |" in md and "| greedy (this solver) | 0.02500 |" in md
+
+
+def test_report_selection_intervals(tmp_path, result):
+    """The selection section shows every re-measured allocation's paired interval of KLD
+    against the warm start, the chosen one marked, and why it was chosen."""
+    from autobits.agents.selection import select
+
+    sp, res = result
+    warm = allocation(sp, {"ffn_down": "Q5_K", "attn_q": "Q4_0", "token_embd": "Q4_0"})
+    noisy = allocation(sp, {"ffn_down": "Q4_K", "attn_q": "Q4_0", "token_embd": "Q4_0"})
+    res.candidates = [(res.best, res.best_metrics), (noisy, metrics(noisy, 0.021))]
+    base = (0.01, 0.03, 0.02, 0.015)
+    windows = {warm.key: base, res.best.key: tuple(w * 0.97 for w in base),
+               noisy.key: tuple(w * (1 + e) for w, e in zip(base, (0.05, -0.05, 0.04, -0.05)))}
+
+    def measure(a):
+        w = windows[a.key]
+        return Metrics(kld=sum(w) / len(w), ppl=10.0, top1=0.9, bytes=a.bytes, bpw=a.bpw,
+                       seconds=0.1, tokens=1024, windows=len(w), ref_ppl=9.0, window_kld=w)
+
+    out = select(res, measure=measure, warm_start=warm, top_k=2)
+    assert out.best is res.best
+    md = write_report(name="optuna", allocation=out.best, search=out, out_dir=tmp_path,
+                      specs=sp, limit_bytes=res.best.bytes + 10)["report"].read_text()
+    section = md[md.index("## Selection"):md.index("## Plots")]
+    assert "Chosen: **optuna #1**: optuna #1 has a lower selection KLD" in section
+    assert "| KLD vs warm start | 95% interval (t) | windows |" in section
+    rows = {line.split(" | ")[0]: line for line in section.splitlines() if line.startswith("| ")}
+
+    def interval(row):
+        cells = row.split(" | ")
+        lo, hi = cells[4].split(" .. ")
+        return cells[3], float(lo.rstrip("%")), float(hi.rstrip("%")), cells[5]
+
+    rel, lo, hi, n = interval(rows["| **optuna #1** (chosen)"])
+    assert rel == "-3.00%" and lo < -3 < hi < 0 and n == "4"
+    rel, lo, hi, n = interval(rows["| optuna #2"])
+    assert lo < 0 < hi  # noisy: straddles zero
+    assert "(warm start) | (warm start) | 4 |" in rows["| warm start"]

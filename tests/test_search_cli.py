@@ -38,12 +38,27 @@ def test_greedy_search_exports_a_gguf(tiny_folder, tmp_path, capsys):
 
 def test_optuna_search_in_process(tiny_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["search", "--model", str(tiny_folder), *TINY, "--target-bpw", "6",
-                 "--agent", "optuna", "--evals", "4", "--workers", "0", "--out", str(out)])
+    # 3 calibration windows left after the reward one: the selection slice (1 would give no
+    # interval, and the warm start would be kept unexamined)
+    code = main(["search", "--model", str(tiny_folder), *TINY, "--calib-windows", "4",
+                 "--target-bpw", "6", "--agent", "optuna", "--evals", "4", "--workers", "0",
+                 "--out", str(out)])
     printed = capsys.readouterr()
     assert code == 0, printed.err[-2000:]
-    assert json.loads((out / "metrics.json").read_text())["agent"] == "optuna"
-    assert (out / "report.md").is_file() and "gguf" not in json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["agent"] == "optuna" and "gguf" not in metrics
+    # the selection: every candidate's paired interval against the warm start (greedy)
+    sel = metrics["selection"]
+    assert sel["level"] == 0.95 and sel["method"] == "t" and sel["reason"]
+    assert len(metrics["window_kld"]) == metrics["windows"]
+    for row in sel["rows"]:
+        d = row["vs_warm_start"]
+        assert (d is None) == row["warm_start"], row
+        if d is not None:
+            assert d["lo"] <= d["diff"] <= d["hi"] and d["n"] == row["windows"] == 3
+            assert (sel["chosen"] == row["label"]) == (d["hi"] < 0)
+    md = (out / "report.md").read_text()
+    assert "## Selection" in md and "| KLD vs warm start | 95% interval (t) |" in md
 
 
 @pytest.mark.parametrize("argv, message", [
