@@ -1,11 +1,13 @@
 """Shared fixtures (a tiny llama model built from a config, the real SmolLM2 package model)
 and the one mechanism for tests that need an optional dependency.
 
-``@pytest.mark.needs("llama_cpp" | "triton" | "oracle")`` marks a test that needs
-llama-cpp-python, Triton, or llama.cpp's C quantizer (:mod:`autobits.formats.oracle`).
-Without the dependency the test is skipped -- except under ``CI=true`` (also ``1``/``yes``),
-where it fails: a CI run cannot be green because the tests that matter did not run.  The
-marked test imports the dependency itself (lazily), never at module level.
+``@pytest.mark.needs("llama_cpp" | "triton" | "oracle" | "qwen")`` marks a test that needs
+llama-cpp-python, Triton, llama.cpp's C quantizer (:mod:`autobits.formats.oracle`), or the
+22 packages of the ``qwen`` extra. Without the dependency the test is skipped -- except under
+``CI=true`` (also ``1``/``yes``), where it fails: a CI run cannot be green because the tests
+that matter did not run. The exception is :data:`NOT_IN_CI` (``qwen``: 1.1 GB that CI does
+not install), skipped under CI too. The marked test imports the dependency itself (lazily),
+never at module level.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ DEPENDENCIES = {
     "llama_cpp": "llama-cpp-python (the 'judge' extra: pip install -e '.[judge]')",
     "triton": "Triton (the 'triton' extra: pip install -e '.[triton]')",
     "oracle": "llama.cpp's C quantizer from llama-cpp-python (the 'judge' extra)",
+    "qwen": "the Qwen2.5-Coder-1.5B packages (the 'qwen' extra: pip install -e '.[qwen]')",
 }
+#: Dependencies that CI does not install on purpose (too large): skipped under CI as well.
+NOT_IN_CI = {"qwen"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,6 +43,16 @@ def missing(dep: str) -> str | None:
         from autobits.formats.oracle import oracle_unavailable_reason
 
         why = oracle_unavailable_reason()
+    elif dep == "qwen":
+        from autobits.errors import ModelLoadError
+        from autobits.registry import _QWEN_PARTS, _record_piece
+
+        why = None
+        try:
+            for dist, relpath in _QWEN_PARTS:
+                _record_piece(dist, relpath)
+        except ModelLoadError as e:  # not installed, or another version
+            why = str(e)
     else:
         try:
             importlib.import_module(dep)
@@ -49,8 +64,8 @@ def missing(dep: str) -> str | None:
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "needs(*deps): the test needs llama_cpp, triton or oracle; skipped without "
-                   "them, failed under CI=true")
+        "markers", "needs(*deps): the test needs llama_cpp, triton, oracle or qwen; skipped "
+                   "without them, failed under CI=true (qwen: skipped there too)")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -59,7 +74,7 @@ def pytest_runtest_setup(item):
         for dep in mark.args:
             why = missing(dep)
             if why is not None:
-                if IN_CI:
+                if IN_CI and dep not in NOT_IN_CI:
                     pytest.fail(f"CI=true: {why}", pytrace=False)
                 pytest.skip(why)
 

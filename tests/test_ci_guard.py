@@ -50,3 +50,15 @@ def test_unknown_dependency_name_is_an_error(pytester):
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*unknown dependency*"])
+
+
+def test_qwen_is_skipped_under_ci_too(pytester, monkeypatch):
+    """The qwen extra (1.1 GB) is not installed by CI: its tests skip there, not fail."""
+    hide = ('import autobits.registry\n'
+            'autobits.registry._QWEN_PARTS = [("autobits-no-such-piece", "x.bin")]\n')
+    pytester.makeconftest(Path(__file__).with_name("conftest.py").read_text() + hide)
+    pytester.makepyfile(test_dep='import pytest\n\n@pytest.mark.needs("qwen")\ndef test_q():\n    pass\n')
+    monkeypatch.setenv("CI", "true")
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*needs the package 'autobits-no-such-piece'*"])
