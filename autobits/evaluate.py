@@ -9,6 +9,10 @@ Built to sit inside a search loop:
   bytes; the dequantized float32 tensors live in a least-recently-used cache of bounded
   size (:class:`WeightCache`) and are swapped into the model by pointer
   (``param.data = cached``);
+* after :meth:`Evaluator.set_incumbent`, an evaluation starts at the first block whose
+  tensors differ from the incumbent's: the blocks before it are not run, their outputs are
+  the incumbent's, kept per window (exactly what they would compute: same weights, same
+  inputs), so that a search step that changes deep tensors costs a fraction of a pass;
 * everything runs under ``torch.inference_mode``; the windows of an evaluation run on
   parallel threads (one per core, torch's own thread count 1 meanwhile:
   :func:`autobits.threads.thread_map`), which on a 2-core machine beats splitting every op
@@ -24,8 +28,10 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Mapping
 
@@ -280,6 +286,14 @@ class Evaluator:
             from autobits.numerics import ActivationQuantizer
 
             self._act = ActivationQuantizer(lm)
+        # prefix reuse (set_incumbent): per thread, the batch being run and how many blocks
+        # to take from the incumbent's outputs instead of running them
+        self._tls = threading.local()
+        self._incumbent: dict[str, str] | None = None
+        self._prefix: dict[int, list] = {}
+        #: blocks run and blocks taken from the incumbent, over every evaluation so far
+        self.blocks_run = 0
+        self.blocks_reused = 0
         self._reference()
 
     # -------------------------------------------------------------- forward
@@ -335,6 +349,67 @@ class Evaluator:
         )
         log_memory(f"reference distributions of {self.tokens.shape[0]} windows")
 
+    # ------------------------------------------------------- prefix reuse
+    def _blocks(self) -> list:
+        return list(self.lm.model.model.layers)
+
+    @contextmanager
+    def _routed_blocks(self, active: bool):
+        """While active, every decoder block runs through :meth:`_run_block`; the model is
+        left as it was afterwards (nothing patched stays, so it still pickles)."""
+        blocks = self._blocks() if active else []
+        for i, block in enumerate(blocks):
+            forward = block.forward
+            block.forward = lambda *a, _i=i, _f=forward, **kw: self._run_block(_i, _f, *a, **kw)
+        try:
+            yield
+        finally:
+            for block in blocks:
+                del block.forward  # the class's forward again
+
+    def _run_block(self, i: int, forward, *args, **kwargs):
+        st = self._tls
+        if i < getattr(st, "skip", 0):
+            return self._prefix[st.batch][i]
+        out = forward(*args, **kwargs)
+        if getattr(st, "record", False):
+            self._prefix[st.batch][i] = out
+        return out
+
+    def first_changed_block(self, tensors: Mapping[str, str]) -> int:
+        """Index of the first block whose tensors differ from the incumbent's (the number of
+        blocks when only the output head differs; 0 without an incumbent or when the token
+        embedding differs)."""
+        if self._incumbent is None:
+            return 0
+        start = len(self._blocks())
+        for name in set(tensors) | set(self._incumbent):
+            if tensors.get(name) == self._incumbent.get(name):
+                continue
+            spec = self.lm.spec(name)
+            if spec.block is None:
+                if spec.role != "output":
+                    return 0
+                continue
+            start = min(start, int(spec.block))
+        return start
+
+    def set_incumbent(self, allocation: Allocation | None) -> Metrics | None:
+        """Measure ``allocation`` and keep every block's output on these windows, so that
+        later evaluations start at the first block whose tensors differ from it
+        (:meth:`first_changed_block`); their metrics are the same as from a full pass.
+        Memory: one hidden state per block and window (``blocks x windows x ctx x hidden``
+        float32).  ``None`` drops the incumbent.  Returns the incumbent's metrics."""
+        self._incumbent, self._prefix = None, {}
+        if allocation is None:
+            return None
+        n = len(self._blocks())
+        self._prefix = {k: [None] * n for k in range(len(list(self._batches())))}
+        m = self._measure(allocation, skip=0, record=True)
+        self._incumbent = dict(allocation.tensors)
+        log_memory(f"incumbent's block outputs ({n} blocks x {self.tokens.shape[0]} windows)")
+        return m
+
     # ------------------------------------------------------------- evaluate
     def apply(self, tensors: Mapping[str, str]) -> None:
         """Swap the cached dequantized weights of ``tensors`` into the model."""
@@ -347,13 +422,28 @@ class Evaluator:
 
     def evaluate(self, allocation: Allocation) -> Metrics:
         """KLD (overall and per window), perplexity and top-1 agreement of ``allocation``
-        against the reference."""
+        against the reference (from its first changed block on, after
+        :meth:`set_incumbent`)."""
+        return self._measure(allocation, skip=self.first_changed_block(allocation.tensors),
+                             record=False)
+
+    def _measure(self, allocation: Allocation, *, skip: int, record: bool) -> Metrics:
         import torch
 
         t0 = time.perf_counter()
+        n_blocks = len(self._blocks())
+        skip = min(skip, n_blocks)
 
         def one(batch):
             k, ids = batch
+            st = self._tls
+            st.batch, st.skip, st.record = k, skip, record
+            try:
+                return scored(k, ids)
+            finally:
+                st.skip, st.record = 0, False
+
+        def scored(k, ids):
             with torch.inference_mode():
                 lp = self._logprobs(ids)
                 kl = self._ref_negent[k] - (self._ref_prob[k] * lp).sum(-1)
@@ -368,7 +458,9 @@ class Evaluator:
             kl_sum = nll = 0.0
             agree = 0
             window_kld: list[float] = []
-            for b_kl, b_windows, b_agree, b_nll in thread_map(one, batches, self._threads()):
+            with self._routed_blocks(skip > 0 or record):
+                results = list(thread_map(one, batches, self._threads()))
+            for b_kl, b_windows, b_agree, b_nll in results:
                 kl_sum += b_kl
                 window_kld += b_windows
                 agree += b_agree
@@ -377,6 +469,9 @@ class Evaluator:
             self.lm.restore()
             if self._act is not None:
                 self._act.clear()
+        windows = int(self.tokens.shape[0])
+        self.blocks_reused += windows * skip
+        self.blocks_run += windows * (n_blocks - skip)
         log_memory("evaluation")
         n = self.n_scored
         return Metrics(

@@ -102,3 +102,29 @@ def test_metrics_json_round_trip():
     assert metrics_from_json(d) == m and hash(metrics_from_json(d)) == hash(m)
     old = {k: v for k, v in d.items() if k != "window_kld"}  # written before they were kept
     assert metrics_from_json(old).window_kld == ()
+
+
+def test_incumbent_prefix_reuse_gives_the_full_pass_metrics(tiny_lm):
+    """After set_incumbent, an allocation that differs from block 1 on skips block 0 (its
+    output is the incumbent's) and measures exactly what a full pass measures."""
+    w = make_windows(load_text("stdlib"), tiny_lm.tokenizer, ctx=48).split(calib=0, eval=3)
+    full = Evaluator(tiny_lm, w.eval, workers=2)
+    reuse = Evaluator(tiny_lm, w.eval, workers=2, cache=full.cache)
+    base = Allocation.uniform(tiny_lm.name, tiny_lm.specs, "Q8_0")
+    deep = dict(base.tensors)
+    for name in deep:
+        if name.startswith("blk.1."):
+            deep[name] = "Q4_0"
+    embd = dict(base.tensors, **{"token_embd.weight": "Q4_0"})
+    inc = reuse.set_incumbent(base)
+    assert inc.window_kld == full.evaluate(base).window_kld
+    for tensors, first in ((deep, 1), (embd, 0), (dict(base.tensors), 2)):
+        alloc = Allocation.build(tiny_lm.name, tiny_lm.specs, tensors)
+        assert reuse.first_changed_block(alloc.tensors) == first
+        a, b = full.evaluate(alloc), reuse.evaluate(alloc)
+        assert b.window_kld == pytest.approx(a.window_kld, rel=1e-6, abs=1e-9)
+        assert (b.ppl, b.top1) == pytest.approx((a.ppl, a.top1), rel=1e-6)
+    assert reuse.blocks_reused == 3 * (1 + 0 + 2)
+    assert not any("forward" in vars(b) for b in tiny_lm.model.model.layers)  # nothing stays
+    reuse.set_incumbent(None)
+    assert reuse.first_changed_block(deep) == 0
