@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from autobits import __version__
-from autobits.app.commands import agents, cluster, export, features, imatrix, search
+from autobits.app.commands import agents, cluster, export, features, imatrix, light, search
 from autobits.app.options import (
     add_budget_args,
     DEFAULT_MODEL,
@@ -74,13 +74,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------- eval
 def cmd_eval(args: argparse.Namespace) -> int:
     from autobits.allocation import Allocation
-    from autobits.evaluate import Evaluator
+    from autobits.evaluate import Evaluator, WeightCache
     from autobits.formats import get_format
     from autobits.model import load_model
     from autobits.pipeline import prepare
     from autobits.text import load_text, make_windows
 
     if args.packed:
+        if args.imatrix is not None:
+            raise AutobitsError("--imatrix rounds ggml formats; a packed checkpoint is "
+                                "already quantized")
         return _eval_packed(args)
     if args.windows < 1:
         raise AutobitsError(f"--windows must be at least 1, got {args.windows}")
@@ -88,9 +91,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         get_format(args.uniform)
     if args.allocation:
         Allocation.read(args.allocation)
+    imx = None
+    if args.imatrix is not None:
+        from autobits.imatrix import read_imatrix
+
+        if args.fold:
+            raise AutobitsError(f"imatrix file {args.imatrix!r} describes the unfolded model's "
+                                f"inputs and --fold changes them")
+        imx = read_imatrix(args.imatrix)
     corpus = load_text(args.text)
     lm = load_model(args.model or DEFAULT_MODEL)
     lm.check_context(args.ctx)
+    cache = None
+    if imx is not None:  # rounded as llama-quantize --imatrix FILE rounds
+        cache = WeightCache(lm, importance=imx.importance_for(lm.specs, model=lm.name))
     if args.allocation:
         alloc = Allocation.load(args.allocation, lm.specs, lm.name)
     else:
@@ -104,7 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         split = make_windows(corpus, lm.tokenizer, ctx=args.ctx).split(calib=0, eval=args.windows)
     t0 = time.perf_counter()
-    ev = Evaluator(lm, split.eval, llama_numerics=args.numerics == "llama")
+    ev = Evaluator(lm, split.eval, cache=cache, llama_numerics=args.numerics == "llama")
     ref_s = time.perf_counter() - t0
     m = ev.evaluate(alloc)
     label = Path(args.allocation).name if args.allocation else alloc.meta["rule"]
@@ -115,10 +129,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ))
     print(f"\n{lm.name}, {m.windows} held-out windows x {args.ctx} tokens of {split.corpus} "
           f"(windows {split.eval_ids[0]}..{split.eval_ids[-1]}), reference pass {ref_s:.1f}s"
-          + f", numerics: {NUMERICS[args.numerics]}")
+          + f", numerics: {NUMERICS[args.numerics]}"
+          + (f", rounded with imatrix {args.imatrix}" if imx is not None else ""))
     if args.json:
         payload = {**m.to_json(), "model": lm.name, "allocation": label,
-                   "numerics": args.numerics, "text": split.to_json()}
+                   "numerics": args.numerics, "imatrix": args.imatrix, "text": split.to_json()}
         write_json_atomic(args.json, payload)
         print(f"metrics written to {args.json}")
     return 0
@@ -158,7 +173,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 #: Modules that add subcommands: each defines ``register(sub) -> dict[name, handler]``.
-COMMAND_MODULES = (features, search, export, imatrix, agents, cluster)
+COMMAND_MODULES = (features, search, light, export, imatrix, agents, cluster)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-windows", type=int, default=PrepareConfig.calib_windows,
                    help=f"calibration windows for --fold (default {PrepareConfig.calib_windows})")
     add_numerics_arg(p)
+    p.add_argument("--imatrix", metavar="FILE",
+                   help="round with this llama.cpp imatrix file's vectors (GGUF or legacy "
+                   ".dat), as llama-quantize --imatrix FILE does (not with --packed or --fold)")
     p.add_argument("--json", help="write the metrics as JSON here")
 
     for mod in COMMAND_MODULES:

@@ -9,8 +9,10 @@ against the bytes left in the file and against sane limits *before* acting on it
 each step consumes at least one byte of the file and a bad file fails in milliseconds
 with a :class:`~autobits.errors.ModelLoadError` naming the file and the field.
 
-It reads the file through ``mmap`` (slices are copied, the file never is) and keeps no
-value but ``general.alignment``.
+It reads the file through ``mmap`` (slices are copied, the file never is) and keeps of the
+metadata only ``general.alignment`` and ``general.architecture``; of each tensor its name,
+dimensions, type id and data offset (:class:`GGUFTensorEntry`), which is all a reader of
+the weights needs to find them (:mod:`autobits.light` memory-maps the data from these).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from autobits.errors import ModelLoadError
 
-__all__ = ["GGUFHeader", "scan_gguf_header", "LIMITS"]
+__all__ = ["GGUFHeader", "GGUFTensorEntry", "scan_gguf_header", "LIMITS"]
 
 _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
@@ -51,14 +53,33 @@ LIMITS = {
 
 
 @dataclass(frozen=True)
+class GGUFTensorEntry:
+    """One tensor info of the header: ``dims`` in ggml order (``dims[0]`` is the row length),
+    ``offset`` relative to the start of the data section (:attr:`GGUFHeader.data_start`)."""
+
+    name: str
+    dims: tuple[int, ...]
+    ggml_type: int
+    offset: int
+
+
+@dataclass(frozen=True)
 class GGUFHeader:
-    """What the pre-scan read: counts and where the header ends."""
+    """What the pre-scan read: counts, where the header ends, the architecture and the
+    tensor infos."""
 
     version: int
     tensor_count: int
     kv_count: int
     header_bytes: int  # offset just after the last tensor info
     alignment: int
+    architecture: str | None = None  # general.architecture (None when absent or not a string)
+    tensors: tuple[GGUFTensorEntry, ...] = ()
+
+    @property
+    def data_start(self) -> int:
+        """Offset of the data section: the header's end rounded up to the alignment."""
+        return -(-self.header_bytes // self.alignment) * self.alignment
 
 
 class _Scan:
@@ -165,10 +186,13 @@ def _scan(buf: mmap.mmap, path: Path) -> GGUFHeader:
         n_tensors = s.count("tensor count", s.take("<Q", "tensor count"), item_bytes=24,
                             limit="tensors")
         n_kv = s.count("metadata count", s.take("<Q", "metadata count"), item_bytes=13, limit="kv")
-        alignment = 32
+        alignment, architecture, tensors = 32, None, []
         for i in range(n_kv):
             key = s.string(f"metadata key {i}").decode("utf-8", "replace")
             vtype = s.take("<I", f"metadata {key!r} type")
+            if key == "general.architecture" and vtype == _STRING:
+                architecture = s.string(f"metadata {key!r}").decode("utf-8", "replace")
+                continue
             v = s.value(f"metadata {key!r}", vtype)
             if key == "general.alignment":
                 if not isinstance(v, int) or v <= 0 or v & (v - 1):
@@ -179,9 +203,10 @@ def _scan(buf: mmap.mmap, path: Path) -> GGUFHeader:
             n_dims = s.take("<I", f"tensor {name!r} dimension count")
             if not 0 < n_dims <= LIMITS["dims"]:
                 raise s.fail(f"tensor {name!r}", f"{n_dims} dimensions, expected 1 to {LIMITS['dims']}")
-            numel = 1
+            numel, dims = 1, []
             for d in range(n_dims):
-                numel *= s.take("<Q", f"tensor {name!r} dimension {d}")
+                dims.append(s.take("<Q", f"tensor {name!r} dimension {d}"))
+                numel *= dims[-1]
             if numel > s.size * 8:  # no ggml type packs more than 8 weights per byte
                 raise s.fail(f"tensor {name!r}", f"{numel:,} elements cannot fit in the file")
             ttype = s.take("<I", f"tensor {name!r} type")
@@ -190,9 +215,12 @@ def _scan(buf: mmap.mmap, path: Path) -> GGUFHeader:
             offset = s.take("<Q", f"tensor {name!r} offset")
             if offset >= s.size:
                 raise s.fail(f"tensor {name!r}", f"data offset {offset:,} is past the file's end")
+            tensors.append(GGUFTensorEntry(name=name, dims=tuple(dims), ggml_type=ttype,
+                                           offset=offset))
     except ModelLoadError:
         raise
     except (struct.error, ValueError) as e:  # pragma: no cover - every read is bounds-checked
         raise s.fail("header", str(e)) from None
     return GGUFHeader(version=version, tensor_count=n_tensors, kv_count=n_kv,
-                      header_bytes=s.pos, alignment=alignment)
+                      header_bytes=s.pos, alignment=alignment, architecture=architecture,
+                      tensors=tuple(tensors))

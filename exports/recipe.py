@@ -21,7 +21,9 @@ file, :func:`write_recipe` hands the allocation over in the form ``llama-quantiz
 
 Then ``llama-quantize $(cat FILE.args) [--imatrix IMATRIX] SOURCE.gguf OUT.gguf Q8_0`` from a
 float GGUF of the same weights writes every tensor in its allocated type, with the same bytes
-as ``autobits export`` given the same importance vectors.
+as ``autobits export`` given the same importance vectors.  :func:`apply_recipe` does that
+through llama-cpp-python's binding of the same quantizer (the ``judge`` extra) and checks
+that every tensor of the written file has its allocated type.
 
 A format llama.cpp would silently replace is never written: every type must be a ggml type
 (packed ``INT*`` formats are autobits' own) whose block fits the tensor's rows (llama.cpp's
@@ -42,7 +44,8 @@ from autobits.formats import get_format
 from autobits.io import write_atomic
 from autobits.requantize import is_quantized_source
 
-__all__ = ["RecipeError", "BASE_TYPE", "recipe_lines", "recipe_args", "write_recipe", "read_recipe"]
+__all__ = ["RecipeError", "BASE_TYPE", "recipe_lines", "recipe_args", "write_recipe", "read_recipe",
+           "apply_recipe"]
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +133,59 @@ def read_recipe(path: str | os.PathLike) -> list[tuple[str, str]]:
                               f"pattern=type)")
         out.append((pattern.lower(), tname))
     return out
+
+
+#: ``FILE.args`` flags that take a value, and the keyword of :func:`llama_quantize` each is.
+_VALUE_FLAGS = {"--token-embedding-type": "token_embedding_type",
+                "--output-tensor-type": "output_tensor_type", "--tensor-type-file": None}
+
+
+def _read_args(path: Path) -> dict:
+    """``FILE.args`` as :func:`~autobits.exports.judge.llama_quantize` keywords (and the
+    recipe file under ``None``)."""
+    tokens = path.read_text(encoding="utf-8").split()
+    out: dict = {}
+    i = 0
+    while i < len(tokens):
+        flag = tokens[i]
+        if flag == "--allow-requantize":
+            out["allow_requantize"] = True
+            i += 1
+        elif flag in _VALUE_FLAGS and i + 1 < len(tokens):
+            out[_VALUE_FLAGS[flag]] = tokens[i + 1]
+            i += 2
+        else:
+            raise RecipeError(f"recipe flags {str(path)!r}: unexpected {flag!r}")
+    return out
+
+
+def apply_recipe(source: str | os.PathLike, dst: str | os.PathLike, recipe: str | os.PathLike, *,
+                 allocation: Allocation | None = None, importance=None) -> Path:
+    """``llama-quantize $(cat RECIPE.args) SOURCE DST Q8_0`` through llama-cpp-python (the
+    ``judge`` extra), with ``importance`` (tensor -> mean squared input, what
+    ``llama-quantize --imatrix`` hands its quantizer) when given; written atomically.  With
+    ``allocation``, every allocated tensor of the written file must have its allocated type
+    (a :class:`RecipeError` otherwise)."""
+    from autobits.exports.judge import llama_quantize
+
+    recipe = Path(recipe)
+    kw = _read_args(recipe.with_name(recipe.name + ".args"))
+    types = read_recipe(kw.pop(None, recipe))
+    out = llama_quantize(source, dst, preset=BASE_TYPE, importance=importance,
+                         tensor_types=types, **kw)
+    if allocation is not None:
+        _check_types(out, allocation)
+    return Path(out)
+
+
+def _check_types(path: Path, allocation: Allocation) -> None:
+    import gguf
+
+    from autobits.gguf_scan import scan_gguf_header
+
+    written = {t.name: gguf.GGMLQuantizationType(t.ggml_type).name
+               for t in scan_gguf_header(path).tensors}
+    for name, fmt in allocation.tensors.items():
+        if written.get(name) != fmt:
+            raise RecipeError(f"llama.cpp wrote {name!r} as {written.get(name)}, the allocation "
+                              f"says {fmt} ({str(path)!r})")
