@@ -72,7 +72,9 @@ from autobits.errors import AllocationError, AutobitsError, ModelLoadError
 from autobits.formats import FORMAT_TABLE, get_format
 from autobits.gguf_scan import scan_gguf_header
 from autobits.names import SUPPORTED_ARCHITECTURES
-from autobits.specs import DEFAULT_CANDIDATES, QUANTIZABLE_ROLES, TensorSpec, block_of, role_of
+from autobits.specs import (
+    DEFAULT_CANDIDATES, QUANTIZABLE_ROLES, TensorSpec, block_of, order_specs, role_of,
+)
 
 __all__ = [
     "GAINS_SOURCE", "ROLE_GAINS", "WEIGHTED_SCALE", "GGUFTensor", "GGUFWeights", "LightConfig",
@@ -189,8 +191,6 @@ class GGUFWeights:
 
     def __init__(self, path: Path, name: str, architecture: str,
                  tensors: Mapping[str, GGUFTensor]):
-        from autobits.model import _order
-
         self._fd = None
         self.path, self.name, self.architecture = path, name, architecture
         self.tensors = dict(tensors)
@@ -200,7 +200,7 @@ class GGUFWeights:
             specs.append(TensorSpec(name=t.name, shape=t.shape, role=role, block=block_of(t.name),
                                     source_type=t.type_name,
                                     quantizable=role in QUANTIZABLE_ROLES and len(t.shape) == 2))
-        self.specs: tuple[TensorSpec, ...] = _order(specs)
+        self.specs: tuple[TensorSpec, ...] = order_specs(specs)
         self._fd = os.open(path, os.O_RDONLY)
 
     def close(self) -> None:

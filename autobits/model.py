@@ -24,7 +24,7 @@ from autobits.errors import ModelLoadError
 from autobits.gguf_scan import scan_gguf_header
 from autobits.names import SUPPORTED_ARCHITECTURES, hf_to_gguf_name
 from autobits.registry import cache_dir, resolve_model_path
-from autobits.specs import QUANTIZABLE_ROLES, TensorSpec, block_of, role_of
+from autobits.specs import QUANTIZABLE_ROLES, TensorSpec, block_of, order_specs, role_of
 from autobits.tokenizer import match_llama_cpp
 
 __all__ = ["FLOAT_SOURCE_TYPES", "LoadedModel", "load_model", "read_gguf_header", "GGUFInfo"]
@@ -209,26 +209,6 @@ def _hf_specs(arch: str, model, tied: bool) -> list[TensorSpec]:
     return specs
 
 
-_ROLE_ORDER = {r: i for i, r in enumerate(
-    ("token_embd", "norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
-     "ffn_down", "bias", "other", "output"))}
-
-
-def _order(specs: list[TensorSpec]) -> tuple[TensorSpec, ...]:
-    """Model order: embeddings, then block by block (norms, attention, MLP), then the head."""
-
-    def key(s: TensorSpec):
-        if s.block is not None:
-            group = s.block
-        elif s.role == "token_embd":
-            group = -1
-        else:
-            group = 10**6
-        return (group, _ROLE_ORDER[s.role], s.name)
-
-    return tuple(sorted(specs, key=key))
-
-
 def _configure_torch() -> None:
     import torch
 
@@ -300,7 +280,7 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
     name = str(name_or_path)
     return LoadedModel(
         name=name, path=path, architecture=arch, model=model, tokenizer=tokenizer,
-        specs=_order(specs), gguf=info,
+        specs=order_specs(specs), gguf=info,
     )
 
 

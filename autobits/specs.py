@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 
@@ -22,6 +23,7 @@ __all__ = [
     "TensorSpec",
     "role_of",
     "block_of",
+    "order_specs",
 ]
 
 #: Roles of the 2-D weight tensors the search allocates.
@@ -121,3 +123,23 @@ class TensorSpec:
         """The candidates that fit this tensor, ordered from most to fewest bytes."""
         ok = [f for f in candidates if self.fits(f)]
         return tuple(sorted(ok, key=lambda f: -get_format(f).bits_per_weight))
+
+
+_ROLE_ORDER = {r: i for i, r in enumerate(
+    ("token_embd", "norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+     "ffn_down", "bias", "other", "output"))}
+
+
+def order_specs(specs: Iterable[TensorSpec]) -> tuple[TensorSpec, ...]:
+    """Model order: embeddings, then block by block (norms, attention, MLP), then the head."""
+
+    def key(s: TensorSpec):
+        if s.block is not None:
+            group = s.block
+        elif s.role == "token_embd":
+            group = -1
+        else:
+            group = 10**6
+        return (group, _ROLE_ORDER[s.role], s.name)
+
+    return tuple(sorted(specs, key=key))
