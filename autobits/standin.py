@@ -299,9 +299,10 @@ def _calibrate(source: Path, config: StandinConfig):
 
 def calibration_name(source_sha256: str, config: StandinConfig) -> str:
     """File name of the calibration a stand-in of that source and config uses (cacheable:
-    the calibration pass is most of a stand-in's build time)."""
-    return (f"calibration-{source_sha256[:12]}-{config.calib_windows}x{config.ctx}-"
-            f"{hashlib.sha256(config.text.encode()).hexdigest()[:8]}.npz")
+    the calibration pass is most of a stand-in's build time).  It holds the stand-in
+    version, since a version may change the calibration itself (v2: its windows' tokens)."""
+    return (f"calibration-v{STANDIN_VERSION}-{source_sha256[:12]}-{config.calib_windows}x"
+            f"{config.ctx}-{hashlib.sha256(config.text.encode()).hexdigest()[:8]}.npz")
 
 
 def build_standin(source: str | os.PathLike, out_path: str | os.PathLike, *,
