@@ -43,7 +43,7 @@ from autobits.errors import AutobitsError
 
 __all__ = [
     "STANDIN_VERSION", "StandinConfig", "StandinError", "build_standin", "calibration_name", "grid_of",
-    "off_grid", "perturb_tensor", "standin_metadata",
+    "inverse_factor", "off_grid", "perturb_tensor", "standin_metadata",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ META_PREFIX = "autobits.standin."
 _CALIB_WORKERS = 2
 #: Rows moved at once when a tensor has no error feedback (bounds an embedding's memory).
 _CHUNK_ROWS = 8192
+#: Tensors made at once per thread between writes: the finished ones wait for their turn
+#: to be written in file order, so this bounds the memory they hold.
+_TENSORS_PER_THREAD = 4
 #: ggml types that are float already (copied, never perturbed).
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
@@ -162,24 +165,32 @@ def off_grid(w: np.ndarray, offset: np.ndarray, step: np.ndarray, *, min_dist: f
     zero step (a constant block) leaves the element unchanged.
     """
     zero = step == 0
-    safe = np.where(zero, np.float32(1), step)
+    return _off_grid(w, offset, np.where(zero, np.float32(1), step), zero,
+                     np.float32(min_dist), signs)
+
+
+def _off_grid(w, offset, safe, zero, min_dist, signs) -> np.ndarray:
+    """:func:`off_grid` with the step's guards given: ``zero`` (``step == 0``) and ``safe``
+    (the step, 1 where it is zero), ``min_dist`` float32."""
     f = (w - offset) / safe
     k = np.rint(f)
     d = f - k
     s = np.where(d == 0, signs, np.sign(d))
-    moved = offset + safe * (k + s * np.maximum(np.abs(d), np.float32(min_dist)))
+    moved = offset + safe * (k + s * np.maximum(np.abs(d), min_dist))
     return np.where(zero, w, moved).astype(np.float32, copy=False)
 
 
 def perturb_tensor(
     w: np.ndarray, offset: np.ndarray, step: np.ndarray, *, h: np.ndarray | None,
-    config: StandinConfig, rng: np.random.Generator,
+    config: StandinConfig, rng: np.random.Generator, factor: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
     """The stand-in values of one tensor (rows = output channels, columns = input channels).
 
     With ``h`` (``E[x x^T]`` of the input, ``(cols, cols)``) and ``config.feedback`` the
     columns move one by one with GPTQ error feedback (module docstring); otherwise every
-    element moves on its own.  Returns float32, the shape of ``w``.
+    element moves on its own.  ``factor``: :func:`inverse_factor` of ``h`` and
+    ``config.damp`` when already computed (tensors reading one input share it).  Returns
+    float32, the shape of ``w``.
     """
     if w.ndim != 2 or offset.shape != w.shape or step.shape != w.shape:
         raise StandinError(f"tensor of shape {w.shape} needs a grid of the same shape")
@@ -193,7 +204,7 @@ def perturb_tensor(
     cols = w.shape[1]
     if h.shape != (cols, cols):
         raise StandinError(f"H of shape {h.shape} does not fit a tensor with {cols} columns")
-    u = _inverse_factor(h, config.damp)
+    u = inverse_factor(h, config.damp) if factor is None else factor
     # columns as rows (contiguous): the loop reads and updates one column at a time
     wt = np.ascontiguousarray(w.T)
     _feedback_loop(wt, np.ascontiguousarray(offset.T), np.ascontiguousarray(step.T),
@@ -204,7 +215,11 @@ def perturb_tensor(
 def _feedback_loop(wt, at, st, signs_t, u, dist: float, block: int) -> None:
     """GPTQ's lazy-batch loop over the columns of ``W`` (``wt`` = ``W^T``, in place), with
     off-grid targets instead of grid points."""
-    cols = wt.shape[0]
+    cols, rows = wt.shape
+    zero_t = st == 0  # the step's guards of :func:`off_grid`, for every column at once
+    safe_t = np.where(zero_t, np.float32(1), st)
+    min_dist = np.float32(dist)
+    upd = np.empty((min(block, cols), rows), dtype=wt.dtype)  # a column's update of the rest
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1 = wt[i1:i2]  # a view: updated in place
@@ -213,16 +228,19 @@ def _feedback_loop(wt, at, st, signs_t, u, dist: float, block: int) -> None:
         for j in range(i2 - i1):
             c = i1 + j
             col = w1[j]
-            t = off_grid(col, at[c], st[c], min_dist=dist, signs=signs_t[c])
+            t = _off_grid(col, at[c], safe_t[c], zero_t[c], min_dist, signs_t[c])
             e = (col - t) / u1[j, j]
             w1[j] = t
-            w1[j + 1 :] -= u1[j, j + 1 :, None] * e[None, :]
+            rest = w1[j + 1 :]
+            tmp = upd[: len(rest)]
+            np.multiply(u1[j, j + 1 :, None], e[None, :], out=tmp)
+            rest -= tmp
             err[j] = e
         if i2 < cols:
             wt[i2:] -= u[i1:i2, i2:].T @ err
 
 
-def _inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
+def inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
     """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1 = U^T U`` (float32),
     as GPTQ; a dead input channel (zero diagonal) gets a unit diagonal."""
     import torch
@@ -359,9 +377,7 @@ def build_standin(source: str | os.PathLike, out_path: str | os.PathLike, *,
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for i, t in enumerate(reader.tensors):
-                data = _standin_tensor(t, calib, config, i)
-                writer.write_tensor_data(data)
+            _write_tensors(writer, reader.tensors, calib, config)
         finally:
             writer.close()
         with open(tmp, "rb+") as fh:
@@ -371,7 +387,65 @@ def build_standin(source: str | os.PathLike, out_path: str | os.PathLike, *,
     return out
 
 
-def _standin_tensor(t, calib, config: StandinConfig, index: int) -> np.ndarray:
+def _write_tensors(writer, tensors, calib, config: StandinConfig) -> None:
+    """Every tensor's stand-in values, written in file order.
+
+    Tensors are independent (each has its own seeded signs), so they are made on one thread
+    per core (torch's own thread count 1 meanwhile), a few per thread at a time.
+    """
+    from autobits.threads import thread_map
+
+    factors = _SiteFactors(calib, config, [t.name for t in tensors])
+    workers = max(1, os.cpu_count() or 1)
+    jobs = list(enumerate(tensors))
+    batch = _TENSORS_PER_THREAD * workers
+
+    def job(item) -> np.ndarray:
+        i, t = item
+        return _standin_tensor(t, calib, config, i, factors)
+
+    for s in range(0, len(jobs), batch):
+        for data in thread_map(job, jobs[s : s + batch], workers, "standin"):
+            writer.write_tensor_data(data)
+
+
+class _SiteFactors:
+    """:func:`inverse_factor` of each input site's ``H``, computed once for the tensors that
+    read that input (attention q/k/v, ffn gate/up) and dropped after the last of them.
+    Thread-safe: a site's factor is computed by the first thread asking for it."""
+
+    def __init__(self, calib, config: StandinConfig, names: list[str]):
+        import threading
+
+        self.calib, self.damp = calib, config.damp
+        self.users: dict[str, int] = {}
+        if config.feedback:
+            for name in names:
+                site = calib.tensor_site.get(name)
+                if site is not None:
+                    self.users[site] = self.users.get(site, 0) + 1
+        self.factors: dict[str, list] = {}  # site -> [lock, factor or None]
+        self.lock = threading.Lock()
+
+    def take(self, name: str) -> np.ndarray:
+        """The factor for tensor ``name`` (one with a site), counted as used."""
+        import threading
+
+        site = self.calib.tensor_site[name]
+        with self.lock:
+            entry = self.factors.setdefault(site, [threading.Lock(), None])
+        with entry[0]:
+            if entry[1] is None:
+                entry[1] = inverse_factor(self.calib.hessian(name), self.damp)
+        with self.lock:
+            self.users[site] -= 1
+            if self.users[site] == 0:
+                del self.factors[site]
+        return entry[1]
+
+
+def _standin_tensor(t, calib, config: StandinConfig, index: int,
+                    factors: _SiteFactors) -> np.ndarray:
     import gguf
 
     from autobits.formats import get_format
@@ -390,6 +464,7 @@ def _standin_tensor(t, calib, config: StandinConfig, index: int) -> np.ndarray:
     raw = np.asarray(t.data).reshape(-1, np.asarray(t.data).shape[-1])
     w2 = values.reshape(-1, shape[-1])
     h = calib.hessian(t.name) if config.feedback and t.name in calib.tensor_site else None
+    u = factors.take(t.name) if h is not None else None
     rng = np.random.default_rng([config.seed, index])
     t0 = time.perf_counter()
     # without feedback every row is on its own: row chunks bound the memory (an embedding)
@@ -398,7 +473,7 @@ def _standin_tensor(t, calib, config: StandinConfig, index: int) -> np.ndarray:
     for r in range(0, w2.shape[0], step_rows):
         a, st = grid_of(raw[r : r + step_rows], type_name)
         out[r : r + step_rows] = perturb_tensor(w2[r : r + step_rows], a, st, h=h,
-                                                config=config, rng=rng)
+                                                config=config, rng=rng, factor=u)
     log.debug("stand-in %s (%s, %s): %.2fs", t.name, type_name,
               "feedback" if h is not None and config.feedback else "no feedback",
               time.perf_counter() - t0)

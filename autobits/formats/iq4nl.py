@@ -48,22 +48,56 @@ KVALUES_IQ4NL = np.array(
 _VALS = KVALUES_IQ4NL.astype(F32)
 
 
-# Lookup by floor(v): the grid values are integers, so "first grid index above v" depends only
-# on floor(v) (clamped to the grid's range); _MU is that index clipped to 1..15.
-_KEYS = np.arange(-128, 114)
-_MU = np.clip(np.searchsorted(_VALS, _KEYS, side="right"), 1, 15).astype(np.uint8)
-_LO = _VALS[_MU.astype(np.intp) - 1]
-_HI = _VALS[_MU.astype(np.intp)]
+def _take_lower(v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """ggml's choice between neighbouring grid values ``lo < v <= hi`` (float32, ties up)."""
+    return (v - lo) < (hi - v)
 
 
-def _nearest(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(take_lower bool, key intp)`` for :func:`best_index_iq4nl` and its grid value."""
-    f = np.floor(v)
-    np.clip(f, -128, 113, out=f)
-    key = f.astype(np.intp)
-    key += 128
-    lower = (v - _LO[key]) < (_HI[key] - v)
-    return lower, key
+def _thresholds() -> np.ndarray:
+    """Per pair of neighbouring grid values, the smallest float32 ``v`` that
+    ``best_index_int8`` rounds up to the upper one.
+
+    The rule ``v - lo < hi - v`` is monotone in ``v`` (each side is a rounded monotone
+    function of ``v``), so the index of any ``v`` is the number of thresholds at or below
+    it; found here by bisection over float32 values with the rule itself.
+    """
+    out = []
+    for lo, hi in zip(_VALS[:-1], _VALS[1:]):
+        a, b = F32(lo), F32(hi)  # the rule takes a's side at a and b's side at b
+        while np.nextafter(a, b) != b:
+            m = F32((a + b) / F32(2))
+            if m in (a, b):
+                m = np.nextafter(a, b)
+            if _take_lower(m, lo, hi):
+                a = m
+            else:
+                b = m
+        out.append(b)
+    return np.array(out, dtype=F32)
+
+
+# The thresholds are the midpoints of neighbouring (integer) grid values, so the index of
+# ``v`` depends only on ``floor(2 v)``: one table lookup per value.  The tables cover the
+# keys from just below the first threshold to the last one; keys outside clamp to them.
+_T2 = _thresholds() * F32(2)
+if not np.array_equal(_T2, np.floor(_T2)):  # pragma: no cover - fixed by the grid
+    raise AssertionError(f"IQ4_NL thresholds are not half-integers: {_T2 / 2}")
+_KEY_LO = F32(_T2[0] - 1)
+_KEY_SPAN = F32(_T2[-1] - _KEY_LO)
+_INDEX = np.searchsorted(_T2, np.arange(_KEY_SPAN + 1) + _KEY_LO, side="right").astype(np.uint8)
+_GRID = _VALS[_INDEX]
+
+
+def _key(v2: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Table index (intp) of ``floor(v2)`` clamped to the tables, for ``v2 = 2 v`` (float32,
+    overwritten); into ``out`` (intp, the shape of ``v2``) when given."""
+    np.floor(v2, out=v2)
+    np.clip(v2, _KEY_LO, _KEY_LO + _KEY_SPAN, out=v2)
+    v2 -= _KEY_LO  # exact: small integers
+    if out is None:
+        return v2.astype(np.intp)
+    np.copyto(out, v2, casting="unsafe")  # whole numbers >= 0: the cast is exact
+    return out
 
 
 def best_index_iq4nl(v: np.ndarray) -> np.ndarray:
@@ -71,33 +105,52 @@ def best_index_iq4nl(v: np.ndarray) -> np.ndarray:
 
     The binary search finds ``mu`` = first grid index above ``v``; then
     ``v - val[mu-1] < val[mu] - v ? mu-1 : mu`` (float32, ties go up).  Values beyond the grid
-    clamp to the end indices, which the same formula yields once ``mu`` is clipped to 1..15.
+    clamp to the end indices.  Computed as a lookup by ``floor(2 v)`` (see :func:`_thresholds`).
     """
-    v = np.asarray(v, dtype=F32)
-    lower, key = _nearest(v)
-    return _MU[key] - lower.view(np.uint8)
+    with np.errstate(over="ignore"):  # 2 v overflows to +-inf: clamped like any large v
+        v2 = np.multiply(np.asarray(v, dtype=F32), F32(2), dtype=F32)  # exact otherwise
+    return _INDEX.take(_key(v2))
 
 
-def _grid_value(v: np.ndarray) -> np.ndarray:
-    """``kvalues_iq4nl[best_index_iq4nl(v)]`` as float32, without forming the index."""
-    lower, key = _nearest(v)
-    return np.where(lower, _LO[key], _HI[key])
+class _FitBuffers:
+    """Scratch arrays of :meth:`fit` for up to ``n`` blocks, reused by every try of every
+    chunk of a tensor (no allocation, hence no fresh pages, per try)."""
+
+    def __init__(self, n: int, bs: int):
+        self.size = n * bs
+        self.f = np.empty(self.size, dtype=F32)
+        self.key = np.empty(self.size, dtype=np.intp)
+        self.q = np.empty(self.size, dtype=F32)
+        self.wq = np.empty(self.size, dtype=F32)
+        self.tmp = np.empty(self.size, dtype=F32)
+
+    def fit(self, xt: np.ndarray, wt: np.ndarray, idv: np.ndarray):
+        """Weighted sums ``(sumqx, sumq2)`` of the grid fit with inverse scale ``idv``.
+
+        ``xt``/``wt`` are transposed blocks ``(32, n)`` so the sums run in C order along
+        axis 0.  The grid value of ``v = idv * x`` is looked up by ``floor(2 v)``, with
+        ``2 v`` computed as ``(2 idv) * x``: the same float32 value (scaling by 2 is exact),
+        except that a product too small for a normal float32 may round differently, and
+        every ``|v| < 1`` has the same grid index.  (``|v| <= 127 + NTRY``: no overflow.)
+        """
+        view = lambda a: a[: xt.size].reshape(xt.shape)  # noqa: E731 - C-contiguous
+        f, key, q, wq, tmp = map(view, (self.f, self.key, self.q, self.wq, self.tmp))
+        np.multiply((idv * F32(2))[None, :], xt, out=f)
+        _GRID.take(_key(f, key), out=q)
+        np.multiply(wt, q, out=wq)
+        np.multiply(wq, xt, out=tmp)
+        sumqx = seqsum(tmp)
+        np.multiply(wq, q, out=tmp)
+        return sumqx, seqsum(tmp)
 
 
-def _fit(xt: np.ndarray, wt: np.ndarray, idv: np.ndarray):
-    """Weighted sums ``(sumqx, sumq2)`` of the grid fit with inverse scale ``idv``.
-
-    ``xt``/``wt`` are transposed blocks ``(32, n)`` so the sums run in C order along axis 0.
-    """
-    q = _grid_value(idv[None, :] * xt)
-    wq = wt * q
-    return seqsum(wq * xt), seqsum(wq * q)
-
-
-def quantize_iq4_nl_blocks(blocks: np.ndarray, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """``(d float32 (n,), codes uint8 (n, 32))`` exactly as ``quantize_row_iq4_nl_impl``."""
+def quantize_iq4_nl_blocks(blocks: np.ndarray, importance: np.ndarray | None,
+                           buffers: _FitBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(d float32 (n,), codes uint8 (n, 32))`` exactly as ``quantize_row_iq4_nl_impl``
+    (``buffers``: scratch arrays for at least these blocks, to reuse)."""
     x = np.ascontiguousarray(blocks, dtype=F32)
     n, bs = x.shape
+    fit = (buffers if buffers is not None and buffers.size >= x.size else _FitBuffers(n, bs)).fit
     xt = np.ascontiguousarray(x.T)
     if importance is not None:
         sigma2 = seqsum(xt * xt) * (F32(2) / F32(bs))
@@ -109,13 +162,13 @@ def quantize_iq4_nl_blocks(blocks: np.ndarray, importance: np.ndarray | None) ->
     live = amax >= GROUP_MAX_EPS
     safe_max = np.where(live, mx, F32(1))  # dead blocks are overwritten below
     d0 = -safe_max / _VALS[0]
-    sumqx, sumq2 = _fit(xt, wt, F32(1) / d0)
+    sumqx, sumq2 = fit(xt, wt, F32(1) / d0)
     pos = sumq2 > 0
     d = np.where(pos, sumqx / np.where(pos, sumq2, F32(1)), F32(0)).astype(F32)
     best = d * sumqx
     for itry in range(-NTRY, NTRY + 1):
         idv = F32(itry + int(KVALUES_IQ4NL[0])) / safe_max
-        sumqx, sumq2 = _fit(xt, wt, idv)
+        sumqx, sumq2 = fit(xt, wt, idv)
         better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
         if better.any():
             nd = sumqx[better] / sumq2[better]
@@ -135,9 +188,10 @@ class IQ4_NL(Format):
     def _quantize_blocks(self, blocks, importance, *, row_length):
         out = np.empty((blocks.shape[0], self.type_size), dtype=np.uint8)
         # chunks keep the (32, chunk) temporaries cache-sized and the memory bounded
+        buffers = _FitBuffers(min(CHUNK, blocks.shape[0]), self.block_size)
         for s in range(0, blocks.shape[0], CHUNK):
             imp = None if importance is None else importance[s : s + CHUNK]
-            d, codes = quantize_iq4_nl_blocks(blocks[s : s + CHUNK], imp)
+            d, codes = quantize_iq4_nl_blocks(blocks[s : s + CHUNK], imp, buffers)
             out[s : s + CHUNK, 0:2] = fp16_bytes(d)
             out[s : s + CHUNK, 2:] = pack_nibbles(codes)
         return out

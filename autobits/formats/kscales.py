@@ -116,6 +116,40 @@ def _run_chunks(fn: Callable[[slice], None], chunks: list[slice]) -> None:
         f.result()
 
 
+def _map_chunks(
+    fn: Callable[..., tuple], n_vectors: int, x: np.ndarray, w: np.ndarray | None, *,
+    rows: bool,
+) -> tuple:
+    """``fn(xt, wt)`` over chunks of sub-blocks, assembled.
+
+    ``x`` (and ``w``, or None) hold one sub-block per column, ``(k, n)``, or with ``rows``
+    one per row, ``(n, k)``: each chunk is then transposed on its own (one copy, instead
+    of a transposed copy of the whole input and a chunk copy of that).  ``fn`` gets
+    C-contiguous float32 ``(k, m)`` chunks and returns ``n_vectors`` per-sub-block ``(m,)``
+    vectors and the levels ``(k, m)``; returns the vectors ``(n,)`` and the levels int32 in
+    ``x``'s layout.
+    """
+    x = np.asarray(x, dtype=F32)
+    k, n = (x.shape[1], x.shape[0]) if rows else x.shape
+    vectors = [np.empty(n, dtype=F32) for _ in range(n_vectors)]
+    L = np.empty(x.shape, dtype=np.int32)
+
+    def cut(a: np.ndarray, c: slice) -> np.ndarray:
+        return np.ascontiguousarray((a[c].T if rows else a[:, c]), dtype=F32)
+
+    def one(c: slice) -> None:
+        *vs, lt = fn(cut(x, c), None if w is None else cut(w, c))
+        for out, v in zip(vectors, vs):
+            out[c] = v
+        if rows:
+            L[c] = lt.T
+        else:
+            L[:, c] = lt
+
+    _run_chunks(one, _chunks(k, n))
+    return (*vectors, L)
+
+
 class _Levels:
     """Scratch buffers for ``lf = clip(nearest_int(v), lo, hi)`` computed in place."""
 
@@ -224,17 +258,7 @@ def make_qx_quants_t(
     xt: np.ndarray, nmax: int, rmse_type: int, qwt: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`make_qx_quants` on transposed ``(k, n)`` input; returns ``(scale (n,), L (k, n))``."""
-    xt = np.asarray(xt, dtype=F32)
-    k, n = xt.shape
-    scale = np.empty(n, dtype=F32)
-    L = np.empty((k, n), dtype=np.int32)
-
-    def one(c: slice) -> None:
-        w = None if qwt is None else np.ascontiguousarray(qwt[:, c], dtype=F32)
-        scale[c], L[:, c] = _qx_chunk(np.ascontiguousarray(xt[:, c]), nmax, rmse_type, w)
-
-    _run_chunks(one, _chunks(k, n))
-    return scale, L
+    return _map_chunks(lambda x, w: _qx_chunk(x, nmax, rmse_type, w), 1, xt, qwt, rows=False)
 
 
 def make_qx_quants(
@@ -247,10 +271,7 @@ def make_qx_quants(
     ``rmse_type`` selects the error weights when ``qw`` is None (1: ``x*x``, 2: 1,
     3: ``|x|``, 4: ``sqrt|x|``; negative: return early; 0: plain rounding).
     """
-    qwt = None if qw is None else np.ascontiguousarray(np.asarray(qw, dtype=F32).T)
-    xt = np.ascontiguousarray(np.asarray(x, dtype=F32).T)
-    scale, L = make_qx_quants_t(xt, nmax, rmse_type, qwt)
-    return scale, np.ascontiguousarray(L.T)
+    return _map_chunks(lambda x, w: _qx_chunk(x, nmax, rmse_type, w), 1, x, qw, rows=True)
 
 
 # -------------------------------------------------------------- make_qkx2 / qkx3_quants
@@ -357,24 +378,15 @@ def _qkx_chunk(
     return scale, -xmin, L
 
 
-def _qkx_t(
-    xt: np.ndarray,
-    wt: np.ndarray | None,
-    nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
+def _qkx(
+    x: np.ndarray,
+    w: np.ndarray | None,
+    nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool, *, rows: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    xt = np.asarray(xt, dtype=F32)
-    k, n = xt.shape
-    scale = np.empty(n, dtype=F32)
-    the_min = np.empty(n, dtype=F32)
-    L = np.empty((k, n), dtype=np.int32)
+    def chunk(xt: np.ndarray, wt: np.ndarray | None):
+        return _qkx_chunk(xt, xt * xt if wt is None else wt, nmax, rmin, rdelta, nstep, use_mad)
 
-    def one(c: slice) -> None:
-        x = np.ascontiguousarray(xt[:, c])
-        w = x * x if wt is None else np.ascontiguousarray(wt[:, c], dtype=F32)
-        scale[c], the_min[c], L[:, c] = _qkx_chunk(x, w, nmax, rmin, rdelta, nstep, use_mad)
-
-    _run_chunks(one, _chunks(k, n))
-    return scale, the_min, L
+    return _map_chunks(chunk, 2, x, w, rows=rows)
 
 
 def make_qkx2_quants_t(
@@ -383,7 +395,7 @@ def make_qkx2_quants_t(
     nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`make_qkx2_quants` on transposed ``(k, n)`` input; ``L`` is ``(k, n)``."""
-    return _qkx_t(xt, np.asarray(wt, dtype=F32), nmax, rmin, rdelta, nstep, use_mad)
+    return _qkx(xt, np.asarray(wt, dtype=F32), nmax, rmin, rdelta, nstep, use_mad, rows=False)
 
 
 def make_qkx3_quants_t(
@@ -392,7 +404,7 @@ def make_qkx3_quants_t(
     nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`make_qkx3_quants` on transposed ``(k, n)`` input (``wt=None``: ``x*x``)."""
-    return _qkx_t(xt, wt, nmax, rmin, rdelta, nstep, use_mad)
+    return _qkx(xt, wt, nmax, rmin, rdelta, nstep, use_mad, rows=False)
 
 
 def make_qkx2_quants(
@@ -406,10 +418,7 @@ def make_qkx2_quants(
     returns ``(scale float32 (n,), the_min float32 (n,), L int32 (n, k))`` where
     ``the_min`` is the positive value ggml stores through ``*the_min = -min``.
     """
-    xt = np.ascontiguousarray(np.asarray(x, dtype=F32).T)
-    wt = np.ascontiguousarray(np.asarray(weights, dtype=F32).T)
-    scale, the_min, L = make_qkx2_quants_t(xt, wt, nmax, rmin, rdelta, nstep, use_mad)
-    return scale, the_min, np.ascontiguousarray(L.T)
+    return _qkx(x, np.asarray(weights, dtype=F32), nmax, rmin, rdelta, nstep, use_mad, rows=True)
 
 
 def make_qkx3_quants(
@@ -418,10 +427,7 @@ def make_qkx3_quants(
     nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ggml ``make_qkx3_quants``: as :func:`make_qkx2_quants`, weights default to ``x*x``."""
-    xt = np.ascontiguousarray(np.asarray(x, dtype=F32).T)
-    wt = None if weights is None else np.ascontiguousarray(np.asarray(weights, dtype=F32).T)
-    scale, the_min, L = make_qkx3_quants_t(xt, wt, nmax, rmin, rdelta, nstep, use_mad)
-    return scale, the_min, np.ascontiguousarray(L.T)
+    return _qkx(x, weights, nmax, rmin, rdelta, nstep, use_mad, rows=True)
 
 
 # ------------------------------------------------------------------------ make_qp_quants

@@ -59,9 +59,14 @@ def imatrix_weights(blocks: np.ndarray, importance: np.ndarray, row_length: int)
     ``row_length`` values.
     """
     rows = blocks.reshape(-1, row_length)
-    sigma2 = seqsum(rows * rows, axis=1) / F32(row_length)
-    sigma2 = np.repeat(sigma2, row_length // blocks.shape[1])
-    return importance * np.sqrt(sigma2[:, None] + blocks * blocks)
+    w = rows * rows
+    sigma2 = seqsum(w, axis=1) / F32(row_length)
+    # computed along whole rows (per-row broadcasts over long contiguous runs, not over
+    # 32-value blocks); float addition and multiplication commute, so the values are C's
+    w += sigma2[:, None]
+    np.sqrt(w, out=w)
+    w *= np.asarray(importance, dtype=F32).reshape(rows.shape)
+    return w.reshape(blocks.shape)
 
 
 def _qkx3_min(x: np.ndarray, d: np.ndarray, the_min: np.ndarray, nmax: int) -> np.ndarray:

@@ -54,6 +54,33 @@ def test_best_index_matches_ggml_search():
     assert ours.tolist() == [_best_index_reference(float(a)) for a in v]
 
 
+def _best_index_search(v: np.ndarray) -> np.ndarray:
+    """:func:`_best_index_reference` vectorised: ``mu`` from a search of the grid, then the
+    float32 comparison of the distances to its two neighbours."""
+    val = KVALUES_IQ4NL.astype(np.float32)
+    mu = np.clip(np.searchsorted(val, v, side="right"), 1, 15)
+    lower = (v - val[mu - 1]) < (val[mu] - v)
+    return (mu - lower).astype(np.uint8)
+
+
+def test_best_index_lookup_equals_search_near_every_decision():
+    """The lookup by ``floor(2 v)`` against the search on every float32 value close to each
+    decision point (the neighbours' midpoints and the grid values), and a wide sweep."""
+    val = KVALUES_IQ4NL.astype(np.float32)
+    points = np.concatenate([(val[:-1] + val[1:]) / np.float32(2), val])
+    span = 1 << 14  # float32 values on each side of every point, all of them
+    near = [(np.asarray(p, np.float32).view(np.int32) + np.arange(-span, span + 1, dtype=np.int32))
+            .view(np.float32) for p in points]
+    tiny = np.arange(span, dtype=np.int32).view(np.float32)  # zero and the smallest values
+    near += [tiny, -tiny]
+    rng = np.random.default_rng(4)
+    v = np.concatenate(near + [
+        rng.uniform(-300, 300, 200_000).astype(np.float32),
+        np.array([-np.inf, np.inf, -3e38, 3e38, 1e-45, -1e-45, -0.0], dtype=np.float32),
+    ])
+    assert np.array_equal(best_index_iq4nl(v), _best_index_search(v))
+
+
 def test_dequantize_equals_gguf():
     import gguf
     from gguf.quants import dequantize

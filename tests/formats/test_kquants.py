@@ -223,6 +223,39 @@ def test_kscales_public_shapes():
     assert kscales.make_qp_quants(z, 63, z + 1)[1].sum() == 0
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_kscales_row_and_column_layouts_agree(weighted, monkeypatch):
+    """The row-layout searches (each chunk transposed on its own) equal the transposed
+    ones, whatever the chunking."""
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((300, 32)) * rng.random((300, 1)) ** 3).astype(np.float32)
+    x[7] = 0
+    x[11, :16] = -0.0
+    w = (np.abs(x) + rng.random(x.shape)).astype(np.float32) if weighted else None
+    wt = None if w is None else np.ascontiguousarray(w.T)
+    xt = np.ascontiguousarray(x.T)
+
+    def both():
+        rows = [kscales.make_qx_quants(x, 16, 1, w),
+                kscales.make_qkx3_quants(x, w, 15, -0.9, 0.05, 36, False)]
+        cols = [kscales.make_qx_quants_t(xt, 16, 1, wt),
+                kscales.make_qkx3_quants_t(xt, wt, 15, -0.9, 0.05, 36, False)]
+        if w is not None:
+            rows.append(kscales.make_qkx2_quants(x, w, 31, -1.0, 0.1, 20, False))
+            cols.append(kscales.make_qkx2_quants_t(xt, wt, 31, -1.0, 0.1, 20, False))
+        for r, c in zip(rows, cols):
+            for a, b in zip(r[:-1], c[:-1]):
+                np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(r[-1], c[-1].T)
+        return rows
+
+    whole = both()
+    monkeypatch.setattr(kscales, "_CHUNK_VALUES", 2048)  # 64 sub-blocks a chunk: 5 chunks
+    for one, many in zip(whole, both()):
+        for a, b in zip(one, many):
+            np.testing.assert_array_equal(a, b)
+
+
 # ------------------------------------------------------------ judge: llama.cpp's bytes
 def _oracle():
     from autobits.formats import oracle
