@@ -204,17 +204,18 @@ def agent_config_from_args(agent: str, args: argparse.Namespace):
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:
     """``--address``, ``--workers`` and ``--worker-threads`` (a "Ray" argument group)."""
-    g = p.add_argument_group("Ray (distributed evaluation)")
+    g = p.add_argument_group("Ray (distributed calibration, candidates and evaluation)")
     g.add_argument("--address", default=None,
-                   help="Ray cluster to run the evaluations on (host:port of its head, or "
-                   "'auto'); default: $RAY_ADDRESS inside a Ray job; with only --workers N, "
-                   "an embedded local Ray (no dashboard) that stops when the search ends")
+                   help="Ray cluster to run the calibration windows, the candidate table and "
+                   "the agents' evaluations on (host:port of its head, or 'auto'); default: "
+                   "$RAY_ADDRESS inside a Ray job; with only --workers N, an embedded local Ray "
+                   "(no dashboard) that stops when the search ends")
     g.add_argument("--workers", type=int, default=None,
-                   help="evaluator actors (default with --address or in a Ray job: the "
-                   "cluster's CPUs // --worker-threads; without: none, the search evaluates "
-                   "in this process; 0: never Ray)")
+                   help="Ray actors per stage, and calibration shards (default with --address "
+                   "or in a Ray job: the cluster's CPUs // --worker-threads; without: none, "
+                   "everything runs in this process; 0: never Ray)")
     g.add_argument("--worker-threads", type=int, default=1,
-                   help="torch threads (and Ray CPUs) per evaluator actor (default 1)")
+                   help="torch threads (and Ray CPUs) per actor (default 1)")
 
 
 def ray_options_from_args(args: argparse.Namespace) -> RayOptions:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from autobits.agents.base import AgentConfigError
 from autobits.agents.selection import select
 from autobits.allocation import Allocation, Budget
 from autobits.cluster import RayOptions, cluster_evaluate_factory
+from autobits.cluster.search import prepare_on_ray
 from autobits.errors import AutobitsError
 from autobits.evaluate import Metrics
 from autobits.io import OutputError, check_output_folder, write_json_atomic
@@ -81,7 +83,8 @@ class AgentAllocator:
     :param config: the agent's config dataclass (None: its defaults)
     :param evals: evaluations on the reward slice
     :param seed: random seed of the search
-    :param ray: where the evaluations run (SAC evaluates in this process only)
+    :param ray: where the evaluations run (SAC evaluates in this process, one allocation at a
+        time; the preparation runs on Ray whatever the agent, see :func:`search`)
     :param out_dir: the run folder (the agent's journal or checkpoints live there)
     :param resume: continue an interrupted search in ``out_dir``
     :param force: replace an earlier search's journal or checkpoint in ``out_dir``
@@ -104,13 +107,6 @@ class AgentAllocator:
             raise AgentConfigError(
                 f"--agent {self.name} needs --evals of at least {least}, got {self.evals}"
             )
-        if not AGENTS[self.name].cls.batched and self.ray.requested:
-            batched = sorted(n for n, a in AGENTS.items() if a.cls.batched)
-            raise AgentConfigError(
-                f"--agent {self.name} evaluates in this process (one allocation at a time); "
-                f"--address/--workers apply to --agent {'/'.join(batched)}"
-            )
-
     def allocate(self, prepared: Prepared, *, limit_bytes: int) -> Allocated:
         agent = make_agent(self.name, self.config)
         warm = solve("greedy", prepared.table, limit_bytes=limit_bytes)
@@ -154,9 +150,6 @@ def make_allocator(name: str, *, agent: Any = None, evals: int = 300, seed: int 
     if name in SOLVERS:
         if agent is not None:
             raise AgentConfigError(f"{name!r} is a solver; it takes no agent config")
-        if ray.requested:
-            raise AgentConfigError(f"{name!r} is a solver: it evaluates nothing on Ray "
-                                   f"(--address/--workers apply to the agents)")
         return SolverAllocator(name)
     return AgentAllocator(name=name, config=agent, evals=evals, seed=seed, ray=ray,
                           out_dir=out_dir, resume=resume, force=force)
@@ -181,7 +174,8 @@ class SearchConfig:
     :param force: write into a non-empty ``out`` (files of an earlier run are replaced, an
         agent's journal or checkpoints started afresh); without it a non-empty ``out`` is
         refused unless resuming, so no run silently mixes with or destroys another
-    :param ray: where an agent's evaluations run
+    :param ray: where the preparation's calibration and candidates, and a batched agent's
+        evaluations, run (Ray or this process)
     :param baselines: solvers measured on the held-out windows at the same budget for the
         report (those equal to ``allocator`` are skipped)
     :param allow_requantize: accept a source whose weights are already quantized (refused
@@ -315,24 +309,29 @@ def search(config: SearchConfig, *, lm=None, prepared: Prepared | None = None) -
     if prepared is not None and prepared.config != config.prepare:
         raise AutobitsError("prepared was made with another PrepareConfig than config.prepare")
 
-    if prepared is None:
-        if lm is None:
-            from autobits.model import load_model
+    with ExitStack() as ray_scope:  # with --address/--workers: one Ray session for the job
+        if prepared is None:
+            if lm is None:
+                from autobits.model import load_model
 
-            lm = load_model(config.prepare.model)
-        check_requantize(lm.specs, model=lm.name, allow=config.allow_requantize)
-        limit = config.budget.check_feasible(lm.specs, config.prepare.formats)
-        prepared = prepare(config.prepare, lm=lm)
-    else:
-        check_requantize(prepared.lm.specs, model=prepared.lm.name,
-                         allow=config.allow_requantize)
-        limit = config.budget.check_feasible(prepared.lm.specs, config.prepare.formats)
+                lm = load_model(config.prepare.model)
+            check_requantize(lm.specs, model=lm.name, allow=config.allow_requantize)
+            limit = config.budget.check_feasible(lm.specs, config.prepare.formats)
+            runner = ray_scope.enter_context(
+                prepare_on_ray(config.ray, lm=lm, formats=config.prepare.formats))
+            prepared = prepare(config.prepare, lm=lm, runner=runner)
+            if runner is not None:
+                runner.close()  # the session stays for the evaluator actors
+        else:
+            check_requantize(prepared.lm.specs, model=prepared.lm.name,
+                             allow=config.allow_requantize)
+            limit = config.budget.check_feasible(prepared.lm.specs, config.prepare.formats)
 
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    got = allocator.allocate(prepared, limit_bytes=limit)
-    timings["allocate"] = time.perf_counter() - t
-    alloc = got.allocation
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        got = allocator.allocate(prepared, limit_bytes=limit)
+        timings["allocate"] = time.perf_counter() - t
+        alloc = got.allocation
 
     t = time.perf_counter()
     heldout = prepared.heldout(alloc)

@@ -41,6 +41,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from autobits.errors import AutobitsError
+from autobits.stages import StageTask
 from autobits.threads import thread_map
 
 __all__ = [
@@ -380,7 +381,7 @@ class _SiteAcc:
 
 
 class _Worker:
-    """What one calibration thread accumulates over its windows (merged in worker order).
+    """What one calibration shard accumulates over its windows (merged in shard order).
 
     ``accs``: a fresh accumulator per input site (``site_d``: site -> channels), created
     here, outside inference mode, so that every thread and mode may update it in place.
@@ -392,6 +393,7 @@ class _Worker:
         self.gain_sum: dict[str, Any] = {}
         self.head_gain = None
         self.fisher_tokens = 0
+        self.windows = 0
 
     def merge_gains(self, other: _Worker) -> None:
         for k, g in other.gain_sum.items():
@@ -450,31 +452,169 @@ def _head_logits(model, hidden):
     return z, None
 
 
+@dataclass(frozen=True)
+class _PassContext:
+    """What every calibration worker needs besides the model (picklable: a remote runner
+    ships it to its workers once)."""
+
+    windows: np.ndarray
+    n_fisher: int
+    #: the uniforms of y_hat ~ p per Fisher window, drawn in window order from the seed
+    uniforms: tuple
+    site_d: Mapping[str, int]
+    tensor_site: Mapping[str, str]
+    #: Fisher windows of one worker process running at once (0: no bound)
+    fisher_threads: int
+    #: called once per finished window (a local progress bar; None for a remote runner)
+    progress: Any = None
+
+
+class _CalibrationTask(StageTask):
+    """One worker of the calibration pass: hooks on the model's linear layers and its
+    embedding, feeding the :class:`_Worker` of the thread running a window; an item is a
+    shard (a list of window indices), its result that shard's :class:`_Worker`."""
+
+    def __init__(self, lm, context: _PassContext):
+        import threading
+
+        super().__init__(lm, context)
+        lm.restore()
+        self.local = threading.local()  # .state: the _Worker of the thread running a window
+        gate = context.fisher_threads
+        self.fisher_gate = threading.BoundedSemaphore(gate) if gate else contextlib.nullcontext()
+        self.handles: list = []
+        model = lm.model
+        emb = model.get_input_embeddings()
+        try:
+            for s in lm.quantizable:
+                if s.role in ("token_embd", "output"):
+                    continue
+                mod = model.get_submodule(s.hf_name.removesuffix(".weight"))
+                self.handles.append(mod.register_forward_pre_hook(
+                    self._pre_hook(context.tensor_site[s.name], s.name)))
+                self.handles.append(mod.register_forward_hook(self._out_hook(s.name)))
+            self.handles.append(emb.register_forward_hook(self._emb_hook))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _pre_hook(self, site: str, name: str):
+        def hook(module, args):
+            x, st = args[0], self.local.state
+            prev = st.seen.get(site)
+            if prev is None:
+                st.seen[site] = x
+                st.accs[site].add(x)
+            elif prev is not x:
+                raise CalibrationError(
+                    f"tensor {name!r} does not read the same input as the other tensors of "
+                    f"site {site}; this architecture needs its own site grouping"
+                )
+        return hook
+
+    @staticmethod
+    def _grad_acc(st: _Worker, key: str):  # bound at forward time: backward may run elsewhere
+        def hook(g):
+            s = g.detach().reshape(-1, g.shape[-1]).square().sum(0).double()
+            st.gain_sum[key] = st.gain_sum[key] + s if key in st.gain_sum else s
+        return hook
+
+    def _out_hook(self, name: str):
+        def hook(module, args, out):
+            if out.requires_grad:
+                out.register_hook(self._grad_acc(self.local.state, name))
+        return hook
+
+    def _emb_hook(self, module, args, out):
+        import torch
+
+        if torch.is_grad_enabled():
+            out = out.detach().requires_grad_(True)
+            out.register_hook(self._grad_acc(self.local.state, "token_embd.weight"))
+            return out
+        return None
+
+    def _run(self, st: _Worker, i: int) -> None:
+        import torch
+
+        ctx, model = self.context, self.lm.model
+        ids = torch.from_numpy(ctx.windows[i : i + 1])
+        st.seen.clear()
+        if i < ctx.n_fisher:
+            with self.fisher_gate, torch.enable_grad():
+                hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+                st.accs[HEAD_SITE].add(hidden)
+                logits, dcap = _head_logits(model, hidden)
+                logp = torch.log_softmax(logits[0], dim=-1)
+                del logits  # (vocab x ctx) buffers are the bulk of a window's memory
+                with torch.no_grad():
+                    p = logp.exp()
+                    hg = p - p.square()
+                    if dcap is not None:
+                        hg.mul_(dcap[0].square())
+                    hg = hg.sum(0).double()
+                    st.head_gain = hg if st.head_gain is None else st.head_gain + hg
+                    # inverse-CDF sampling of y_hat ~ p (torch.multinomial is ~20x slower)
+                    cdf = p.cumsum(-1)
+                    y = torch.searchsorted(cdf, ctx.uniforms[i] * cdf[:, -1:])
+                    y = y.clamp_max_(p.shape[-1] - 1)
+                    del p, hg, cdf, dcap
+                loss = logp.gather(1, y).sum()
+                loss.backward()
+            st.fisher_tokens += ids.numel()
+        else:
+            with torch.inference_mode():
+                hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+                st.accs[HEAD_SITE].add(hidden)
+        st.seen.clear()
+        st.windows += 1
+        if ctx.progress is not None:
+            ctx.progress()
+
+    def __call__(self, shard: list[int]) -> _Worker:
+        self.local.state = st = _Worker(self.context.site_d)
+        try:
+            for i in shard:
+                self._run(st, i)
+        finally:
+            del self.local.state
+        return st
+
+
 def calibrate(
     lm, windows: np.ndarray, *, fisher_windows: int = 4, seed: int = 0, progress: bool = True,
-    workers: int | None = None, fisher_threads: int | None = None,
+    workers: int | None = None, fisher_threads: int | None = None, runner=None,
 ) -> Calibration:
     """Run the calibration pass of ``lm`` over ``windows`` (int token array ``(n, ctx)``).
 
     The first ``min(fisher_windows, n)`` windows also run backward for the output Fisher
-    (0 disables it; the proxy is then unweighted).  Windows are spread over ``workers``
-    threads (default: the CPU count, fewer when their accumulators would exceed
-    :data:`PARALLEL_BYTES`), each with its own accumulators and torch's thread count 1
-    meanwhile (one window per core beats splitting every small op over the cores, above
-    all on a shared machine).  Memory is the model, per worker the per-site accumulators
-    (about ``sum d_in^2 / 2`` float64: the upper triangles of the second moments, a site's
-    freed as soon as its statistics are finished) and one window's activations (and their
-    gradients).
+    (0 disables it; the proxy is then unweighted).  Windows are cut into ``workers`` shards
+    (default: the runner's workers, else the CPU count; fewer when their accumulators would
+    exceed :data:`PARALLEL_BYTES`), balanced by cost, each with its own accumulators, merged
+    in shard order.  ``runner`` (a :class:`~autobits.stages.StageRunner`) runs the shards:
+    default a :class:`~autobits.stages.LocalRunner`, one thread per shard with torch's
+    thread count 1 meanwhile (one window per core beats splitting every small op over the
+    cores, above all on a shared machine); a Ray runner gives bit-identical statistics for
+    the same shards, whatever its worker count.  Memory is the model, per shard the per-site
+    accumulators (about ``sum d_in^2 / 2`` float64: the upper triangles of the second
+    moments, a site's freed as soon as its statistics are finished) and one window's
+    activations (and their gradients).
     ``fisher_threads`` bounds how many Fisher windows (a forward pass that keeps every
-    block's activations for the backward one, the largest buffers of the pass) run at once
-    (default :data:`FISHER_THREADS`; None: as many as workers); the others' threads wait, so
-    the results do not change, only the time.
-    Deterministic for a given ``seed`` and worker count (one worker: and torch thread count).
+    block's activations for the backward one, the largest buffers of the pass) one process
+    runs at once (default :data:`FISHER_THREADS`; None: as many as workers); the others'
+    threads wait, so the results do not change, only the time.
+    Deterministic for a given ``seed`` and shard count (one local shard: and torch thread
+    count).
     """
-    import threading
-
     import torch
     from tqdm.auto import tqdm
+
+    from autobits.stages import LocalRunner
 
     w = _check_windows(lm, windows)
     if isinstance(fisher_windows, bool) or not isinstance(fisher_windows, (int, np.integer)) \
@@ -495,105 +635,27 @@ def calibrate(
     site_d = {tensor_site[s.name]: s.row_length for s in linear}
     site_d[HEAD_SITE] = int(emb.weight.shape[1])
     acc_bytes = sum(_SiteAcc.nbytes(d) for d in site_d.values())
-    n_workers = max(1, min(int(workers or os.cpu_count() or 1), w.shape[0],
-                           max(1, PARALLEL_BYTES // acc_bytes)))
-    local = threading.local()  # .state: the _Worker of the thread running a window
-    handles = []
-
-    def pre_hook(site: str, name: str):
-        def hook(module, args):
-            x, st = args[0], local.state
-            prev = st.seen.get(site)
-            if prev is None:
-                st.seen[site] = x
-                st.accs[site].add(x)
-            elif prev is not x:
-                raise CalibrationError(
-                    f"tensor {name!r} does not read the same input as the other tensors of "
-                    f"site {site}; this architecture needs its own site grouping"
-                )
-        return hook
-
-    def grad_acc(st: _Worker, key: str):  # bound at forward time: backward may run elsewhere
-        def hook(g):
-            s = g.detach().reshape(-1, g.shape[-1]).square().sum(0).double()
-            st.gain_sum[key] = st.gain_sum[key] + s if key in st.gain_sum else s
-        return hook
-
-    def out_hook(name: str):
-        def hook(module, args, out):
-            if out.requires_grad:
-                out.register_hook(grad_acc(local.state, name))
-        return hook
-
-    def emb_hook(module, args, out):
-        if torch.is_grad_enabled():
-            out = out.detach().requires_grad_(True)
-            out.register_hook(grad_acc(local.state, "token_embd.weight"))
-            return out
-        return None
-
+    wanted = workers or (runner.workers if runner is not None else None) or os.cpu_count() or 1
+    n_workers = max(1, min(int(wanted), w.shape[0], max(1, PARALLEL_BYTES // acc_bytes)))
     embed_scale = float(getattr(emb, "embed_scale", 1.0))
-    for s in linear:
-        mod = model.get_submodule(s.hf_name.removesuffix(".weight"))
-        handles.append(mod.register_forward_pre_hook(pre_hook(tensor_site[s.name], s.name)))
-        handles.append(mod.register_forward_hook(out_hook(s.name)))
-    handles.append(emb.register_forward_hook(emb_hook))
-    # the uniforms of y_hat ~ p, drawn in window order whatever thread runs the window
-    gen = torch.Generator().manual_seed(int(seed))
-    uniforms = [torch.rand(w.shape[1], 1, generator=gen) for _ in range(n_fisher)]
-    bar = tqdm(total=w.shape[0], desc="calibration", unit="window", disable=not progress)
-
-    def run(st: _Worker, i: int) -> None:
-        ids = torch.from_numpy(w[i : i + 1])
-        st.seen.clear()
-        if i < n_fisher:
-            with fisher_gate, torch.enable_grad():
-                hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
-                st.accs[HEAD_SITE].add(hidden)
-                logits, dcap = _head_logits(model, hidden)
-                logp = torch.log_softmax(logits[0], dim=-1)
-                del logits  # (vocab x ctx) buffers are the bulk of a window's memory
-                with torch.no_grad():
-                    p = logp.exp()
-                    hg = p - p.square()
-                    if dcap is not None:
-                        hg.mul_(dcap[0].square())
-                    hg = hg.sum(0).double()
-                    st.head_gain = hg if st.head_gain is None else st.head_gain + hg
-                    # inverse-CDF sampling of y_hat ~ p (torch.multinomial is ~20x slower)
-                    cdf = p.cumsum(-1)
-                    y = torch.searchsorted(cdf, uniforms[i] * cdf[:, -1:])
-                    y = y.clamp_max_(p.shape[-1] - 1)
-                    del p, hg, cdf, dcap
-                loss = logp.gather(1, y).sum()
-                loss.backward()
-            st.fisher_tokens += ids.numel()
-        else:
-            with torch.inference_mode():
-                hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
-                st.accs[HEAD_SITE].add(hidden)
-        st.seen.clear()
-        bar.update()
-
-    def worker(idx: list[int]) -> _Worker:
-        local.state = st = _Worker(site_d)
-        try:
-            for i in idx:
-                run(st, i)
-        finally:
-            del local.state
-        return st
-
     plan = _assign(w.shape[0], n_fisher, n_workers)
+    runner = runner if runner is not None else LocalRunner(len(plan))
+    gen = torch.Generator().manual_seed(int(seed))
     gate_n = FISHER_THREADS if fisher_threads is None else int(fisher_threads)
-    fisher_gate = (threading.BoundedSemaphore(gate_n) if gate_n and gate_n < len(plan)
-                   else contextlib.nullcontext())
+    bar = tqdm(total=w.shape[0], desc="calibration", unit="window", disable=not progress)
+    local = runner.shares_memory
+    context = _PassContext(
+        windows=w, n_fisher=n_fisher,
+        uniforms=tuple(torch.rand(w.shape[1], 1, generator=gen) for _ in range(n_fisher)),
+        site_d=site_d, tensor_site=tensor_site,
+        # one shard per thread: the gate matters only when Fisher windows could overlap
+        fisher_threads=gate_n if local and gate_n and gate_n < len(plan) else 0,
+        progress=bar.update if local else None)
     try:
-        done = list(thread_map(worker, plan, len(plan), "calibration"))
+        done = list(runner.map(_CalibrationTask, plan, lm=lm, context=context,
+                               name="calibration",
+                               on_result=None if local else (lambda st: bar.update(st.windows))))
     finally:
-        for h in handles:
-            h.remove()
         bar.close()
     missing = sorted(k for k in site_d if not any(st.accs[k].n for st in done))
     if missing:
@@ -622,6 +684,7 @@ def calibrate(
         embed_scale=embed_scale, seed=int(seed), seconds=time.perf_counter() - t0,
     )  # fmt: skip
     log.info("calibration of %s: %d windows x %d tokens (%d with Fisher), %d input sites, "
-             "%d threads, %.1fs", lm.name, w.shape[0], w.shape[1], n_fisher, len(sites),
-             len(plan), calib.seconds)
+             "%d shards on %d %s workers, %.1fs", lm.name, w.shape[0], w.shape[1], n_fisher,
+             len(sites), len(plan), min(runner.workers, len(plan)),
+             "local" if local else "remote", calib.seconds)
     return calib

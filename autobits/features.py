@@ -56,7 +56,6 @@ import io
 import logging
 import os
 import time
-from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -71,6 +70,7 @@ from autobits.proxy import (
     row_errors, site_factor_key,
 )  # fmt: skip
 from autobits.specs import DEFAULT_CANDIDATES, QUANTIZABLE_ROLES
+from autobits.stages import StageTask
 from autobits.threads import thread_map
 
 __all__ = [
@@ -206,28 +206,93 @@ def _check_cache_importance(cache, lm, calib: Calibration, imatrix: bool) -> Non
                                    f"{s.name!r} than this calibration")
 
 
+@dataclass(frozen=True)
+class _CandidateContext:
+    """What every candidate worker needs besides the model (picklable for a remote runner
+    unless ``cache`` is set, which only a local one does)."""
+
+    calib: Calibration
+    valid: Mapping[str, tuple[str, ...]]
+    imatrix: bool
+    weighting: str
+    #: the driver's WeightCache (local runner): read for candidates it holds, written with
+    #: the new ones; None: the quantized bytes come back in the results
+    cache: Any = None
+    #: return the quantized bytes (a remote runner feeding the driver's cache)
+    return_data: bool = False
+
+
+class _CandidateTask(StageTask):
+    """Candidates of the tensors of one input site (they share one Cholesky factor of its
+    ``H``, built once per item and dropped after it): ``[(name, candidates, quantized bytes
+    per format or None, quantize seconds per format (wall, CPU), proxy seconds (wall,
+    CPU))]``."""
+
+    def __call__(self, names: tuple[str, ...]) -> list:
+        import torch
+
+        ctx = self.context
+        factors: dict = {}
+        out = []
+        for name in names:
+            spec = self.lm.spec(name)
+            w = self.lm.reference_weight(name).detach()
+            arr = w.cpu().numpy()
+            imp = ctx.calib.importance(name) if ctx.imatrix else None
+            c0, t0 = time.thread_time(), time.perf_counter()
+            proxy = TensorProxy(ctx.calib, name, w, weighting=ctx.weighting, factors=factors)
+            cands, tq, kept = [], {}, {}
+            tp = [time.perf_counter() - t0, time.thread_time() - c0]
+            for fmt in ctx.valid[name]:
+                f = get_format(fmt)
+                c0, t0 = time.thread_time(), time.perf_counter()
+                if ctx.cache is not None and ctx.cache.has(name, f.name):
+                    deq = ctx.cache.get(name, f.name)
+                else:
+                    data = f.quantize(arr, imp, tensor=name)
+                    deq = torch.from_numpy(np.ascontiguousarray(f.dequantize(data, arr.shape),
+                                                                dtype=np.float32))
+                    if ctx.cache is not None:  # keeps the bytes; the float32 copy within budget
+                        ctx.cache.put(name, f.name, data)
+                    elif ctx.return_data:
+                        kept[f.name] = data
+                    del data
+                c1, t1 = time.thread_time(), time.perf_counter()
+                err = proxy(deq)
+                del deq
+                tq[f.name] = (t1 - t0, c1 - c0)
+                tp[0] += time.perf_counter() - t1
+                tp[1] += time.thread_time() - c1
+                cands.append(Candidate(f.name, spec.nbytes(f.name), max(err, 0.0)))
+            del proxy
+            out.append((name, tuple(cands), kept or None, tq, tp))
+        return out
+
+
 def build_candidates(
     lm, calib: Calibration, *, formats: Sequence[str] = DEFAULT_CANDIDATES, imatrix: bool = False,
     cache=None, weighting: str | None = None, workers: int | None = None, progress: bool = True,
+    runner=None,
 ) -> CandidateTable:
     """Every quantizable tensor x every valid format of ``formats``: exact bytes, proxy error.
 
     ``imatrix`` quantizes with the calibration's importance vectors (llama.cpp's imatrix);
     ``cache`` (a :class:`~autobits.evaluate.WeightCache`) receives the quantized bytes of
-    every candidate, and candidates it already holds are not quantized again.  Memory: the
-    dequantized candidate of each thread at a time, and the Cholesky factor of an input
-    site only until the last tensor reading it is measured.  ``weighting`` is ``"fisher"``
-    (default when the calibration has a Fisher pass) or ``"none"``.  Tensors are spread over
-    ``workers`` threads (default: the CPU count; numpy and torch release the GIL in the heavy
-    loops); torch's own thread count is 1 meanwhile.  The threads share one Cholesky factor
-    of each input site's ``H`` (:class:`TensorProxy`).  ``meta["timing"]`` holds the seconds
-    spent per format quantizing and in the proxy, elapsed and CPU (``*_cpu``), summed over
-    the threads, and the wall time.
+    every candidate, and candidates it already holds are not quantized again (by a local
+    runner).  ``weighting`` is ``"fisher"`` (default when the calibration has a Fisher
+    pass) or ``"none"``.  The work is one item per input site (the tensors reading it share
+    one Cholesky factor of its ``H``, built once, dropped after the item), the largest
+    first, run by ``runner`` (a :class:`~autobits.stages.StageRunner`; default a
+    :class:`~autobits.stages.LocalRunner` of ``workers`` threads, default the CPU count;
+    numpy and torch release the GIL in the heavy loops, torch's own thread count is 1
+    meanwhile).  A Ray runner gives bit-identical candidates and quantized bytes.  Memory:
+    per worker the dequantized candidate being measured and one site's Cholesky factor.
+    ``meta["timing"]`` holds the seconds spent per format quantizing and in the proxy,
+    elapsed and CPU (``*_cpu``), summed over the workers, and the wall time.
     """
-    import threading
-
-    import torch
     from tqdm.auto import tqdm
+
+    from autobits.stages import LocalRunner
 
     calib.check_model(lm)
     weighting = weighting or ("fisher" if calib.has_fisher else "none")
@@ -239,87 +304,49 @@ def build_candidates(
         raise AllocationError(f"tensors {misfit[:5]} fit none of the formats {fmts}")
     if cache is not None:
         _check_cache_importance(cache, lm, calib, imatrix)
-    n_workers = max(1, int(workers or os.cpu_count() or 1))
-    t_quant = {f: [0.0, 0.0] for f in fmts}  # format -> [thread wall, thread CPU] seconds
+    runner = runner if runner is not None else LocalRunner(max(1, int(workers or os.cpu_count() or 1)))
+    t_quant = {f: [0.0, 0.0] for f in fmts}  # format -> [worker wall, worker CPU] seconds
     t_proxy = [0.0, 0.0]
-    factors: dict = {}  # Cholesky factors of the input sites' H, shared by the threads
-    # tensors still to measure per input site: a site's factor is dropped after its last one
-    users: dict = {}
+    # one item per input site (tensors without one alone), the largest first, so that the
+    # workers finish together
+    groups: dict = {}
     for s in specs:
         k = _site_key(calib, s.name)
-        if k is not None:
-            users[k] = users.get(k, 0) + 1
-    users_lock = threading.Lock()
-
-    def release(spec) -> None:
-        k = _site_key(calib, spec.name)
-        if k is None:
-            return
-        with users_lock:
-            users[k] -= 1
-            if users[k] == 0:
-                factors.pop(k, None)
-
-    def collect(tq: dict[str, tuple[float, float]], tp: list[float]) -> None:
-        for f, (w, c) in tq.items():
-            t_quant[f][0] += w
-            t_quant[f][1] += c
-        t_proxy[0] += tp[0]
-        t_proxy[1] += tp[1]
-
-    def job(spec):
-        w = lm.reference_weight(spec.name).detach()
-        arr = w.cpu().numpy()
-        imp = calib.importance(spec.name) if imatrix else None
-        c0, t0 = time.thread_time(), time.perf_counter()
-        proxy = TensorProxy(calib, spec.name, w, weighting=weighting, factors=factors)
-        out, tq = [], {}
-        tp = [time.perf_counter() - t0, time.thread_time() - c0]
-        for fmt in valid[spec.name]:
-            f = get_format(fmt)
-            c0, t0 = time.thread_time(), time.perf_counter()
-            if cache is not None and cache.has(spec.name, f.name):
-                deq = cache.get(spec.name, f.name)
-            else:
-                data = f.quantize(arr, imp, tensor=spec.name)
-                deq = torch.from_numpy(np.ascontiguousarray(f.dequantize(data, arr.shape),
-                                                            dtype=np.float32))
-                if cache is not None:  # keeps the bytes; the float32 copy within its budget
-                    cache.put(spec.name, f.name, data)
-                del data
-            c1, t1 = time.thread_time(), time.perf_counter()
-            err = proxy(deq)
-            del deq
-            tq[f.name] = (t1 - t0, c1 - c0)
-            tp[0] += time.perf_counter() - t1
-            tp[1] += time.thread_time() - c1
-            out.append(Candidate(f.name, spec.nbytes(f.name), max(err, 0.0)))
-        del proxy
-        release(spec)
-        return spec.name, tuple(out), tq, tp
-
+        groups.setdefault(s.name if k is None else k, []).append(s)
+    cost = lambda g: sum(s.numel * len(valid[s.name]) for s in g)  # noqa: E731
+    items = [tuple(s.name for s in g) for g in sorted(groups.values(), key=lambda g: -cost(g))]
+    local = runner.shares_memory
+    context = _CandidateContext(calib=calib, valid=valid, imatrix=bool(imatrix),
+                                weighting=weighting, cache=cache if local else None,
+                                return_data=cache is not None and not local)
     t0 = time.perf_counter()
     options: dict[str, tuple[Candidate, ...]] = {}
-    # the largest tensors first, so that the threads finish together
-    order = sorted(specs, key=lambda s: -s.numel * len(valid[s.name]))
-    results = closing(thread_map(job, order, n_workers, "candidates"))
-    with results as it, tqdm(total=len(order), desc="candidates", unit="tensor",
-                             disable=not progress) as bar:
-        for name, opts, tq, tp in it:
-            options[name] = opts
-            collect(tq, tp)
-            bar.update()
+    with tqdm(total=len(specs), desc="candidates", unit="tensor", disable=not progress) as bar:
+        for rows in runner.map(_CandidateTask, items, lm=lm, context=context, name="candidates"):
+            for name, opts, kept, tq, tp in rows:
+                options[name] = opts
+                for fmt, data in (kept or {}).items():
+                    if not cache.has(name, fmt):
+                        cache.put(name, fmt, data)
+                for f, (w, c) in tq.items():
+                    t_quant[f][0] += w
+                    t_quant[f][1] += c
+                t_proxy[0] += tp[0]
+                t_proxy[1] += tp[1]
+                bar.update()
     wall = time.perf_counter() - t0
     meta = {
-        "weighting": weighting, "imatrix": bool(imatrix), "formats": fmts, "workers": n_workers,
+        "weighting": weighting, "imatrix": bool(imatrix), "formats": fmts,
+        "workers": runner.workers, "runner": "local" if local else "remote",
         "calibration": {"windows": calib.n_windows, "ctx": calib.ctx,
                         "fisher_tokens": calib.fisher_tokens},
         "timing": {"wall": wall, "proxy": t_proxy[0], "proxy_cpu": t_proxy[1],
                    "quantize": {f: t[0] for f, t in t_quant.items() if t[0] > 0},
                    "quantize_cpu": {f: t[1] for f, t in t_quant.items() if t[0] > 0}},
     }  # fmt: skip
-    log.info("candidates of %s: %d tensors, %d candidates, %.1fs (%s weighting)", lm.name,
-             len(options), sum(map(len, options.values())), wall, weighting)
+    log.info("candidates of %s: %d tensors, %d candidates, %.1fs (%s weighting, %d %s workers)",
+             lm.name, len(options), sum(map(len, options.values())), wall, weighting,
+             runner.workers, "local" if local else "remote")
     return CandidateTable(model=lm.name, specs=lm.specs,
                           options={s.name: options[s.name] for s in specs}, meta=meta)
 

@@ -34,7 +34,7 @@ from autobits.errors import MemoryBudgetError
 __all__ = [
     "MemoryEstimate", "available_bytes", "check_memory", "configure_allocator",
     "estimate_peak_bytes", "format_bytes", "log_memory", "peak_rss_bytes", "release_free_memory",
-    "rss_bytes",
+    "rss_bytes", "site_sizes",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ class MemoryEstimate:
         return ", ".join(f"{k} {format_bytes(v)}" for k, v in self.parts().items() if v)
 
 
-def _site_sizes(shapes: Mapping[str, Sequence[int]]) -> list[int]:
+def site_sizes(shapes: Mapping[str, Sequence[int]]) -> list[int]:
     """Channels of each calibration input site: one per block and input group, plus the
     head's input (see :func:`autobits.calibrate.site_of`)."""
     from autobits.calibrate import HEAD_SITE, site_of
@@ -273,7 +273,7 @@ def estimate_peak_bytes(
         candidates += sum(f.nbytes(tuple(shape)) for f in fmts
                           if f.block_size > 1 and f.fits(int(shape[-1])))
     vocab = int(vocab or 0)
-    d = _site_sizes(shapes)
+    d = site_sizes(shapes)
     from autobits.calibrate import accumulator_bytes
 
     accumulators = calib_workers * sum(accumulator_bytes(x) for x in d)

@@ -201,7 +201,7 @@ def _with_importance(calib: Calibration, importance: dict) -> Calibration:
 
 
 def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: bool = True,
-            progress: bool = True, workers: int | None = None) -> Prepared:
+            progress: bool = True, workers: int | None = None, runner=None) -> Prepared:
     """Load (unless ``lm`` is given), window the text, calibrate, fold, build candidates.
 
     The one path from a model to what solvers, agents, exports and benches use:
@@ -212,7 +212,11 @@ def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: boo
       weights and the importance vectors, not the candidate table); ``table``, ``features``
       and ``cache`` are then None and the Fisher pass is skipped (it only weights the proxy);
     * ``progress``: progress bars of the calibration pass and the candidate table;
-    * ``workers``: threads quantizing candidates (default: the CPU count).
+    * ``workers``: calibration shards and candidate threads (default: the runner's workers,
+      else the CPU count);
+    * ``runner``: where calibration shards and candidate items run (a
+      :class:`~autobits.stages.StageRunner`, e.g. ``autobits.cluster.stages.RayStageRunner``;
+      default: threads of this process); the same shards give bit-identical results.
     """
     from autobits.calibrate import FISHER_THREADS, calibrate
     from autobits.features import build_candidates, extract_features
@@ -254,7 +258,7 @@ def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: boo
         calib = calibration
     else:
         calib = calibrate(lm, split.calib, fisher_windows=config.fisher_windows if candidates else 0,
-                          progress=progress)
+                          progress=progress, workers=workers, runner=runner)
     timings["calibrate"] = time.perf_counter() - t
     release_free_memory()  # the accumulators and activations of the pass
     log_memory("calibration")
@@ -281,7 +285,7 @@ def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: boo
             {s.name: calib.importance(s.name) for s in lm.quantizable} if config.imatrix else None
         ), budget_bytes=config.cache_bytes)
         table = build_candidates(lm, calib, formats=config.formats, imatrix=config.imatrix,
-                                 cache=cache, workers=workers, progress=progress)
+                                 cache=cache, workers=workers, progress=progress, runner=runner)
         timings["candidates"] = time.perf_counter() - t
         release_free_memory()  # the dequantized candidates and Cholesky factors
         log_memory(f"candidates ({len(cache)} kept, {cache.packed_bytes / 1e9:.2f} GB quantized)")

@@ -1,4 +1,4 @@
-"""Ray integration: evaluator actors, job submission, cluster YAMLs.
+"""Ray integration: stage and evaluator actors, job submission, cluster YAMLs.
 
 Importing this package sets the environment these machines need before Ray is imported
 (Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, at import): an embedded Ray then
@@ -7,8 +7,10 @@ that need it (:mod:`~autobits.cluster.actors`, :mod:`~autobits.cluster.jobs`).
 
 * :mod:`~autobits.cluster.runtime` -- :func:`ray_session` (embedded or ``--address``);
 * :mod:`~autobits.cluster.actors` -- :class:`EvaluatorActor`, :class:`EvaluatorPool`;
-* :mod:`~autobits.cluster.search` -- ``RayOptions`` / ``cluster_evaluate_factory``
-  for a search;
+* :mod:`~autobits.cluster.stages` -- :class:`RayStageRunner` (calibration and candidates on
+  actors);
+* :mod:`~autobits.cluster.search` -- ``RayOptions`` / ``prepare_on_ray`` /
+  ``cluster_evaluate_factory`` for a search;
 * :mod:`~autobits.cluster.jobs` -- Ray Job Submission (``autobits submit`` / ``jobs``);
 * ``cluster/*.yaml`` -- ``ray up`` launcher configs (local multi-node, AWS).
 """

@@ -48,8 +48,8 @@ from autobits.errors import AutobitsError
 from autobits.evaluate import WeightCache
 from autobits.formats import get_format
 
-__all__ = ["EvaluatorPool", "EvaluatorActor", "PoolStats", "model_shell", "shared_arrays",
-           "store_bytes"]
+__all__ = ["EvaluatorPool", "EvaluatorActor", "PoolStats", "actor_count", "model_shell",
+           "shared_arrays", "store_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,21 @@ def store_bytes(lm, candidates: Mapping[str, Sequence[str]]) -> int:
     cand = sum(lm.spec(n).nbytes(f) for n, fmts in candidates.items() for f in fmts
                if WeightCache.keeps(f))
     return 4 * ref + cand
+
+
+def actor_count(workers: int | None, threads: int) -> int:
+    """Actors of ``threads`` CPUs each the connected cluster can run at once: ``workers``
+    checked against its CPUs, or (None) as many as fit."""
+    if threads < 1:
+        raise AutobitsError(f"threads per worker must be at least 1, got threads={threads}")
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    workers = max(1, cpus // threads) if workers is None else int(workers)
+    if workers < 1:
+        raise AutobitsError(f"workers must be at least 1, got workers={workers}")
+    if workers * threads > cpus:
+        raise AutobitsError(f"{workers} workers x {threads} threads need {workers * threads} "
+                            f"CPUs, the Ray cluster has {cpus}")
+    return workers
 
 
 # ---------------------------------------------------------------------- actor side
@@ -237,19 +252,7 @@ class EvaluatorPool:
                  on_dispatch: Callable[["EvaluatorPool", int, int], None] | None = None):
         if not ray.is_initialized():
             raise AutobitsError("EvaluatorPool needs a connected Ray (use ray_session())")
-        if threads < 1:
-            raise AutobitsError(f"threads per worker must be at least 1, got threads={threads}")
-        cpus = int(ray.cluster_resources().get("CPU", 0))
-        if workers is None:
-            workers = max(1, cpus // threads)
-        if workers < 1:
-            raise AutobitsError(f"workers must be at least 1, got workers={workers}")
-        if workers * threads > cpus:
-            raise AutobitsError(
-                f"{workers} workers x {threads} threads need {workers * threads} CPUs, the "
-                f"Ray cluster has {cpus}"
-            )
-        self.workers, self.threads = int(workers), int(threads)
+        self.workers, self.threads = actor_count(workers, threads), int(threads)
         self.max_replacements = (2 * self.workers + 2 if max_replacements is None
                                  else int(max_replacements))
         self.on_dispatch = on_dispatch

@@ -1,5 +1,8 @@
-"""What a search needs from the cluster layer: where to evaluate, and one factory.
+"""What a search needs from the cluster layer: where its heavy work runs, and two entry points.
 
+:func:`prepare_on_ray` opens the search's Ray session and a
+:class:`~autobits.cluster.stages.RayStageRunner` that runs ``prepare``'s calibration shards and
+candidate items on actors (bit-identical to the local path for the same shards).
 :class:`RayOptions` says where (``--address``, ``--workers``, ``--worker-threads`` on the
 command line); ``cluster_evaluate_factory(prepared, options)`` starts (or connects to) Ray, builds the
 :class:`~autobits.cluster.actors.EvaluatorPool` and returns ``(evaluate_many, close)``:
@@ -11,7 +14,8 @@ otherwise, and always with ``--workers 0``, the factory returns ``(None, close)`
 no-op ``close``, and the agents evaluate in the driver.
 
 The pool is reachable from the returned callable as ``evaluate_many.__self__`` (tests use
-it to kill an actor mid-search).
+it to kill an actor mid-search).  Inside :func:`prepare_on_ray`'s session the pool reuses
+that session (and leaves it open).
 """
 
 from __future__ import annotations
@@ -19,26 +23,29 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from autobits.errors import AutobitsError
 
-__all__ = ["RayOptions", "cluster_evaluate_factory", "open_pool"]
+__all__ = ["RayOptions", "cluster_evaluate_factory", "open_pool", "prepare_on_ray",
+           "search_store_bytes"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RayOptions:
-    """Where a search's evaluations run.
+    """Where a search's heavy work runs: the preparation's calibration shards and candidate
+    items (:func:`prepare_on_ray`) and a batched agent's evaluations
+    (:func:`cluster_evaluate_factory`).
 
     :param address: Ray cluster (host:port of its head, or ``"auto"``); None: ``$RAY_ADDRESS``
         inside a Ray job, else an embedded local Ray when ``workers`` asks for one
-    :param workers: evaluator actors (None: the cluster's CPUs // ``worker_threads`` with an
-        address or in a Ray job, no Ray otherwise; 0: never Ray)
-    :param worker_threads: torch threads (and Ray CPUs) per evaluator actor
+    :param workers: actors per stage, and calibration shards (None: the cluster's CPUs //
+        ``worker_threads`` with an address or in a Ray job, no Ray otherwise; 0: never Ray)
+    :param worker_threads: torch threads (and Ray CPUs) per actor
     """
 
     address: str | None = None
@@ -122,3 +129,42 @@ def cluster_evaluate_factory(prepared, options: RayOptions
                             threads=options.worker_threads)
     log.info("evaluating on Ray: %d evaluator actors", pool.workers)
     return pool.evaluate_many, close
+
+
+def search_store_bytes(lm, formats) -> int:
+    """Object store an embedded Ray needs for a search: the larger of the stages' objects
+    (reference weights, the calibration's ``H``, the quantized bytes of every candidate
+    coming back) and the evaluator pool's (reference weights plus every candidate's bytes),
+    plus room for Ray's own small objects."""
+    from autobits.cluster.actors import store_bytes
+    from autobits.memory import site_sizes
+
+    candidates = {s.name: s.valid_formats(tuple(formats)) for s in lm.quantizable}
+    h = sum(4 * d * d for d in site_sizes({s.name: s.shape for s in lm.specs}))
+    return int(1.1 * (store_bytes(lm, candidates) + h)) + (512 << 20)
+
+
+@contextmanager
+def prepare_on_ray(options: RayOptions, *, lm, formats) -> Iterator:
+    """A Ray session for a whole search, and a :class:`~autobits.cluster.stages.RayStageRunner`
+    for its preparation (``options.workers`` actors of ``options.worker_threads`` threads):
+    ``with prepare_on_ray(...) as runner: prepare(..., runner=runner); runner.close(); ...``.
+
+    Close the runner when the preparation is done (its actors hold a model each); the
+    session lasts until the ``with`` block ends, so that the evaluator pool of
+    :func:`cluster_evaluate_factory` reuses it.  An embedded Ray's object store is sized
+    for both.  Without :attr:`RayOptions.uses_ray` it yields None and starts nothing.
+    """
+    from autobits.cluster.runtime import ray_session
+    from autobits.cluster.stages import RayStageRunner
+
+    if not options.uses_ray:
+        yield None
+        return
+    store = None
+    if not (options.address or os.environ.get("RAY_ADDRESS")):
+        store = search_store_bytes(lm, formats)
+    with ray_session(options.address, object_store_memory=store):
+        with RayStageRunner(workers=options.workers, threads=options.worker_threads) as runner:
+            log.info("preparing on Ray: %d stage actors", runner.workers)
+            yield runner

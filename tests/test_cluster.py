@@ -422,3 +422,65 @@ def test_submit_search_as_job_and_list_it(local_cluster, tiny_folder, tmp_path, 
     assert job_id in table and "SUCCEEDED" in table
     jobs = {j["id"]: j for j in json.loads(listing.read_text())["jobs"]}
     assert jobs[job_id]["status"] == "SUCCEEDED" and "search" in jobs[job_id]["entrypoint"]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_stages_on_two_nodes_are_bit_identical_and_survive_a_killed_actor(local_cluster, tiny_lm,
+                                                                          smol_tokenizer):
+    """Calibration shards and candidate items on 3 stage actors over the two nodes give the
+    local threads' statistics and table bit for bit, also when an actor is killed mid-stage
+    (replaced, its item sent again)."""
+    import ray
+
+    from autobits.calibrate import calibrate
+    from autobits.cluster.runtime import ray_session
+    from autobits.cluster.stages import RayStageRunner
+    from autobits.evaluate import WeightCache
+    from autobits.features import build_candidates
+    from autobits.text import load_text, make_windows
+
+    windows = make_windows(load_text("stdlib"), smol_tokenizer, ctx=64).split(calib=3, eval=0).calib
+    formats = ("Q8_0", "Q4_K", "Q4_0", "Q2_K")
+    want = calibrate(tiny_lm, windows, fisher_windows=2, workers=2, progress=False)
+    want_cache = WeightCache(tiny_lm)
+    want_table = build_candidates(tiny_lm, want, formats=formats, cache=want_cache, workers=2,
+                                  progress=False)
+    killed: list[int] = []
+
+    def kill_third_item(runner, slot, index):
+        if index == 2 and not killed:
+            pid = runner.info[slot]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    with ray_session(local_cluster.address):
+        with RayStageRunner() as runner:
+            assert runner.workers == 3  # the cluster's CPUs
+            got = calibrate(tiny_lm, windows, fisher_windows=2, workers=2, progress=False,
+                            runner=runner)
+            assert len({i["node"] for i in runner.info}) == 2  # actors on both nodes
+            runner.on_dispatch = kill_third_item
+            cache = WeightCache(tiny_lm)
+            table = build_candidates(tiny_lm, got, formats=formats, cache=cache, progress=False,
+                                     runner=runner)
+            replaced = runner.replacements
+    assert not ray.is_initialized()
+    assert killed and replaced == 1
+    assert got.fisher_tokens == want.fisher_tokens and set(got.sites) == set(want.sites)
+    for k, st in want.sites.items():
+        for field in ("h", "sq_mean", "abs_mean", "abs_max", "x4_mean"):
+            np.testing.assert_array_equal(getattr(got.sites[k], field), getattr(st, field),
+                                          err_msg=f"{k}.{field}")
+    assert set(got.gains) == set(want.gains)
+    for k, g in want.gains.items():
+        np.testing.assert_array_equal(got.gains[k], g, err_msg=k)
+    np.testing.assert_array_equal(got.head_gain, want.head_gain)
+    assert table.options == want_table.options and table.meta["runner"] == "remote"
+    # the quantized bytes came back into the driver's cache, the same bytes
+    assert len(cache) == len(want_cache) > 0
+    for s in tiny_lm.quantizable:
+        for fmt in formats:
+            if want_cache.has(s.name, fmt):
+                np.testing.assert_array_equal(cache.quantize(s.name, fmt),
+                                              want_cache.quantize(s.name, fmt))

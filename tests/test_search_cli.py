@@ -119,8 +119,40 @@ def test_search_library_call_matches_the_cli(tiny_folder, tmp_path, capsys):
     assert not (tmp_path / "lib" / "best_kld.png").exists()  # a solver has no evaluations plot
 
 
-def test_sac_refuses_ray_workers(tiny_folder, tmp_path, capsys):
-    code = main(["search", "--model", str(tiny_folder), *TINY, "--target-bpw", "6",
-                 "--agent", "sac", "--workers", "2", "--out", str(tmp_path / "r")])
-    err = capsys.readouterr().err
-    assert code == 2 and "sac evaluates in this process" in err and len(err.strip().splitlines()) == 1
+def test_workers_are_accepted_by_every_allocator():
+    """--workers/--address run the preparation on Ray whatever the allocator; SAC and the
+    solvers then allocate in this process."""
+    from autobits.app.workflow import make_allocator
+    from autobits.cluster import RayOptions
+
+    for name in ("greedy", "sac"):
+        assert make_allocator(name, ray=RayOptions(workers=2)).name == name
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_search_with_workers_prepares_on_ray_bit_identically(tiny_folder, tmp_path, capsys, caplog):
+    """`search --workers 2` runs calibration and the candidate table on 2 Ray actors: the
+    same shards as the local threads, so the same table, allocation and held-out metrics,
+    bit for bit."""
+    import logging
+
+    import ray
+
+    args = ["search", "--model", str(tiny_folder), *TINY, "--target-bpw", "5", "--agent", "greedy"]
+    assert main([*args, "--out", str(tmp_path / "local")]) == 0
+    with caplog.at_level(logging.INFO, logger="autobits"):
+        code = main([*args, "--workers", "2", "--out", str(tmp_path / "ray")])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert "preparing on Ray: 2 stage actors" in caplog.text
+    assert "2 shards on 2 remote workers" in caplog.text
+    assert not ray.is_initialized()  # the embedded Ray stopped with the search
+    local, remote = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("local", "ray"))
+    assert remote["kld"] == local["kld"] and remote["ppl"] == local["ppl"]
+    same = ("kld", "ppl", "top1", "bytes")
+    assert {n: [b[k] for k in same] for n, b in remote["baselines"].items()} == \
+        {n: [b[k] for k in same] for n, b in local["baselines"].items()}
+    assert (json.loads((tmp_path / "ray" / "allocation.json").read_text())["tensors"]
+            == json.loads((tmp_path / "local" / "allocation.json").read_text())["tensors"])
+
+
