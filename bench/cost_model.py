@@ -25,7 +25,8 @@ commit:
   (512 tokens, llama.cpp numerics) and its reference pass, with
   :class:`autobits.evaluate.Evaluator` on a uniform Q8_0 allocation with no dequantized
   cache, and the dequantization of every tensor on its own;
-* the child's peak resident memory.
+* the child's peak resident memory (the evaluation holds the reference weights and one
+  dequantized float32 copy at once: Qwen2.5-1.5B's child peaked at 18 GB).
 
 ``--whole MODEL`` runs :func:`autobits.pipeline.prepare` (the main job's settings:
 imatrix, 8 windows of 512 tokens, 4 Fisher windows, the default formats, all cores) and
@@ -35,6 +36,7 @@ Without ``--measure`` it reads the JSON and prints, for Llama-3.1-8B and -70B sh
 for the measured models, memory per node and time per stage on N nodes of
 :data:`CORES_PER_NODE` cores.  The scaling rules:
 
+* a calibration window costs its parts times the measured ``calibrate()`` overhead;
 * forward cost is proportional to FLOPs: ``2 x linear params x tokens`` plus the attention
   term ``4 x layers x heads x head_dim x tokens^2 x`` :data:`ATTENTION_CAUSAL_FRACTION`;
   the head's ``2 x vocab x hidden`` per scored token; a Fisher window is the forward with
@@ -51,7 +53,8 @@ for the measured models, memory per node and time per stage on N nodes of
   accumulating, float32 full matrices kept); the rest is
   :func:`autobits.memory.estimate_peak_bytes`'s model, called on the shapes;
 * parallel stages divide over ``N x 8`` cores, one item per core (a window in calibration
-  and held-out evaluation, a tensor in candidates, an evaluation in the search: makespan
+  and held-out evaluation, the tensors reading one input site in candidates, as
+  :mod:`autobits.stages` runs them, an evaluation in the search: makespan
   of the longest-first schedule, so a stage never goes faster than its largest item); one
   Fisher window per node at once (:data:`autobits.calibrate.FISHER_THREADS`); the
   300-evaluation search runs in rounds of one evaluation per core (evaluator workers).
@@ -274,6 +277,10 @@ class Rates:
     quantize_s_per_elem: Mapping[str, float]
     dequantize_s_per_elem: float
     sources: Mapping[str, str]
+    #: ``calibrate()`` on one plain and one Fisher window over the sum of its parts (forward,
+    #: Fisher, ``H``) measured on the same model (hooks, per-site statistics, set-up); 1 where
+    #: no model had ``calibrate()`` timed
+    calibrate_overhead: float = 1.0
 
 
 def _shape_of(entry: Mapping) -> ModelShape:
@@ -313,6 +320,18 @@ def eval_parts(entry: Mapping, rate_deq: float | None = None) -> dict[str, float
             "reward_flops": reward_flops, "window_flops": window_flops}
 
 
+def calibrate_overhead(entry: Mapping) -> float:
+    """``calibrate()`` on one plain plus one Fisher window over the sum of the same model's
+    measured parts (body forward + ``H`` of every site, Fisher window + ``H``).
+
+    :param entry: the model's measurements (with ``calibrate_window``)
+    """
+    h = sum(entry["h_accumulate"][str(d)] for d in _shape_of(entry).site_widths())
+    parts = entry["forward"]["threads1_s"] + entry["fisher"]["seconds"] + 2 * h
+    cw = entry["calibrate_window"]
+    return (cw["plain_s"] + cw["fisher_s"]) / parts
+
+
 def fit_rates(models: Mapping[str, Mapping]) -> Rates:
     """Per-core rates from measured models (see the module docstring for which from which).
 
@@ -341,7 +360,9 @@ def fit_rates(models: Mapping[str, Mapping]) -> Rates:
             d_n += q["elements"]
     deq = d_s / d_n
     parts = eval_parts(big)
+    overhead = [calibrate_overhead(e) for e in models.values() if "calibrate_window" in e]
     return Rates(
+        calibrate_overhead=statistics.median(overhead) if overhead else 1.0,
         forward_s_per_flop=fwd, fisher_factor=fisher_factor,
         eval_s_per_flop=parts["reward_fwd"] / parts["reward_flops"],
         heldout_s_per_flop=parts["heldout_fwd"] / parts["window_flops"],
@@ -356,6 +377,8 @@ def fit_rates(models: Mapping[str, Mapping]) -> Rates:
             "H accumulation": f"{len(h_pts)} site widths of {len(models)} models (LS)",
             "proxy, Cholesky": f"{len(p_pts)} tensor shapes of {len(models)} models (LS)",
             "quantize": f"{len(q_s)} formats x row samples of one block of {len(models)} models",
+            "calibrate overhead": f"median of {len(overhead)} models' calibrate() windows over "
+                                  f"their parts",
         },
     )  # fmt: skip
 
@@ -424,15 +447,17 @@ def window_costs(shape: ModelShape, rates: Rates) -> dict[str, float]:
     deq = quantizable * rates.dequantize_s_per_elem
     reward = REWARD_WINDOWS * (shape.body_flops(REWARD_CTX) + shape.head_flops(scored_tokens(REWARD_CTX)))
     window = shape.body_flops(CTX) + shape.head_flops(scored_tokens(CTX))
+    plain *= rates.calibrate_overhead
+    fisher *= rates.calibrate_overhead
     return {"plain": plain, "fisher": fisher, "h": h, "deq": deq,
             "evaluation": deq + reward * rates.eval_s_per_flop,
             "heldout_window": window * rates.heldout_s_per_flop,
             "reference_window": window * rates.forward_s_per_flop}
 
 
-def tensor_costs(shape: ModelShape, rates: Rates, formats: Sequence[str]) -> list[float]:
-    """Core-seconds of every quantizable tensor's candidates (quantize + dequantize each
-    valid format, its proxy, and its site's Cholesky factor on the first tensor of a site).
+def tensor_costs(shape: ModelShape, rates: Rates, formats: Sequence[str]) -> dict[str, float]:
+    """Core-seconds of every quantizable tensor's candidates: quantize + dequantize each
+    valid format, and its proxy (the Cholesky factors are :func:`candidate_items`').
 
     :param shape: the model
     :param rates: fitted per-core rates
@@ -444,7 +469,7 @@ def tensor_costs(shape: ModelShape, rates: Rates, formats: Sequence[str]) -> lis
     if missing:
         log.warning("no measured rate for formats %s: left out of the candidate times", missing)
     fmts = [get_format(f) for f in formats if f in rates.quantize_s_per_elem]
-    out = []
+    out = {}
     for name, s in shape.tensor_shapes().items():
         if len(s) != 2:
             continue
@@ -457,13 +482,34 @@ def tensor_costs(shape: ModelShape, rates: Rates, formats: Sequence[str]) -> lis
                 proxy += len(valid) * proxy_macs(rows, d) * rates.proxy_s_per_mac
         else:
             proxy = len(valid) * proxy_macs(rows, d) * rates.proxy_s_per_mac
-        first_of_site = name.endswith(("attn_q.weight", "attn_output.weight", "ffn_gate.weight",
-                                       "ffn_down.weight", "output.weight"))
-        chol = cholesky_flops(d) * rates.cholesky_s_per_flop if first_of_site else 0.0
-        out.append(quant + proxy + chol)
-    if shape.tied:  # the head's site is factored for the tied embedding's head term
-        out.append(cholesky_flops(shape.hidden) * rates.cholesky_s_per_flop)
+        out[name] = quant + proxy
     return out
+
+
+def candidate_items(shape: ModelShape, rates: Rates, formats: Sequence[str]) -> list[float]:
+    """Core-seconds of each item of the candidate stage: the tensors that read one input
+    site (:func:`autobits.calibrate.site_of`; ``token_embd`` alone), plus that site's
+    Cholesky factor (a tied model's head site: the embedding's).
+
+    :param shape: the model
+    :param rates: fitted per-core rates
+    :param formats: candidate formats
+    """
+    from autobits.calibrate import site_of
+    from autobits.specs import TensorSpec, block_of, role_of
+
+    shapes = shape.tensor_shapes()
+    items: dict[str, float] = {}
+    for name, cost in tensor_costs(shape, rates, formats).items():
+        spec = TensorSpec(name=name, shape=shapes[name], role=role_of(name),
+                          block=block_of(name), quantizable=True)
+        site = site_of(spec) or name
+        if site not in items:
+            d = shape.hidden if site == name and shape.tied else shapes[name][1]
+            has_h = site != name or shape.tied
+            items[site] = cholesky_flops(d) * rates.cholesky_s_per_flop if has_h else 0.0
+        items[site] += cost
+    return list(items.values())
 
 
 def predict_times(shape: ModelShape, rates: Rates, *, cores: int, fisher_parallel: int,
@@ -485,7 +531,7 @@ def predict_times(shape: ModelShape, rates: Rates, *, cores: int, fisher_paralle
     calib_items = [w["fisher"]] * n_fisher + [w["plain"]] * (CALIB_WINDOWS - n_fisher)
     calibration = makespan(calib_items, calib_workers or cores, gate=fisher_parallel,
                            gated=[True] * n_fisher + [False] * (CALIB_WINDOWS - n_fisher))
-    candidates = makespan(tensor_costs(shape, rates, formats or DEFAULT_CANDIDATES), cores)
+    candidates = makespan(candidate_items(shape, rates, formats or DEFAULT_CANDIDATES), cores)
     search = math.ceil(SEARCH_EVALS / cores) * w["evaluation"]
     heldout_items = ([w["heldout_window"]] * (HELDOUT_WINDOWS * REPORT_ALLOCATIONS)
                      + [w["reference_window"]] * HELDOUT_WINDOWS)
@@ -645,7 +691,7 @@ def time_rows(shapes: Sequence[ModelShape], rates: Rates,
 
 TIME_HEADER = ["model", "N", "cores", "calibration", "candidates", "one eval",
                f"{SEARCH_EVALS}-eval search", f"held-out x{REPORT_ALLOCATIONS}", "total"]
-MEMORY_HEADER = ["model", "params", "f32 weights", "streamed", "calib acc N=1/4/16",
+MEMORY_HEADER = ["model", "params", "f32 weights", "streamed", "acc by site N=1/4/16",
                  "H stats N=1/4/16", "cand. cache N=1/4/16", "search node",
                  "one process", f"fits {NODE_MEMORY_BYTES / GB:.0f} GB", "dominated by"]
 
@@ -680,7 +726,7 @@ def unit_check_rows(models: Mapping[str, Mapping], rates: Rates) -> list[list[st
         w = window_costs(sh, rates)
         parts = eval_parts(e)
         fwd_pred = sh.body_flops(CTX) * rates.forward_s_per_flop
-        fisher_pred = w["fisher"] - w["h"]
+        fisher_pred = w["fisher"] / rates.calibrate_overhead - w["h"]
         checks = [("forward 512", fwd_pred, e["forward"]["threads1_s"]),
                   ("Fisher window", fisher_pred, e["fisher"]["seconds"]),
                   ("reward eval", w["evaluation"], e["evaluate"]["reward_s"]),
@@ -727,12 +773,14 @@ CAVEATS = (
     "the JSON); an 8-core node with AVX-512 and its own memory bandwidth may differ 2x either way.",
     "Calibration has 8 windows: more cores than windows do not help; only one Fisher window per "
     "node at a time (FISHER_THREADS), so N nodes run N of the 4 at once; a window never splits.",
-    "The distributed stages (calibration and candidates over N nodes, H sharded by site) are the "
-    "model's assumption: today prepare() runs them in one process; only the search uses Ray.",
+    "Calibration windows and candidate sites spread over N nodes as autobits.stages' runners "
+    "spread them; sharding the H sums by input site ('acc by site') is not implemented.",
     "The search: one evaluation per core per round, no prefix reuse (set_incumbent), no agent "
     "or Ray overhead, no selection re-measures; every evaluation dequantizes every tensor.",
-    "Memory: 'search node' assumes 8 evaluators each swapping in a float32 model; "
-    "'one process' is estimate_peak_bytes of today's single-process design on 8 cores.",
+    "Memory: 'acc by site' is the float64 H sums sharded by input site over N nodes; today's "
+    "calibrate() (and each of its shards) holds the N=1 value per worker. 'search node' assumes "
+    "8 evaluators each swapping in a float32 model; 'one process' is estimate_peak_bytes of "
+    "today's single-process design on 8 cores.",
 )
 
 
@@ -757,6 +805,8 @@ def report(data: Mapping) -> str:
     rate_rows = [
         ["forward", f"{1 / r.forward_s_per_flop / 1e9:.2f} GFLOP/s", r.sources["forward"]],
         ["Fisher factor", f"{r.fisher_factor:.2f}x forward+head", r.sources["fisher"]],
+        ["calibrate() overhead", f"{r.calibrate_overhead:.2f}x parts",
+         r.sources["calibrate overhead"]],
         ["evaluation forward", f"{1 / r.eval_s_per_flop / 1e9:.2f} GFLOP/s", r.sources["evaluation"]],
         ["held-out forward", f"{1 / r.heldout_s_per_flop / 1e9:.2f} GFLOP/s", r.sources["held-out"]],
         ["H accumulation", f"{1 / r.h_s_per_mac / 1e9:.2f} GMAC/s", r.sources["H accumulation"]],

@@ -173,7 +173,7 @@ def test_stage_times_arithmetic():
     # one Fisher window at a time on one node; on 16 nodes the largest item bounds it
     assert t1.calibration == pytest.approx(cm.FISHER_WINDOWS * w["fisher"])
     assert t16.calibration == pytest.approx(w["fisher"])
-    costs = cm.tensor_costs(SMALL, r, ("Q8_0", "Q4_K"))
+    costs = cm.candidate_items(SMALL, r, ("Q8_0", "Q4_K"))
     assert t16.candidates == pytest.approx(max(costs))
     assert t1.candidates >= sum(costs) / 8
     assert t1.total > t16.total
@@ -183,11 +183,19 @@ def test_tensor_costs_count_formats_that_fit():
     r = _rates(proxy_s_per_mac=0.0, cholesky_s_per_flop=0.0, dequantize_s_per_elem=0.0)
     odd = cm.ModelShape("odd", layers=1, hidden=576, ffn=1536, heads=9, kv_heads=3,
                         head_dim=64, vocab=100, tied=True)
-    costs = dict(zip([n for n, s in odd.tensor_shapes().items() if len(s) == 2],
-                     cm.tensor_costs(odd, r, ("Q8_0", "Q4_K"))))
+    costs = cm.tensor_costs(odd, r, ("Q8_0", "Q4_K"))
     # rows of 576 take Q8_0 only (576 is not a multiple of 256); ffn_down's 1536 both
     assert costs["blk.0.attn_q.weight"] == pytest.approx(576 * 576 * 1e-7)
     assert costs["blk.0.ffn_down.weight"] == pytest.approx(576 * 1536 * (1e-7 + 1e-6))
+    # items: one per input site (q/k/v together, gate/up together) and the embedding
+    items = cm.candidate_items(odd, r, ("Q8_0", "Q4_K"))
+    assert len(items) == 5 and sum(items) == pytest.approx(sum(costs.values()))
+    ffn_in = costs["blk.0.ffn_gate.weight"] + costs["blk.0.ffn_up.weight"]
+    assert any(x == pytest.approx(ffn_in) for x in items), (items, ffn_in)
+    chol = cm.candidate_items(odd, _rates(quantize_s_per_elem={"Q8_0": 0.0}, proxy_s_per_mac=0.0,
+                                          dequantize_s_per_elem=0.0), ("Q8_0",))
+    assert sorted(chol) == pytest.approx(sorted(
+        [1e-10 * cm.cholesky_flops(d) for d in (576, 576, 576, 1536, 576)]))
 
 
 def test_memory_per_node_shards_but_never_below_the_largest_item():
@@ -248,3 +256,19 @@ def test_report_prints_targets_measured_models_rates_and_checks():
         assert want in text, want
     time_lines = [ln for ln in text.splitlines() if ln.startswith("llama-3.1-70b")]
     assert len(time_lines) == len(cm.NODE_COUNTS) + 1  # N rows + the memory row
+
+
+def test_calibrate_overhead_is_fitted_and_scales_the_windows():
+    models = _models()
+    e = models["tiny"]
+    h = sum(e["h_accumulate"][str(d)] for d in TINY.site_widths())
+    e["calibrate_window"] = {"plain_s": 2 * (e["forward"]["threads1_s"] + h),
+                             "fisher_s": 2 * (e["fisher"]["seconds"] + h)}
+    assert cm.calibrate_overhead(e) == pytest.approx(2.0)
+    r = cm.fit_rates(models)
+    assert r.calibrate_overhead == pytest.approx(2.0)
+    base = cm.window_costs(SMALL, _rates())
+    doubled = cm.window_costs(SMALL, _rates(calibrate_overhead=2.0))
+    assert doubled["plain"] == pytest.approx(2 * base["plain"])
+    assert doubled["fisher"] == pytest.approx(2 * base["fisher"])
+    assert doubled["evaluation"] == pytest.approx(base["evaluation"])
