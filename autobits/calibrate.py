@@ -15,6 +15,13 @@ tied or untied output head reads the final normed hidden state, site ``output_in
 Accumulation is float64 (``x^T x`` per window is a float32 product added to a float64 sum;
 the finished ``H`` is stored as float32); no activation is kept beyond its window.
 
+``calibrate(..., tensors=names)`` measures only the input sites those tensors read (the head
+site only for the head tensor: ``output.weight``, or a tied ``token_embd.weight``), so that
+memory scales with the part of the model measured; without Fisher windows and without the
+head site, each window's forward pass stops after the last block holding a requested
+tensor.  A site's statistics are bit-identical to those of a pass over the whole model
+with the same windows and shards (the same arithmetic on the same inputs).
+
 The first ``fisher_windows`` windows also run backward (autograd on, weights frozen) to
 measure the *output sensitivity* of every tensor: the diagonal Fisher information
 ``F_j = E[g_j^2]`` of its output channels, where ``g`` is the gradient of
@@ -66,6 +73,11 @@ _SITE_GROUP = {
 
 class CalibrationError(AutobitsError):
     """Bad calibration input (windows, counts), or a calibration that does not fit the model."""
+
+
+class _StopForward(Exception):
+    """Raised by the forward hook of the last decoder block a calibration needs: the rest of
+    the window's forward pass is skipped (caught in :meth:`_CalibrationTask._run`)."""
 
 
 def site_of(spec) -> str | None:
@@ -134,6 +146,9 @@ class Calibration:
     ``gains`` holds the output Fisher diagonal of every linear tensor (and, under
     ``token_embd.weight``, of the embedding output, per hidden channel); ``head_gain`` the
     output head's (per vocabulary entry).  Both are empty/None without a Fisher pass.
+    ``tensors``: the quantizable tensors measured (``calibrate(..., tensors=...)``, in the
+    model's order), None for all of the model's; ``tensor_site`` and ``gains`` then hold
+    those tensors only, ``sites`` the sites they read.
     """
 
     model: str
@@ -149,14 +164,24 @@ class Calibration:
     embed_scale: float = 1.0
     seed: int = 0
     seconds: float = 0.0
+    tensors: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.n_windows <= 0 or self.ctx <= 0:
             raise CalibrationError(f"calibration needs windows, got n_windows={self.n_windows}, "
                                    f"ctx={self.ctx}")
-        missing = sorted(set(self.tensor_site.values()) - set(self.sites))
-        if missing or HEAD_SITE not in self.sites:
-            raise CalibrationError(f"calibration lacks input sites {missing or [HEAD_SITE]}")
+        if self.tensors is not None:
+            object.__setattr__(self, "tensors", tuple(self.tensors))
+            extra = sorted(set(self.tensor_site) - set(self.tensors))
+            if extra:
+                raise CalibrationError(
+                    f"calibration of {len(self.tensors)} tensors has input sites for "
+                    f"{len(extra)} others (first {extra[:3]})")
+        missing = set(self.tensor_site.values()) - set(self.sites)
+        if self.needs_head_site and HEAD_SITE not in self.sites:
+            missing.add(HEAD_SITE)
+        if missing:
+            raise CalibrationError(f"calibration lacks input sites {sorted(missing)}")
         if self.token_counts.ndim != 1 or int(self.token_counts.sum()) <= 0:
             raise CalibrationError("token_counts must be a non-empty 1-D count vector")
         object.__setattr__(self, "token_counts", _ro(self.token_counts.astype(np.int64)))
@@ -173,11 +198,23 @@ class Calibration:
     def has_fisher(self) -> bool:
         return self.fisher_tokens > 0 and self.head_gain is not None
 
+    @property
+    def needs_head_site(self) -> bool:
+        """Whether the tensors measured include the head (its input is :data:`HEAD_SITE`)."""
+        return self.tensors is None or "output.weight" in self.tensors or (
+            self.tied and "token_embd.weight" in self.tensors)
+
+    def covers(self, name: str) -> bool:
+        """Whether tensor ``name`` was among the tensors measured."""
+        return self.tensors is None or name in self.tensors
+
     def site(self, name: str) -> SiteStats:
         """Input statistics of tensor ``name`` (``token_embd`` of a tied model: the head's)."""
         if name == "token_embd.weight":
             if not self.tied:
                 raise KeyError(f"{name!r} of an untied model reads one-hot tokens; no input site")
+            if HEAD_SITE not in self.sites:
+                raise KeyError(f"no calibration statistics for tensor {name!r}")
             return self.sites[HEAD_SITE]
         try:
             return self.sites[self.tensor_site[name]]
@@ -245,6 +282,7 @@ class Calibration:
             "embed_scale": self.embed_scale, "seed": self.seed, "seconds": self.seconds,
             "tensor_site": dict(self.tensor_site), "sites": site_names,
             "site_n": [self.sites[s].n for s in site_names], "gains": sorted(self.gains),
+            "tensors": None if self.tensors is None else list(self.tensors),
         }  # fmt: skip
         arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta)),
                                          "token_counts": self.token_counts}
@@ -286,25 +324,47 @@ class Calibration:
             tied=meta["tied"], gains={g: data[f"gain{i}"] for i, g in enumerate(meta["gains"])},
             head_gain=data.get("head_gain"), fisher_tokens=meta["fisher_tokens"],
             embed_scale=meta["embed_scale"], seed=meta["seed"], seconds=meta["seconds"],
+            tensors=meta.get("tensors"),  # files written before subsets: the whole model
         )  # fmt: skip
         if lm is not None:
             calib.check_model(lm)
         return calib
 
-    def check_model(self, lm) -> None:
-        """Raise :class:`CalibrationError` unless this calibration covers ``lm``'s tensors."""
-        want = {s.name: site_of(s) for s in lm.quantizable if s.role != "token_embd"}
-        if want != dict(self.tensor_site):
-            diff = sorted(set(want.items()) ^ set(self.tensor_site.items()))[:3]
+    def check_model(self, lm, *, tensors=None) -> None:
+        """Raise :class:`CalibrationError` unless this calibration covers ``lm``'s tensors.
+
+        ``tensors``: only these quantizable tensors of ``lm`` must be covered (a calibration
+        of a subset, ``calibrate(..., tensors=...)``); default every quantizable tensor, and
+        then the calibration must hold exactly ``lm``'s.
+        """
+        specs = {s.name: s for s in lm.quantizable}
+        names = list(specs) if tensors is None else list(tensors)
+        unknown = sorted(set(names) - set(specs))
+        if unknown:
+            raise CalibrationError(
+                f"{len(unknown)} of the {len(names)} tensors to check are not quantizable "
+                f"tensors of {lm.name!r} (first {unknown[:3]})")
+        if self.tensors is not None:
+            lacking = sorted(set(names) - set(self.tensors))
+            if lacking:
+                raise CalibrationError(
+                    f"calibration of {self.model!r} measured {len(self.tensors)} tensors, "
+                    f"{len(lacking)} of the {len(names)} of {lm.name!r} asked for are not "
+                    f"among them (first {lacking[:3]})")
+        want = {n: site_of(specs[n]) for n in names if specs[n].role != "token_embd"}
+        got = (dict(self.tensor_site) if tensors is None
+               else {n: self.tensor_site.get(n) for n in want})
+        if want != got:
+            diff = sorted(set(want.items()) ^ set(got.items()), key=str)[:3]
             raise CalibrationError(
                 f"calibration of {self.model!r} does not match model {lm.name!r} "
-                f"({len(self.tensor_site)} vs {len(want)} tensors; first differences {diff})"
+                f"({len(got)} vs {len(want)} tensors; first differences {diff})"
             )
         for name, site in want.items():
-            if self.sites[site].d != lm.spec(name).row_length:
+            if self.sites[site].d != specs[name].row_length:
                 raise CalibrationError(
                     f"calibration site {site} has {self.sites[site].d} channels, tensor "
-                    f"{name!r} has rows of {lm.spec(name).row_length}"
+                    f"{name!r} has rows of {specs[name].row_length}"
                 )
 
 
@@ -462,11 +522,14 @@ class _PassContext:
     #: the uniforms of y_hat ~ p per Fisher window, drawn in window order from the seed
     uniforms: tuple
     site_d: Mapping[str, int]
+    #: the tensors measured (hooks on their modules only): tensor -> input site
     tensor_site: Mapping[str, str]
     #: Fisher windows of one worker process running at once (0: no bound)
     fisher_threads: int
     #: called once per finished window (a local progress bar; None for a remote runner)
     progress: Any = None
+    #: the decoder block after which a window's forward pass stops (None: the whole pass)
+    stop_block: int | None = None
 
 
 class _CalibrationTask(StageTask):
@@ -487,13 +550,16 @@ class _CalibrationTask(StageTask):
         emb = model.get_input_embeddings()
         try:
             for s in lm.quantizable:
-                if s.role in ("token_embd", "output"):
+                if s.role in ("token_embd", "output") or s.name not in context.tensor_site:
                     continue
                 mod = model.get_submodule(s.hf_name.removesuffix(".weight"))
                 self.handles.append(mod.register_forward_pre_hook(
                     self._pre_hook(context.tensor_site[s.name], s.name)))
                 self.handles.append(mod.register_forward_hook(self._out_hook(s.name)))
             self.handles.append(emb.register_forward_hook(self._emb_hook))
+            if context.stop_block is not None:
+                layer = _decoder_layers(model)[context.stop_block]
+                self.handles.append(layer.register_forward_hook(self._stop_hook))
         except BaseException:
             self.close()
             raise
@@ -502,6 +568,10 @@ class _CalibrationTask(StageTask):
         for h in self.handles:
             h.remove()
         self.handles = []
+
+    @staticmethod
+    def _stop_hook(module, args, out):
+        raise _StopForward
 
     def _pre_hook(self, site: str, name: str):
         def hook(module, args):
@@ -548,7 +618,8 @@ class _CalibrationTask(StageTask):
         if i < ctx.n_fisher:
             with self.fisher_gate, torch.enable_grad():
                 hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
-                st.accs[HEAD_SITE].add(hidden)
+                if HEAD_SITE in st.accs:
+                    st.accs[HEAD_SITE].add(hidden)
                 logits, dcap = _head_logits(model, hidden)
                 logp = torch.log_softmax(logits[0], dim=-1)
                 del logits  # (vocab x ctx) buffers are the bulk of a window's memory
@@ -569,8 +640,12 @@ class _CalibrationTask(StageTask):
             st.fisher_tokens += ids.numel()
         else:
             with torch.inference_mode():
-                hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
-                st.accs[HEAD_SITE].add(hidden)
+                try:
+                    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+                except _StopForward:  # the blocks measured are done (context.stop_block)
+                    hidden = None
+                if hidden is not None and HEAD_SITE in st.accs:
+                    st.accs[HEAD_SITE].add(hidden)
         st.seen.clear()
         st.windows += 1
         if ctx.progress is not None:
@@ -586,9 +661,36 @@ class _CalibrationTask(StageTask):
         return st
 
 
+def _decoder_layers(model):
+    """The decoder blocks of a causal LM (llama, qwen2, gemma3: ``model.model.layers``)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise CalibrationError(f"{type(model).__name__} has no model.layers; a calibration "
+                               f"of some tensors cannot stop after their last block")
+    return layers
+
+
+def _subset(lm, tensors) -> frozenset[str] | None:
+    """``tensors`` checked against ``lm``'s quantizable tensors (None: all of them)."""
+    if tensors is None:
+        return None
+    if isinstance(tensors, str):
+        raise CalibrationError(f"tensors must be a collection of tensor names, got the string "
+                               f"{tensors!r}")
+    names = frozenset(tensors)
+    known = {s.name for s in lm.quantizable}
+    unknown = sorted(names - known)
+    if not names or unknown:
+        raise CalibrationError(
+            f"tensors must name quantizable tensors of {lm.name!r}: {len(unknown)} of the "
+            f"{len(names)} named are not among its {len(known)} (first {unknown[:3]})")
+    return names
+
+
 def calibrate(
     lm, windows: np.ndarray, *, fisher_windows: int = 4, seed: int = 0, progress: bool = True,
     workers: int | None = None, fisher_threads: int | None = None, runner=None,
+    tensors=None,
 ) -> Calibration:
     """Run the calibration pass of ``lm`` over ``windows`` (int token array ``(n, ctx)``).
 
@@ -603,13 +705,27 @@ def calibrate(
     the same shards, whatever its worker count.  Memory is the model, per shard the per-site
     accumulators (about ``sum d_in^2 / 2`` float64: the upper triangles of the second
     moments, a site's freed as soon as its statistics are finished) and one window's
-    activations (and their gradients).
+    activations (and their gradients); the result holds every site's finished ``H``
+    (``4 d_in^2`` bytes of float32 each).
     ``fisher_threads`` bounds how many Fisher windows (a forward pass that keeps every
     block's activations for the backward one, the largest buffers of the pass) one process
     runs at once (default :data:`FISHER_THREADS`; None: as many as workers); the others'
     threads wait, so the results do not change, only the time.
     Deterministic for a given ``seed`` and shard count (one local shard: and torch thread
     count).
+
+    ``tensors`` (quantizable tensor names; default all): measure only the input sites these
+    tensors read (hooks on their modules only; the head site :data:`HEAD_SITE` only when the
+    head, ``output.weight`` or a tied ``token_embd.weight``, is among them); token counts
+    are always of every window.  Memory is then that of these sites' accumulators.  Without
+    Fisher windows and without the head site, each window's forward pass stops after the
+    last decoder block holding one of them (blocks ``0..b`` of ``n`` cost about
+    ``(b+1)/n`` of a pass); with Fisher windows the whole pass runs (the gains are those
+    of the tensors named; the head's Fisher is always measured).  Every site's statistics
+    are bit-identical to the whole model's calibration with the same windows, seed and
+    shards; the shard count is ``min(workers, windows, PARALLEL_BYTES // accumulators)``,
+    and a subset's accumulators are smaller, so give ``workers`` where the whole model's
+    would exceed :data:`PARALLEL_BYTES`.
     """
     import torch
     from tqdm.auto import tqdm
@@ -624,17 +740,26 @@ def calibrate(
     n_fisher = min(int(fisher_windows), w.shape[0])
     if fisher_threads is not None and int(fisher_threads) < 1:
         raise CalibrationError(f"fisher_threads must be >= 1, got {fisher_threads!r}")
+    subset = _subset(lm, tensors)
     t0 = time.perf_counter()
     lm.restore()
     model = lm.model
     specs = [s for s in lm.quantizable]
     tied = not any(s.role == "output" for s in specs)
-    tensor_site = {s.name: site_of(s) for s in specs if s.role != "token_embd"}
-    linear = [s for s in specs if s.role not in ("token_embd", "output")]
+    chosen = specs if subset is None else [s for s in specs if s.name in subset]
+    tensor_site = {s.name: site_of(s) for s in chosen if s.role != "token_embd"}
+    linear = [s for s in chosen if s.role not in ("token_embd", "output")]
     emb = model.get_input_embeddings()
     site_d = {tensor_site[s.name]: s.row_length for s in linear}
-    site_d[HEAD_SITE] = int(emb.weight.shape[1])
-    acc_bytes = sum(_SiteAcc.nbytes(d) for d in site_d.values())
+    head = subset is None or any(
+        s.role == "output" or (tied and s.role == "token_embd") for s in chosen)
+    if head:
+        site_d[HEAD_SITE] = int(emb.weight.shape[1])
+    stop_block = None
+    if subset is not None and not head and n_fisher == 0:
+        # nothing measured past the last block holding a tensor (none: not even block 0)
+        stop_block = max((s.block for s in linear), default=0)
+    acc_bytes = max(1, sum(_SiteAcc.nbytes(d) for d in site_d.values()))
     wanted = workers or (runner.workers if runner is not None else None) or os.cpu_count() or 1
     n_workers = max(1, min(int(wanted), w.shape[0], max(1, PARALLEL_BYTES // acc_bytes)))
     embed_scale = float(getattr(emb, "embed_scale", 1.0))
@@ -650,7 +775,7 @@ def calibrate(
         site_d=site_d, tensor_site=tensor_site,
         # one shard per thread: the gate matters only when Fisher windows could overlap
         fisher_threads=gate_n if local and gate_n and gate_n < len(plan) else 0,
-        progress=bar.update if local else None)
+        progress=bar.update if local else None, stop_block=stop_block)
     try:
         done = list(runner.map(_CalibrationTask, plan, lm=lm, context=context,
                                name="calibration",
@@ -673,8 +798,8 @@ def calibrate(
     for st in done[1:]:
         total.merge_gains(st)
     fisher_tokens = total.fisher_tokens
-    gains = ({k: (v / fisher_tokens).numpy() for k, v in total.gain_sum.items()}
-             if fisher_tokens else {})
+    gains = ({k: (v / fisher_tokens).numpy() for k, v in total.gain_sum.items()
+              if subset is None or k in subset} if fisher_tokens else {})
     head_gain = None if total.head_gain is None else (total.head_gain / fisher_tokens).numpy()
     vocab = int(emb.weight.shape[0])
     calib = Calibration(
@@ -682,9 +807,13 @@ def calibrate(
         tensor_site=tensor_site, token_counts=np.bincount(w.ravel(), minlength=vocab),
         tied=tied, gains=gains, head_gain=head_gain, fisher_tokens=fisher_tokens,
         embed_scale=embed_scale, seed=int(seed), seconds=time.perf_counter() - t0,
+        tensors=None if subset is None else tuple(s.name for s in chosen),
     )  # fmt: skip
-    log.info("calibration of %s: %d windows x %d tokens (%d with Fisher), %d input sites, "
+    log.info("calibration of %s: %d windows x %d tokens (%d with Fisher), %d input sites%s, "
              "%d shards on %d %s workers, %.1fs", lm.name, w.shape[0], w.shape[1], n_fisher,
-             len(sites), len(plan), min(runner.workers, len(plan)),
+             len(sites), "" if subset is None else
+             f" of {len(chosen)} tensors" + ("" if stop_block is None
+                                             else f" (stopping after block {stop_block})"),
+             len(plan), min(runner.workers, len(plan)),
              "local" if local else "remote", calib.seconds)
     return calib

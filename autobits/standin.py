@@ -23,6 +23,15 @@ while the model's function is kept:
 The construction is deterministic for a source file and a :class:`StandinConfig` on one
 machine (seeded signs; calibration with a fixed worker count); its parameters are written into the
 file as ``autobits.standin.*`` keys.  :func:`build_standin` writes the file atomically.
+
+Memory: a model whose calibration statistics (:func:`calibration_bytes`) fit
+``calibration_budget`` (default :data:`CALIBRATION_BUDGET`; SmolLM2-135M needs 1.3 GB,
+Gemma-3-270M 1.4 GB) is calibrated in one pass, as always.  A larger one (Qwen2.5-Coder-1.5B:
+1.06 GB per block, 30 GB in all) is calibrated in groups of blocks that follow one another
+in the file, each group's pass stopping after its last block
+(:func:`autobits.calibrate.calibrate` with ``tensors``), its tensors written, its statistics
+freed before the next; the head's input gets a group (a whole pass) of its own.  A site's
+statistics are bit-identical either way, so is the file.
 """
 
 from __future__ import annotations
@@ -42,8 +51,9 @@ from autobits.io import atomic_path
 from autobits.errors import AutobitsError
 
 __all__ = [
-    "STANDIN_VERSION", "StandinConfig", "StandinError", "build_standin", "calibration_name", "grid_of",
-    "inverse_factor", "off_grid", "perturb_tensor", "standin_metadata",
+    "CALIBRATION_BUDGET", "STANDIN_VERSION", "StandinConfig", "StandinError", "build_standin",
+    "calibration_bytes", "calibration_name", "grid_of", "inverse_factor", "off_grid",
+    "perturb_tensor", "standin_metadata",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -55,6 +65,12 @@ STANDIN_VERSION = 2
 META_PREFIX = "autobits.standin."
 #: Calibration threads (fixed: the sums' order, hence the last bits, depend on it).
 _CALIB_WORKERS = 2
+#: Bytes of calibration statistics (every worker's accumulators and the finished ``H`` of
+#: each input site, :func:`calibration_bytes`) one calibration pass may hold: a model above
+#: it is calibrated in groups of blocks (module docstring).  3 GB: SmolLM2-135M (1.3 GB) and
+#: Gemma-3-270M (1.4 GB) fit one pass; Qwen2.5-Coder-1.5B (1.06 GB per block) goes three
+#: blocks at a time, next to its 7.1 GB float32 model.
+CALIBRATION_BUDGET = 3 << 30
 #: Rows moved at once when a tensor has no error feedback (bounds an embedding's memory).
 _CHUNK_ROWS = 8192
 #: Tensors made at once per thread between writes: the finished ones wait for their turn
@@ -255,12 +271,17 @@ def inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a shared machine one thread is several times faster here
     try:
+        # float64 d x d buffers go as soon as they are used (ffn_down of Qwen2.5-1.5B: 640 MB)
         low, info = torch.linalg.cholesky_ex(hh)
+        del hh, diag, dead
         if int(info) != 0:
             raise StandinError("the calibration second moment is not positive definite even "
                                f"with damp={damp}; use more calibration windows or a larger damp")
         inv = torch.cholesky_inverse(low)
-        return torch.linalg.cholesky(inv, upper=True).float().numpy()
+        del low
+        upper = torch.linalg.cholesky(inv, upper=True)
+        del inv
+        return upper.float().numpy()
     finally:
         torch.set_num_threads(threads)
 
@@ -298,21 +319,154 @@ def _text_sha256(text: str) -> str:
     return load_text(text).sha256
 
 
-def _calibrate(source: Path, config: StandinConfig):
-    """Input second moments of the source model on the calibration windows."""
-    from autobits.calibrate import calibrate
+def _load_source(source: Path):
+    """The source model, in float32 (the one place a build loads it)."""
     from autobits.model import load_model
+
+    return load_model(source)
+
+
+def _source_windows(source: Path, config: StandinConfig):
+    """The source model, its calibration windows and the text's sha256."""
     from autobits.text import load_text, make_windows
 
-    lm = load_model(source)
+    lm = _load_source(source)
     corpus = load_text(config.text)
     split = make_windows(corpus, lm.tokenizer, ctx=config.ctx).split(
         calib=config.calib_windows, eval=0)
+    return lm, split.calib, corpus.sha256
+
+
+def _calibrate_with(lm, windows, config: StandinConfig, tensors=None):
+    """Input second moments of ``tensors`` (None: every tensor) of the source model."""
+    from autobits.calibrate import calibrate
+
     # two windows at once, torch's threads 1 each (faster than one window on all cores,
     # above all on a shared machine); the sums are merged in a fixed order: deterministic
-    calib = calibrate(lm, split.calib, fisher_windows=0, seed=config.seed, progress=False,
-                      workers=_CALIB_WORKERS)
-    return calib, corpus.sha256
+    return calibrate(lm, windows, fisher_windows=0, seed=config.seed, progress=False,
+                     workers=_CALIB_WORKERS, tensors=tensors)
+
+
+def _calibrate(source: Path, config: StandinConfig):
+    """Input second moments of the source model on the calibration windows."""
+    lm, windows, text_sha = _source_windows(source, config)
+    return _calibrate_with(lm, windows, config), text_sha
+
+
+def _site_bytes(d: int) -> int:
+    """Calibration memory of a ``d``-channel input site: the accumulators of every
+    calibration worker and the finished float32 ``H``."""
+    from autobits.calibrate import accumulator_bytes
+
+    return _CALIB_WORKERS * accumulator_bytes(d) + 4 * int(d) * int(d)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Tensors calibrated together: ``blocks`` (in file order; empty for the head's group),
+    ``tensors`` the quantized tensors whose input sites are measured, ``nbytes`` what their
+    statistics take (:func:`_site_bytes` per site)."""
+
+    blocks: tuple[int, ...]
+    tensors: tuple[str, ...]
+    nbytes: int
+
+    @property
+    def label(self) -> str:
+        return "head" if not self.blocks else "blocks " + ",".join(map(str, self.blocks))
+
+
+def _feedback_sites(tensors, config: StandinConfig) -> dict[str, tuple[str, int]]:
+    """Tensor name -> (input site, channels) of every tensor moved with error feedback:
+    the quantized tensors of the source that a calibration measures (a tied or untied
+    ``token_embd`` never: it is moved without feedback), in file order."""
+    from autobits.calibrate import site_of
+    from autobits.specs import QUANTIZABLE_ROLES, TensorSpec, block_of, role_of
+
+    out: dict[str, tuple[str, int]] = {}
+    if not config.feedback:
+        return out
+    for t in tensors:
+        role = role_of(t.name)
+        if (t.tensor_type.name in FLOAT_TYPES or role not in QUANTIZABLE_ROLES
+                or role == "token_embd" or len(t.shape) != 2):
+            continue
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        spec = TensorSpec(name=t.name, shape=shape, role=role, block=block_of(t.name))
+        out[t.name] = (site_of(spec), shape[-1])
+    return out
+
+
+def calibration_bytes(sites: dict[str, int]) -> int:
+    """Memory a calibration pass of these input sites (site -> channels) takes: every
+    calibration worker's float64 accumulators and the finished float32 ``H``."""
+    return sum(_site_bytes(d) for d in sites.values())
+
+
+def _plan_groups(tensors, config: StandinConfig, budget: int,
+                 head_d: int | None) -> list[_Group] | None:
+    """The calibration groups of a source (None: one pass over the whole model fits).
+
+    ``head_d``: the channels of the head's input (the one-pass calibration measures it
+    whatever the tensors).  Blocks are grouped as they follow one another in the file
+    (llama.cpp lists ``blk.0, blk.1, blk.10, ...``), each group within ``budget``, so as
+    to run the fewest blocks in all: a group's pass runs up to its highest block.
+    """
+    from autobits.calibrate import HEAD_SITE
+    from autobits.specs import block_of
+
+    need = _feedback_sites(tensors, config)
+    every = {site: d for site, d in need.values()}
+    if head_d is not None:
+        every.setdefault(HEAD_SITE, head_d)
+    total = calibration_bytes(every)
+    if total <= budget or not need:  # (no tensor moved with feedback: the pass of old)
+        return None
+    groups: list[_Group] = []
+    head = [n for n in need if block_of(n) is None]
+    if head:
+        groups.append(_Group((), tuple(head), calibration_bytes(dict(need[n] for n in head))))
+    order: list[int] = []  # blocks in file order
+    sites_of: dict[int, dict[str, int]] = {}
+    names_of: dict[int, list[str]] = {}
+    for n, (site, d) in need.items():
+        b = block_of(n)
+        if b is None:
+            continue
+        if b not in sites_of:
+            order.append(b)
+            sites_of[b], names_of[b] = {}, []
+        sites_of[b][site] = d
+        names_of[b].append(n)
+    cost = [calibration_bytes(sites_of[b]) for b in order]
+    for b, c in zip(order, cost):
+        if c > budget:
+            raise StandinError(f"block {b} alone needs {c:,} bytes of calibration statistics, "
+                               f"more than the budget of {budget:,}; raise calibration_budget")
+    # best[i]: (blocks run, passes) of the best grouping of order[:i]; cut[i]: where its
+    # last group starts
+    best, cut = [(0, 0)] + [None] * len(order), [0] * (len(order) + 1)
+    for i in range(1, len(order) + 1):
+        size = 0
+        for j in range(i - 1, -1, -1):
+            size += cost[j]
+            if size > budget:
+                break
+            run = (best[j][0] + max(order[j:i]) + 1, best[j][1] + 1)
+            if best[i] is None or run < best[i]:
+                best[i], cut[i] = run, j
+    spans, i = [], len(order)
+    while i > 0:
+        spans.append((cut[i], i))
+        i = cut[i]
+    for j, i in reversed(spans):
+        blocks = tuple(order[j:i])
+        groups.append(_Group(blocks, tuple(n for b in blocks for n in names_of[b]),
+                             sum(cost[j:i])))
+    log.info("calibration statistics of %d bytes exceed the budget of %d: %d groups, %d "
+             "blocks run of %d (%s)", total, budget, len(groups), best[-1][0], len(order),
+             "; ".join(g.label for g in groups))
+    return groups
 
 
 def calibration_name(source_sha256: str, config: StandinConfig) -> str:
@@ -325,14 +479,21 @@ def calibration_name(source_sha256: str, config: StandinConfig) -> str:
 
 def build_standin(source: str | os.PathLike, out_path: str | os.PathLike, *,
                   config: StandinConfig = StandinConfig(),
-                  calibration_dir: str | os.PathLike | None = None) -> Path:
+                  calibration_dir: str | os.PathLike | None = None,
+                  calibration_budget: int = CALIBRATION_BUDGET) -> Path:
     """Write the float stand-in of the quantized GGUF ``source`` to ``out_path`` (F32).
 
     All of the source's metadata (tokenizer included) is kept, ``general.file_type`` is
     set to ALL_F32 and the construction is recorded (:func:`standin_metadata`).  The file
     is written under a temporary name in the target folder and renamed when complete.
-    With ``calibration_dir`` the source's calibration is read from there when present
-    (:func:`calibration_name`) and saved there otherwise.
+
+    ``calibration_budget``: the bytes of calibration statistics one pass may hold
+    (:func:`calibration_bytes`; default :data:`CALIBRATION_BUDGET`).  Within it, the whole
+    model is calibrated at once; with ``calibration_dir`` that calibration is read from
+    there when present (:func:`calibration_name`) and saved there otherwise.  Above it, the
+    model is calibrated in groups of blocks (module docstring) and nothing is cached (a
+    group's statistics are used once, and Qwen2.5-Coder-1.5B's would take 10 GB of disk);
+    the model stays loaded meanwhile.  The file is the same bytes either way.
     """
     import gguf
 
@@ -349,20 +510,36 @@ def build_standin(source: str | os.PathLike, out_path: str | os.PathLike, *,
     arch = arch_field.contents() if arch_field is not None else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise StandinError(f"{str(source)!r}: unsupported architecture {arch!r}")
+    if isinstance(calibration_budget, bool) or not isinstance(calibration_budget, int) \
+            or calibration_budget <= 0:
+        raise StandinError(f"calibration_budget must be a positive number of bytes, got "
+                           f"{calibration_budget!r}")
     source_sha = _sha256(source)
-    calib_path = (None if calibration_dir is None
-                  else Path(calibration_dir) / calibration_name(source_sha, config))
-    if calib_path is not None and calib_path.is_file():
-        calib = Calibration.load(calib_path)
-        text_sha = _text_sha256(config.text)
+    output = next((t for t in reader.tensors if t.name == "output.weight"), None)
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    head = output if output is not None else embd
+    groups = _plan_groups(reader.tensors, config, calibration_budget,
+                          None if head is None else int(head.shape[0]))
+    lm = windows = None
+    if groups is None:
+        calib_path = (None if calibration_dir is None
+                      else Path(calibration_dir) / calibration_name(source_sha, config))
+        if calib_path is not None and calib_path.is_file():
+            calib = Calibration.load(calib_path)
+            text_sha = _text_sha256(config.text)
+        else:
+            calib, text_sha = _calibrate(source, config)
+            if calib_path is not None:
+                calib.save(calib_path)
+        log.info("stand-in of %s: calibrated on %d tokens in %.1fs", source.name,
+                 calib.n_tokens, time.perf_counter() - t0)
+        n_tokens = calib.n_tokens
     else:
-        calib, text_sha = _calibrate(source, config)
-        if calib_path is not None:
-            calib.save(calib_path)
-    log.info("stand-in of %s: calibrated on %d tokens in %.1fs", source.name, calib.n_tokens,
-             time.perf_counter() - t0)
+        calib = None
+        lm, windows, text_sha = _source_windows(source, config)
+        n_tokens = int(windows.size)
     meta = standin_metadata(config, source=source, source_sha256=source_sha,
-                            text_sha256=text_sha, calib_tokens=calib.n_tokens)
+                            text_sha256=text_sha, calib_tokens=n_tokens)
     with atomic_path(out, suffix=".partial") as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         try:
@@ -377,7 +554,10 @@ def build_standin(source: str | os.PathLike, out_path: str | os.PathLike, *,
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            _write_tensors(writer, reader.tensors, calib, config)
+            if groups is None:
+                _write_tensors(writer, list(enumerate(reader.tensors)), calib, config)
+            else:
+                _write_grouped(writer, reader.tensors, groups, lm, windows, config)
         finally:
             writer.close()
         with open(tmp, "rb+") as fh:
@@ -387,17 +567,51 @@ def build_standin(source: str | os.PathLike, out_path: str | os.PathLike, *,
     return out
 
 
-def _write_tensors(writer, tensors, calib, config: StandinConfig) -> None:
-    """Every tensor's stand-in values, written in file order.
+def _write_grouped(writer, tensors, groups: list[_Group], lm, windows,
+                   config: StandinConfig) -> None:
+    """Every tensor's stand-in values, written in file order, calibrating one group at a
+    time: a run of tensors is written with the calibration of the group its tensors need
+    (tensors needing none go with the run before them); a group's statistics are freed
+    when the next group is calibrated."""
+    group_of = {n: g for g in groups for n in g.tensors}
+    runs: list[tuple[_Group | None, list]] = []
+    for item in enumerate(tensors):
+        g = group_of.get(item[1].name)
+        if not runs or (g is not None and g is not runs[-1][0]):
+            if runs and runs[-1][0] is None and g is not None:
+                runs[-1] = (g, runs[-1][1])  # the leading tensors without a group
+            else:
+                runs.append((g, []))
+        runs[-1][1].append(item)
+    done: set[int] = set()
+    calib = current = None
+    for g, items in runs:
+        if g is not None and g is not current:
+            if id(g) in done:
+                log.warning("stand-in: the file lists %s's tensors apart; calibrating it again",
+                            g.label)
+            calib = None  # the previous group's statistics go before the next are measured
+            t0 = time.perf_counter()
+            calib = _calibrate_with(lm, windows, config, tensors=g.tensors)
+            current = g
+            done.add(id(g))
+            log.info("stand-in: calibrated %s (%d tensors, %d sites, %d bytes of statistics) "
+                     "in %.1fs", g.label, len(g.tensors), len(calib.sites), g.nbytes,
+                     time.perf_counter() - t0)
+        _write_tensors(writer, items, calib, config)
+
+
+def _write_tensors(writer, jobs: list, calib, config: StandinConfig) -> None:
+    """Stand-in values of ``jobs`` (``(index in the file, tensor)``, in file order),
+    written in that order; ``calib``: the calibration of their inputs (None: none needed).
 
     Tensors are independent (each has its own seeded signs), so they are made on one thread
     per core (torch's own thread count 1 meanwhile), a few per thread at a time.
     """
     from autobits.threads import thread_map
 
-    factors = _SiteFactors(calib, config, [t.name for t in tensors])
+    factors = _SiteFactors(calib, config, [t.name for _, t in jobs])
     workers = max(1, os.cpu_count() or 1)
-    jobs = list(enumerate(tensors))
     batch = _TENSORS_PER_THREAD * workers
 
     def job(item) -> np.ndarray:
@@ -419,7 +633,7 @@ class _SiteFactors:
 
         self.calib, self.damp = calib, config.damp
         self.users: dict[str, int] = {}
-        if config.feedback:
+        if config.feedback and calib is not None:
             for name in names:
                 site = calib.tensor_site.get(name)
                 if site is not None:
@@ -463,7 +677,8 @@ def _standin_tensor(t, calib, config: StandinConfig, index: int,
     values = fmt.dequantize(np.asarray(t.data), shape).astype(np.float32).reshape(shape)
     raw = np.asarray(t.data).reshape(-1, np.asarray(t.data).shape[-1])
     w2 = values.reshape(-1, shape[-1])
-    h = calib.hessian(t.name) if config.feedback and t.name in calib.tensor_site else None
+    h = (calib.hessian(t.name)
+         if config.feedback and calib is not None and t.name in calib.tensor_site else None)
     u = factors.take(t.name) if h is not None else None
     rng = np.random.default_rng([config.seed, index])
     t0 = time.perf_counter()

@@ -239,3 +239,94 @@ def test_smollm2_calibration(smollm2, smol_tokenizer):
     assert len(c.sites) == 30 * 4 + 1 and c.tied
     assert c.hessian("blk.3.ffn_down.weight").shape == (1536, 1536)
     assert np.isfinite(c.head_gain).all() and all(np.isfinite(g).all() for g in c.gains.values())
+
+
+def _assert_same_sites(part, whole, sites):
+    for k in sites:
+        a, b = part.sites[k], whole.sites[k]
+        assert a.n == b.n, k
+        for f in ("sq_mean", "abs_mean", "abs_max", "x4_mean", "h"):
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f"{k}.{f}")
+
+
+def _block_calls(lm, block):
+    calls = []
+    layer = lm.model.model.layers[block]
+    return calls, layer.register_forward_hook(lambda *a: calls.append(1))
+
+
+def test_subset_bit_identical_with_early_stop(tiny_lm, windows):
+    whole = calibrate(tiny_lm, windows, fisher_windows=0, progress=False, workers=2)
+    blk0 = [s.name for s in tiny_lm.quantizable if s.block == 0]
+    calls, handle = _block_calls(tiny_lm, 1)
+    try:
+        part = calibrate(tiny_lm, windows, fisher_windows=0, progress=False, workers=2,
+                         tensors=blk0)
+    finally:
+        handle.remove()
+    assert calls == []  # the pass stopped after block 0: block 1 never ran
+    assert part.tensors == tuple(blk0) and set(part.tensor_site) == set(blk0)
+    assert set(part.sites) == {f"blk.0.{g}" for g in ("attn_in", "attn_output_in", "ffn_in",
+                                                       "ffn_down_in")}
+    _assert_same_sites(part, whole, part.sites)
+    np.testing.assert_array_equal(part.token_counts, whole.token_counts)
+    assert part.covers("blk.0.attn_q.weight") and not part.covers("blk.1.attn_q.weight")
+    with pytest.raises(KeyError, match="blk.1.attn_q.weight"):
+        part.site("blk.1.attn_q.weight")
+    with pytest.raises(KeyError, match="token_embd"):
+        part.site("token_embd.weight")
+    # the last block only: the whole pass up to it, one block's sites
+    blk1 = ["blk.1.ffn_down.weight", "blk.1.attn_k.weight"]
+    last = calibrate(tiny_lm, windows, fisher_windows=0, progress=False, workers=2, tensors=blk1)
+    assert set(last.sites) == {"blk.1.ffn_down_in", "blk.1.attn_in"}
+    _assert_same_sites(last, whole, last.sites)
+
+
+def test_subset_without_early_stop(tiny_lm, windows, calib):
+    # with Fisher windows the whole pass runs (backward); the sites and gains are the same
+    names = ["blk.0.attn_v.weight", "blk.1.ffn_up.weight"]
+    calls, handle = _block_calls(tiny_lm, 1)
+    try:
+        part = calibrate(tiny_lm, windows, fisher_windows=2, progress=False, tensors=names)
+    finally:
+        handle.remove()
+    assert len(calls) == len(windows)
+    assert set(part.sites) == {"blk.0.attn_in", "blk.1.ffn_in"} and part.has_fisher
+    _assert_same_sites(part, calib, part.sites)
+    assert set(part.gains) == set(names)
+    for k in names:
+        np.testing.assert_array_equal(part.gains[k], calib.gains[k])
+    np.testing.assert_array_equal(part.head_gain, calib.head_gain)
+    # the tied embedding reads the head site: the whole pass, no Fisher needed
+    head = calibrate(tiny_lm, windows, fisher_windows=0, progress=False,
+                     tensors=["token_embd.weight", "blk.0.attn_q.weight"])
+    whole = calibrate(tiny_lm, windows, fisher_windows=0, progress=False)
+    assert set(head.sites) == {HEAD_SITE, "blk.0.attn_in"} and head.needs_head_site
+    _assert_same_sites(head, whole, head.sites)
+    np.testing.assert_array_equal(head.importance("token_embd.weight"),
+                                  whole.importance("token_embd.weight"))
+
+
+def test_subset_check_and_files(tiny_lm, windows, tmp_path):
+    names = ["blk.1.attn_q.weight", "blk.1.attn_output.weight"]
+    part = calibrate(tiny_lm, windows[:2], fisher_windows=0, progress=False, tensors=names)
+    part.check_model(tiny_lm, tensors=names)
+    part.check_model(tiny_lm, tensors=names[:1])
+    with pytest.raises(CalibrationError, match=r"measured 2 tensors, 13 of the 15"):
+        part.check_model(tiny_lm)  # a subset does not cover the whole model
+    with pytest.raises(CalibrationError, match=r"measured 2 tensors, 1 of the 2 of .* asked for are not among them"):
+        part.check_model(tiny_lm, tensors=["blk.1.attn_q.weight", "blk.0.attn_q.weight"])
+    with pytest.raises(CalibrationError, match=r"1 of the 1 tensors to check"):
+        part.check_model(tiny_lm, tensors=["nope.weight"])
+    back = Calibration.load(part.save(tmp_path / "part.npz"))
+    assert back.tensors == tuple(names) and set(back.sites) == set(part.sites)
+    back.check_model(tiny_lm, tensors=names)
+    _assert_same_sites(back, part, part.sites)
+    whole = calibrate(tiny_lm, windows[:2], fisher_windows=0, progress=False)
+    assert whole.tensors is None and whole.covers("blk.0.attn_q.weight")
+    whole.check_model(tiny_lm, tensors=names)
+    assert Calibration.load(whole.save(tmp_path / "whole.npz"), lm=tiny_lm).tensors is None
+    with pytest.raises(CalibrationError, match=r"1 of the 1 named are not among its 15"):
+        calibrate(tiny_lm, windows[:1], progress=False, tensors=["blk.9.attn_q.weight"])
+    with pytest.raises(CalibrationError, match="collection of tensor names"):
+        calibrate(tiny_lm, windows[:1], progress=False, tensors="blk.0.attn_q.weight")

@@ -185,3 +185,73 @@ def test_gemma_extra_resolves():
         pytest.skip("the gemma extra is not installed")
     path = resolve_model_path("gemma3-270m")  # joined once, checked against SHA256SUMS
     assert path.is_file() and path.name == "gemma-3-270m-q4_k_m.gguf"
+
+
+def test_grouped_build_same_bytes(tmp_path, monkeypatch, tiny_lm, tiny_quantized):
+    """Calibrated in groups of blocks (a small budget) or in one pass: the same file."""
+    import autobits.standin as standin
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 89} or the {i % 11} of it." for i in range(3000)))
+    cfg = StandinConfig(text=str(text), ctx=64, calib_windows=4)
+    # the source model: the float tiny llama (loading the quantized file through
+    # transformers would cost a tokenizer conversion); both builds calibrate it
+    monkeypatch.setattr(standin, "_load_source", lambda source: tiny_lm)
+    calls = {b: [] for b in (0, 1)}
+    handles = [tiny_lm.model.model.layers[b].register_forward_hook(
+        lambda *a, b=b: calls[b].append(1)) for b in (0, 1)]
+    try:
+        one = build_standin(tiny_quantized, tmp_path / "one.gguf", config=cfg)
+        assert len(calls[0]) == len(calls[1]) == 4
+        calls[0].clear(), calls[1].clear()
+        block = 1_323_008  # 2 workers' accumulators and H of one block's 4 sites (64, 256)
+        groups = build_standin(tiny_quantized, tmp_path / "groups.gguf", config=cfg,
+                               calibration_budget=block + 1)
+    finally:
+        for h in handles:
+            h.remove()
+    # a group per block; block 0's pass stopped after it
+    assert len(calls[0]) == 8 and len(calls[1]) == 4
+    assert groups.read_bytes() == one.read_bytes()
+    with pytest.raises(StandinError, match=r"block 0 alone needs 1,323,008 bytes .* budget of "
+                                           r"1,323,007"):
+        build_standin(tiny_quantized, tmp_path / "no.gguf", config=cfg,
+                      calibration_budget=block - 1)
+    with pytest.raises(StandinError, match="calibration_budget must be a positive"):
+        build_standin(tiny_quantized, tmp_path / "no.gguf", config=cfg, calibration_budget=0)
+    assert not (tmp_path / "no.gguf").exists()
+
+
+def test_plan_groups_follow_the_file():
+    """Blocks are grouped as the file lists them (blk.0, blk.1, blk.10, ...), the fewest
+    blocks run; an untied head gets a group of its own."""
+    from types import SimpleNamespace
+
+    from autobits.calibrate import HEAD_SITE
+    from autobits.standin import _plan_groups, _site_bytes, calibration_bytes
+
+    def t(name, rows, cols, ttype="Q4_K"):
+        return SimpleNamespace(name=name, shape=np.array([cols, rows]),
+                               tensor_type=SimpleNamespace(name=ttype))
+
+    tensors = [t("output.weight", 100, 32, "Q6_K"), t("token_embd.weight", 100, 32)]
+    for b in sorted(range(12), key=str):  # llama.cpp's order: 0, 1, 10, 11, 2, ...
+        tensors += [t(f"blk.{b}.attn_norm.weight", 1, 32, "F32"),
+                    t(f"blk.{b}.attn_q.weight", 32, 32), t(f"blk.{b}.attn_k.weight", 32, 32),
+                    t(f"blk.{b}.ffn_down.weight", 32, 64)]
+    cfg = StandinConfig()
+    per_block = _site_bytes(32) + _site_bytes(64)
+    total = 12 * per_block + _site_bytes(32)
+    assert calibration_bytes({"a": 32, "b": 64}) == per_block
+    assert _plan_groups(tensors, cfg, total, 32) is None
+    groups = _plan_groups(tensors, cfg, 3 * per_block, 32)
+    assert groups[0].blocks == () and groups[0].tensors == ("output.weight",)
+    assert groups[0].nbytes == _site_bytes(32) and HEAD_SITE
+    got = [g.blocks for g in groups[1:]]
+    assert [b for g in got for b in g] == sorted(range(12), key=str)
+    assert all(len(g) <= 3 for g in got)
+    # the passes run 1 + 12 + 4 + 7 + 10 = 34 blocks (0,1,10 | 11 | 2,3,4 | 5,6,7 | 8,9: 46)
+    assert got == [(0,), (1, 10, 11), (2, 3), (4, 5, 6), (7, 8, 9)]
+    assert groups[1].tensors == ("blk.0.attn_q.weight", "blk.0.attn_k.weight",
+                                 "blk.0.ffn_down.weight")
+    assert _plan_groups(tensors, StandinConfig(feedback=False), 1, 32) is None
