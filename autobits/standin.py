@@ -73,6 +73,11 @@ _CALIB_WORKERS = 2
 CALIBRATION_BUDGET = 3 << 30
 #: Rows moved at once when a tensor has no error feedback (bounds an embedding's memory).
 _CHUNK_ROWS = 8192
+#: Rows moved at once with error feedback (rows are independent given ``H``'s factor; the
+#: grids and the loop's transposed copies take about 12 float32 copies of the rows): an
+#: untied vocabulary head (Qwen2.5-1.5B: 151,936 x 1536) in one piece would take 11 GB.
+#: Every block tensor of the built-ins has fewer rows (8960 at most), so it moves whole.
+_FEEDBACK_ROWS = 16384
 #: Tensors made at once per thread between writes: the finished ones wait for their turn
 #: to be written in file order, so this bounds the memory they hold.
 _TENSORS_PER_THREAD = 4
@@ -674,21 +679,23 @@ def _standin_tensor(t, calib, config: StandinConfig, index: int,
     except AutobitsError:
         raise StandinError(f"tensor {t.name!r} has ggml type {type_name}, which autobits "
                            f"cannot read") from None
-    values = fmt.dequantize(np.asarray(t.data), shape).astype(np.float32).reshape(shape)
     raw = np.asarray(t.data).reshape(-1, np.asarray(t.data).shape[-1])
-    w2 = values.reshape(-1, shape[-1])
+    cols = shape[-1]
     h = (calib.hessian(t.name)
          if config.feedback and calib is not None and t.name in calib.tensor_site else None)
     u = factors.take(t.name) if h is not None else None
     rng = np.random.default_rng([config.seed, index])
     t0 = time.perf_counter()
-    # without feedback every row is on its own: row chunks bound the memory (an embedding)
-    step_rows = w2.shape[0] if h is not None else _CHUNK_ROWS
-    out = np.empty_like(w2)
-    for r in range(0, w2.shape[0], step_rows):
-        a, st = grid_of(raw[r : r + step_rows], type_name)
-        out[r : r + step_rows] = perturb_tensor(w2[r : r + step_rows], a, st, h=h,
-                                                config=config, rng=rng, factor=u)
+    # every row is on its own (with feedback: given the shared factor), so row chunks bound
+    # the memory of an embedding or a vocabulary head
+    step_rows = _FEEDBACK_ROWS if h is not None else _CHUNK_ROWS
+    out = np.empty((raw.shape[0], cols), dtype=np.float32)
+    for r in range(0, raw.shape[0], step_rows):
+        part = raw[r : r + step_rows]  # dequantized a chunk at a time too (rows are blocks)
+        w2 = fmt.dequantize(part, (part.shape[0], cols)).astype(np.float32)
+        a, st = grid_of(part, type_name)
+        out[r : r + step_rows] = perturb_tensor(w2, a, st, h=h, config=config, rng=rng,
+                                                factor=u)
     log.debug("stand-in %s (%s, %s): %.2fs", t.name, type_name,
               "feedback" if h is not None and config.feedback else "no feedback",
               time.perf_counter() - t0)
