@@ -76,7 +76,9 @@ _CHUNK_ROWS = 8192
 #: Rows moved at once with error feedback (rows are independent given ``H``'s factor; the
 #: grids and the loop's transposed copies take about 12 float32 copies of the rows): an
 #: untied vocabulary head (Qwen2.5-1.5B: 151,936 x 1536) in one piece would take 11 GB.
-#: Every block tensor of the built-ins has fewer rows (8960 at most), so it moves whole.
+#: Every block tensor of the built-ins has fewer rows (8960 at most), so it moves whole; a
+#: tensor in chunks gets the values it would get whole (the signs are drawn in the same
+#: order; tests/test_standin.py checks the bits).
 _FEEDBACK_ROWS = 16384
 #: Tensors made at once per thread between writes: the finished ones wait for their turn
 #: to be written in file order, so this bounds the memory they hold.

@@ -255,3 +255,42 @@ def test_plan_groups_follow_the_file():
     assert groups[1].tensors == ("blk.0.attn_q.weight", "blk.0.attn_k.weight",
                                  "blk.0.ffn_down.weight")
     assert _plan_groups(tensors, StandinConfig(feedback=False), 1, 32) is None
+
+
+def test_feedback_rows_in_chunks(monkeypatch, tiny_lm, tiny_quantized):
+    """Rows moved with feedback a chunk at a time (a vocabulary head) are the rows moved at
+    once: rows are independent given the factor, and the signs are drawn in the same order
+    (chunks of a multiple of 4 int8s)."""
+    import gguf
+
+    import autobits.standin as standin
+    from autobits.calibrate import calibrate
+    from autobits.text import load_text, make_windows
+
+    name = "blk.1.ffn_up.weight"  # 256 rows of 64
+    w = make_windows(load_text("stdlib"), tiny_lm.tokenizer, ctx=64).split(calib=2, eval=0)
+    calib = calibrate(tiny_lm, w.calib, fisher_windows=0, progress=False, tensors=[name])
+    (i, t), = [(i, t) for i, t in enumerate(gguf.GGUFReader(tiny_quantized).tensors)
+               if t.name == name]
+    cfg = StandinConfig(offset=0.3)
+
+    def make():
+        factors = standin._SiteFactors(calib, cfg, [name])
+        return standin._standin_tensor(t, calib, cfg, i, factors)
+
+    whole = make()
+    monkeypatch.setattr(standin, "_FEEDBACK_ROWS", 48)  # 6 chunks, the last of 16 rows
+    parts = make()
+    src = get_format("Q4_1").dequantize(np.asarray(t.data), whole.shape)
+    a, s = grid_of(np.asarray(t.data), "Q4_1")
+    h = calib.hessian(name).astype(np.float64)
+
+    def err(v):
+        d = (v - src).astype(np.float64)
+        return float(((d @ h) * d).sum())
+
+    for v in (whole, parts):
+        assert _dist(v, a, np.where(s == 0, 1, s))[s != 0].min() >= 0.3 - 2e-3
+    plain = perturb_tensor(src, a, s, h=None, config=cfg, rng=np.random.default_rng(0))
+    assert err(whole) < 0.5 * err(plain)
+    np.testing.assert_array_equal(parts, whole)
