@@ -57,7 +57,7 @@ class RayOptions:
             raise AutobitsError(f"--workers must be 0 (no Ray) or more, got {self.workers}")
         if self.workers == 0 and self.address:
             raise AutobitsError(
-                f"--workers 0 evaluates without Ray; it cannot use --address {self.address}"
+                f"--workers 0 runs everything in this process, without Ray; it cannot use --address {self.address}"
             )
         if self.worker_threads < 1:
             raise AutobitsError(f"--worker-threads must be at least 1, got {self.worker_threads}")
