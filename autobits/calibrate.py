@@ -717,10 +717,10 @@ def calibrate(
     ``tensors`` (quantizable tensor names; default all): measure only the input sites these
     tensors read (hooks on their modules only; the head site :data:`HEAD_SITE` only when the
     head, ``output.weight`` or a tied ``token_embd.weight``, is among them); token counts
-    are always of every window.  Memory is then that of these sites' accumulators.  Without
-    Fisher windows and without the head site, each window's forward pass stops after the
-    last decoder block holding one of them (blocks ``0..b`` of ``n`` cost about
-    ``(b+1)/n`` of a pass); with Fisher windows the whole pass runs (the gains are those
+    are always of every window.  The accumulators and finished ``H`` are then those of
+    these sites only.  Without Fisher windows and without the head site, each window's
+    forward pass stops after the last decoder block holding one of them (blocks ``0..b``
+    of ``n``: about ``(b+1)/n`` of a pass's forward work); with Fisher windows the whole pass runs (the gains are those
     of the tensors named; the head's Fisher is always measured).  Every site's statistics
     are bit-identical to the whole model's calibration with the same windows, seed and
     shards; the shard count is ``min(workers, windows, PARALLEL_BYTES // accumulators)``,

