@@ -49,7 +49,7 @@ from autobits.evaluate import WeightCache
 from autobits.formats import get_format
 
 __all__ = ["EvaluatorPool", "EvaluatorActor", "PoolStats", "actor_count", "model_shell",
-           "shared_arrays", "store_bytes"]
+           "reference_arrays", "shared_arrays", "store_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,17 @@ def model_shell(model) -> bytes:
             p.data = saved[k]
 
 
+def reference_arrays(lm) -> dict[str, np.ndarray]:
+    """numpy views of the reference weights (GGUF name -> array), what actors point their
+    model shell at."""
+    return {s.name: lm.reference_weight(s.name).detach().cpu().numpy()
+            for s in lm.specs if s.hf_name}
+
+
 def shared_arrays(lm, cache, candidates: Mapping[str, Sequence[str]]):
-    """``(reference, candidates)``: numpy views of the reference weights (GGUF name -> array)
-    and the quantized bytes of every (tensor, format) in ``candidates`` (quantizing the
-    ones ``cache`` does not hold yet)."""
-    ref = {s.name: lm.reference_weight(s.name).detach().cpu().numpy()
-           for s in lm.specs if s.hf_name}
+    """``(reference, candidates)``: :func:`reference_arrays` and the quantized bytes of every
+    (tensor, format) in ``candidates`` (quantizing the ones ``cache`` does not hold yet)."""
+    ref = reference_arrays(lm)
     cand = {}
     for name, fmts in candidates.items():
         for fmt in fmts:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import ray
 
 from autobits.cluster.actors import (
-    _lost, actor_count, build_loaded_model, model_shell, shared_arrays,
+    _lost, actor_count, build_loaded_model, model_shell, reference_arrays,
 )
 from autobits.errors import AutobitsError
 
@@ -92,8 +92,8 @@ class RayStageRunner:
         if not ray.is_initialized():
             raise AutobitsError("RayStageRunner needs a connected Ray (use ray_session())")
         self.workers, self.threads = actor_count(workers, threads), int(threads)
-        workers = self.workers
-        self.max_replacements = 2 * workers + 2 if max_replacements is None else int(max_replacements)
+        self.max_replacements = (2 * self.workers + 2 if max_replacements is None
+                                 else int(max_replacements))
         self.replacements = 0
         self.on_dispatch = on_dispatch
         self.run_id = uuid.uuid4().hex[:8]
@@ -111,7 +111,7 @@ class RayStageRunner:
         self._kill_actors()
         t0 = time.perf_counter()
         lm.restore()
-        reference = shared_arrays(lm, None, {})[0]
+        reference = reference_arrays(lm)
         refs = {"shell": ray.put(model_shell(lm.model)), "reference": ray.put(reference),
                 "specs": tuple(lm.specs), "name": lm.name, "architecture": lm.architecture,
                 "threads": self.threads}
