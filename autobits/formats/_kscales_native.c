@@ -1,0 +1,408 @@
+/*
+ * The two hot scale searches of ggml's K-quants, in C: make_qkx2/qkx3_quants (scale + min,
+ * Q4_K/Q5_K/Q2_K and Q4_1/Q5_1 with an imatrix) and make_qx_quants (symmetric; Q6_K, Q3_K
+ * and Q4_0/Q5_0 with an imatrix).
+ *
+ * They are ports of autobits.formats.kscales (itself a port of the static helpers in
+ * llama.cpp's ggml/src/ggml-quants.c), one sub-block at a time, so the arithmetic is
+ * ggml's scalar code again: float32 throughout, the same association order, sequential
+ * sums.  Build with -ffp-contract=off (pyproject.toml): a fused multiply-add would change
+ * the last bit of the sums and with it the chosen scale.
+ *
+ * Data layout: n sub-blocks of k values, either one per row ((n, k), C order) or, with
+ * transposed=1, one per column ((k, n), C order: value i of sub-block r at x[i*n + r]).
+ * Every sub-block is copied into a small contiguous buffer before its search.  The levels
+ * are written as int32 in the input's layout.  The GIL is released during the search.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define GROUP_MAX_EPS 1e-15f
+#define MAX_K 4096
+
+static inline int nearest_int(float fval) {
+    /* ggml's rounding: exact round-half-even for |fval| < 2**22, ggml's garbage beyond */
+    float val = fval + 12582912.f;
+    int i;
+    memcpy(&i, &val, sizeof(int));
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+static inline int clampi(int v, int lo, int hi) {
+    v = v < lo ? lo : v; /* two selects, in this form the lane loops vectorise */
+    return v > hi ? hi : v;
+}
+
+/* make_qkx2_quants / make_qkx3_quants on LANES sub-blocks side by side.
+ *
+ * x, w: (k, LANES), value i of lane r at [i*LANES + r]; L receives the levels in the same
+ * layout.  Each lane runs ggml's search on its own sub-block; the loops run over the lanes
+ * innermost so that the compiler vectorises them (every lane's running sums stay
+ * sequential over i, as in ggml).  Instead of copying the levels of every better step,
+ * the winning step's (iscale, min) is kept and the levels recomputed from it at the end:
+ * the same floats give the same levels. */
+#define LANES 16
+
+/* err[r] = sum_i w * |d| (use_mad) or w * d*d, d = scale*l + min - x, with the levels
+ * l = clamp(nearest_int(isc*(x - lmin)), 0, nmax): ggml's error sums, lane by lane. */
+static void lane_error(int k, int nmax, const float *x, const float *w, const float *isc,
+                       const float *lmin, const float *scale, const float *min, int use_mad,
+                       float *err) {
+    for (int r = 0; r < LANES; ++r) err[r] = 0;
+    for (int i = 0; i < k; ++i) {
+        const float *xi = x + i * LANES, *wi = w + i * LANES;
+        if (use_mad) {
+            for (int r = 0; r < LANES; ++r) {
+                float l = (float)clampi(nearest_int(isc[r] * (xi[r] - lmin[r])), 0, nmax);
+                float diff = scale[r] * l + min[r] - xi[r];
+                err[r] += wi[r] * fabsf(diff);
+            }
+        } else {
+            for (int r = 0; r < LANES; ++r) {
+                float l = (float)clampi(nearest_int(isc[r] * (xi[r] - lmin[r])), 0, nmax);
+                float diff = scale[r] * l + min[r] - xi[r];
+                err[r] += wi[r] * (diff * diff);
+            }
+        }
+    }
+}
+
+static void qkx_lanes(int k, int nmax, const float *x, const float *w, int32_t *L,
+                      float *scale_out, float *the_min_out, float rmin, float rdelta,
+                      int nstep, int use_mad) {
+    float mn[LANES], mx[LANES], sum_w[LANES], sum_x[LANES], scale[LANES], best[LANES];
+    float use_isc[LANES], use_min[LANES], isc[LANES];
+    float sl[LANES], sl2[LANES], sxl[LANES], tscale[LANES], tmin[LANES], cur[LANES];
+    int ok[LANES], flat[LANES];
+    for (int r = 0; r < LANES; ++r) {
+        mn[r] = x[r];
+        mx[r] = x[r];
+        sum_w[r] = w[r];
+        sum_x[r] = w[r] * x[r];
+    }
+    for (int i = 1; i < k; ++i) {
+        const float *xi = x + i * LANES, *wi = w + i * LANES;
+        for (int r = 0; r < LANES; ++r) {
+            mn[r] = xi[r] < mn[r] ? xi[r] : mn[r];
+            mx[r] = xi[r] > mx[r] ? xi[r] : mx[r];
+            sum_w[r] += wi[r];
+            sum_x[r] += wi[r] * xi[r];
+        }
+    }
+    for (int r = 0; r < LANES; ++r) {
+        mn[r] = mn[r] > 0 ? 0 : mn[r];
+        flat[r] = mx[r] == mn[r]; /* ggml returns at once: levels 0, scale 0 */
+        isc[r] = nmax / (mx[r] - mn[r]);
+        scale[r] = 1 / isc[r];
+        best[r] = 0;
+        use_isc[r] = isc[r];
+        use_min[r] = mn[r];
+    }
+    lane_error(k, nmax, x, w, isc, mn, scale, mn, use_mad, best);
+    for (int is = 0; nstep >= 1 && is <= nstep; ++is) {
+        for (int r = 0; r < LANES; ++r) {
+            isc[r] = (rmin + rdelta * is + nmax) / (mx[r] - mn[r]);
+            sl[r] = sl2[r] = sxl[r] = 0;
+        }
+        for (int i = 0; i < k; ++i) {
+            const float *xi = x + i * LANES, *wi = w + i * LANES;
+            for (int r = 0; r < LANES; ++r) {
+                float l = (float)clampi(nearest_int(isc[r] * (xi[r] - mn[r])), 0, nmax);
+                float wl = wi[r] * l;
+                sl[r] += wl;
+                sl2[r] += wl * l;
+                sxl[r] += wl * xi[r];
+            }
+        }
+        for (int r = 0; r < LANES; ++r) {
+            float D = sum_w[r] * sl2[r] - sl[r] * sl[r];
+            float ts = (sum_w[r] * sxl[r] - sum_x[r] * sl[r]) / D;
+            float tm = (sl2[r] * sum_x[r] - sl[r] * sxl[r]) / D;
+            int pos = tm > 0;
+            tmin[r] = pos ? 0 : tm;
+            tscale[r] = pos ? sxl[r] / sl2[r] : ts;
+            ok[r] = D > 0 && !flat[r];
+        }
+        lane_error(k, nmax, x, w, isc, mn, tscale, tmin, use_mad, cur);
+        for (int r = 0; r < LANES; ++r) {
+            if (ok[r] && cur[r] < best[r]) {
+                best[r] = cur[r];
+                scale[r] = tscale[r];
+                use_isc[r] = isc[r];
+                use_min[r] = mn[r];
+                mn[r] = tmin[r];
+            }
+        }
+    }
+    for (int i = 0; i < k; ++i) {
+        const float *xi = x + i * LANES;
+        int32_t *Li = L + i * LANES;
+        for (int r = 0; r < LANES; ++r) {
+            int l = clampi(nearest_int(use_isc[r] * (xi[r] - use_min[r])), 0, nmax);
+            Li[r] = flat[r] ? 0 : l;
+        }
+    }
+    for (int r = 0; r < LANES; ++r) {
+        scale_out[r] = flat[r] ? 0.f : scale[r];
+        the_min_out[r] = -mn[r];
+    }
+}
+
+/* make_qx_quants' error weight of value i: the importance, or one chosen by rmse_type */
+static inline float qx_weight(const float *qw, const float *x, int i, int rmse_type) {
+    return qw ? qw[i]
+              : rmse_type == 1 ? x[i] * x[i]
+              : rmse_type == 2 ? 1
+              : rmse_type == 3 ? fabsf(x[i])
+                               : sqrtf(fabsf(x[i]));
+}
+
+/* make_qx_quants; L is offset by +nmax.  qw NULL: weights from rmse_type as in ggml. */
+static float qx_one(int n, int nmax, const float *x, int32_t *L, int rmse_type,
+                    const float *qw) {
+    float max = 0;
+    float amax = 0;
+    for (int i = 0; i < n; ++i) {
+        float ax = fabsf(x[i]);
+        if (ax > amax) {
+            amax = ax;
+            max = x[i];
+        }
+    }
+    if (amax < GROUP_MAX_EPS) {
+        for (int i = 0; i < n; ++i) L[i] = 0;
+        return 0.f;
+    }
+    float iscale = -nmax / max;
+    if (rmse_type == 0) {
+        for (int i = 0; i < n; ++i) {
+            int l = nearest_int(iscale * x[i]);
+            L[i] = nmax + clampi(l, -nmax, nmax - 1);
+        }
+        return 1 / iscale;
+    }
+    int return_early = 0;
+    if (rmse_type < 0) {
+        rmse_type = -rmse_type;
+        return_early = 1;
+    }
+    float sumlx = 0;
+    float suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1);
+        L[i] = l + nmax;
+        float w = qx_weight(qw, x, i, rmse_type);
+        sumlx += w * x[i] * l;
+        suml2 += w * l * l;
+    }
+    float scale = suml2 ? sumlx / suml2 : 0.0f;
+    if (return_early) return suml2 > 0 ? 0.5f * (scale + 1 / iscale) : 1 / iscale;
+    float best = scale * sumlx;
+    for (int is = -9; is <= 9; ++is) {
+        if (is == 0) continue;
+        iscale = -(nmax + 0.1f * is) / max;
+        sumlx = suml2 = 0;
+        for (int i = 0; i < n; ++i) {
+            int l = clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1);
+            float w = qx_weight(qw, x, i, rmse_type);
+            sumlx += w * x[i] * l;
+            suml2 += w * l * l;
+        }
+        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+            for (int i = 0; i < n; ++i) {
+                int l = nearest_int(iscale * x[i]);
+                L[i] = nmax + clampi(l, -nmax, nmax - 1);
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    return scale;
+}
+
+/* ------------------------------------------------------------------ argument handling */
+typedef struct {
+    Py_buffer x, w, scale, min, L;
+    int has_w, has_min;
+    Py_ssize_t n;
+    int k, transposed;
+} Args;
+
+static void release(Args *a) {
+    PyBuffer_Release(&a->x);
+    if (a->has_w) PyBuffer_Release(&a->w);
+    PyBuffer_Release(&a->scale);
+    if (a->has_min) PyBuffer_Release(&a->min);
+    PyBuffer_Release(&a->L);
+}
+
+/* Fill *a from Python objects and check every size; on error a Python exception is set,
+ * every buffer taken is released, and -1 returned. */
+static int take(Args *a, PyObject *x, PyObject *w, PyObject *scale, PyObject *min,
+                PyObject *L, int k, int transposed) {
+    memset(a, 0, sizeof(*a));
+    a->k = k;
+    a->transposed = transposed;
+    if (k < 1 || k > MAX_K) {
+        PyErr_Format(PyExc_ValueError, "sub-block length must be in [1, %d], got k=%d", MAX_K, k);
+        return -1;
+    }
+    if (PyObject_GetBuffer(x, &a->x, PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (a->x.len % ((Py_ssize_t)k * 4) != 0) {
+        PyErr_Format(PyExc_ValueError, "x holds %zd bytes, not a multiple of k*4=%d",
+                     a->x.len, k * 4);
+        PyBuffer_Release(&a->x);
+        return -1;
+    }
+    a->n = a->x.len / ((Py_ssize_t)k * 4);
+    Py_ssize_t want[4] = {a->x.len, a->n * 4, a->n * 4, a->x.len};
+    PyObject *objs[4] = {w, scale, min, L};
+    Py_buffer *bufs[4] = {&a->w, &a->scale, &a->min, &a->L};
+    const char *names[4] = {"weights", "scale", "min", "levels"};
+    for (int j = 0; j < 4; ++j) {
+        if (objs[j] == Py_None && (j == 0 || j == 2)) continue;
+        int flags = j == 0 ? PyBUF_C_CONTIGUOUS : (PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE);
+        if (PyObject_GetBuffer(objs[j], bufs[j], flags) < 0) goto fail;
+        if (j == 0) a->has_w = 1;
+        if (j == 2) a->has_min = 1;
+        if (bufs[j]->len != want[j]) {
+            PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, expected %zd", names[j],
+                         bufs[j]->len, want[j]);
+            goto fail;
+        }
+    }
+    return 0;
+fail:
+    PyBuffer_Release(&a->x);
+    for (int j = 0; j < 4; ++j)
+        if (bufs[j]->obj != NULL) PyBuffer_Release(bufs[j]);
+    return -1;
+}
+
+static inline void gather(const float *src, float *dst, Py_ssize_t r, const Args *a) {
+    if (!a->transposed) {
+        memcpy(dst, src + r * a->k, (size_t)a->k * sizeof(float));
+    } else {
+        for (int i = 0; i < a->k; ++i) dst[i] = src[(Py_ssize_t)i * a->n + r];
+    }
+}
+
+static inline void scatter(const int32_t *src, int32_t *dst, Py_ssize_t r, const Args *a) {
+    if (!a->transposed) {
+        memcpy(dst + r * a->k, src, (size_t)a->k * sizeof(int32_t));
+    } else {
+        for (int i = 0; i < a->k; ++i) dst[(Py_ssize_t)i * a->n + r] = src[i];
+    }
+}
+
+PyDoc_STRVAR(qkx_doc,
+"qkx(x, w, scale, the_min, L, k, transposed, nmax, rmin, rdelta, nstep, use_mad)\n\n"
+"ggml make_qkx2_quants (w given) / make_qkx3_quants (w None: x*x) on every sub-block of\n"
+"x (float32), writing scale and -min (float32, one per sub-block) and the levels L\n"
+"(int32, x's layout).");
+
+static PyObject *py_qkx(PyObject *self, PyObject *args) {
+    PyObject *x, *w, *scale, *min, *L;
+    int k, transposed, nmax, nstep, use_mad;
+    float rmin, rdelta;
+    if (!PyArg_ParseTuple(args, "OOOOOiiiffip", &x, &w, &scale, &min, &L, &k, &transposed,
+                          &nmax, &rmin, &rdelta, &nstep, &use_mad))
+        return NULL;
+    if (min == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "qkx needs a the_min buffer");
+        return NULL;
+    }
+    Args a;
+    if (take(&a, x, w, scale, min, L, k, transposed) < 0) return NULL;
+    const float *xs = (const float *)a.x.buf;
+    const float *ws = a.has_w ? (const float *)a.w.buf : NULL;
+    float *sc = (float *)a.scale.buf, *mn = (float *)a.min.buf;
+    int32_t *Ls = (int32_t *)a.L.buf;
+    float *xb = malloc(sizeof(float) * (size_t)k * LANES * 2);
+    int32_t *lb = malloc(sizeof(int32_t) * (size_t)k * LANES);
+    if (xb == NULL || lb == NULL) {
+        free(xb);
+        free(lb);
+        release(&a);
+        return PyErr_NoMemory();
+    }
+    float *wb = xb + (size_t)k * LANES;
+    Py_BEGIN_ALLOW_THREADS
+    float s_out[LANES], m_out[LANES];
+    for (Py_ssize_t r0 = 0; r0 < a.n; r0 += LANES) {
+        int m = a.n - r0 < LANES ? (int)(a.n - r0) : LANES;
+        for (int i = 0; i < k; ++i) {
+            for (int r = 0; r < LANES; ++r) {
+                Py_ssize_t src = a.transposed ? (Py_ssize_t)i * a.n + r0 + r : (r0 + r) * k + i;
+                float v = r < m ? xs[src] : 0.f; /* padding lanes are flat, then dropped */
+                xb[i * LANES + r] = v;
+                wb[i * LANES + r] = r < m ? (ws ? ws[src] : v * v) : 0.f;
+            }
+        }
+        qkx_lanes(k, nmax, xb, wb, lb, s_out, m_out, rmin, rdelta, nstep, use_mad);
+        for (int r = 0; r < m; ++r) {
+            sc[r0 + r] = s_out[r];
+            mn[r0 + r] = m_out[r];
+        }
+        for (int i = 0; i < k; ++i) {
+            for (int r = 0; r < m; ++r) {
+                Py_ssize_t dst = a.transposed ? (Py_ssize_t)i * a.n + r0 + r : (r0 + r) * k + i;
+                Ls[dst] = lb[i * LANES + r];
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    free(xb);
+    free(lb);
+    release(&a);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(qx_doc,
+"qx(x, w, scale, L, k, transposed, nmax, rmse_type)\n\n"
+"ggml make_qx_quants on every sub-block of x (float32), weights w or None, writing the\n"
+"scales (float32) and the levels + nmax (int32, x's layout).");
+
+static PyObject *py_qx(PyObject *self, PyObject *args) {
+    PyObject *x, *w, *scale, *L;
+    int k, transposed, nmax, rmse_type;
+    if (!PyArg_ParseTuple(args, "OOOOiiii", &x, &w, &scale, &L, &k, &transposed, &nmax,
+                          &rmse_type))
+        return NULL;
+    Args a;
+    if (take(&a, x, w, scale, Py_None, L, k, transposed) < 0) return NULL;
+    const float *xs = (const float *)a.x.buf;
+    const float *ws = a.has_w ? (const float *)a.w.buf : NULL;
+    float *sc = (float *)a.scale.buf;
+    int32_t *Ls = (int32_t *)a.L.buf;
+    Py_BEGIN_ALLOW_THREADS
+    float xb[MAX_K], wb[MAX_K];
+    int32_t lb[MAX_K];
+    for (Py_ssize_t r = 0; r < a.n; ++r) {
+        gather(xs, xb, r, &a);
+        if (ws) gather(ws, wb, r, &a);
+        sc[r] = qx_one(k, nmax, xb, lb, rmse_type, ws ? wb : NULL);
+        scatter(lb, Ls, r, &a);
+    }
+    Py_END_ALLOW_THREADS
+    release(&a);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"qkx", py_qkx, METH_VARARGS, qkx_doc},
+    {"qx", py_qx, METH_VARARGS, qx_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_kscales_native",
+    "ggml's make_qkx2/qkx3_quants and make_qx_quants in C (see autobits.formats.kscales).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__kscales_native(void) { return PyModule_Create(&module); }
