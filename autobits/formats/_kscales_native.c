@@ -47,9 +47,17 @@ static inline int clampi(int v, int lo, int hi) {
  * the same floats give the same levels. */
 #define LANES 16
 
+/* The lane loops are compiled twice, for baseline x86-64 and for AVX2 (chosen at load
+ * time); without FMA either way (-ffp-contract=off), so both give the same bits. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LANE_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LANE_CLONES
+#endif
+
 /* err[r] = sum_i w * |d| (use_mad) or w * d*d, d = scale*l + min - x, with the levels
  * l = clamp(nearest_int(isc*(x - lmin)), 0, nmax): ggml's error sums, lane by lane. */
-static void lane_error(int k, int nmax, const float *x, const float *w, const float *isc,
+LANE_CLONES static void lane_error(int k, int nmax, const float *x, const float *w, const float *isc,
                        const float *lmin, const float *scale, const float *min, int use_mad,
                        float *err) {
     for (int r = 0; r < LANES; ++r) err[r] = 0;
@@ -71,7 +79,7 @@ static void lane_error(int k, int nmax, const float *x, const float *w, const fl
     }
 }
 
-static void qkx_lanes(int k, int nmax, const float *x, const float *w, int32_t *L,
+LANE_CLONES static void qkx_lanes(int k, int nmax, const float *x, const float *w, int32_t *L,
                       float *scale_out, float *the_min_out, float rmin, float rdelta,
                       int nstep, int use_mad) {
     float mn[LANES], mx[LANES], sum_w[LANES], sum_x[LANES], scale[LANES], best[LANES];
