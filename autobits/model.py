@@ -46,21 +46,12 @@ class GGUFInfo:
     metadata: dict[str, Any] = field(repr=False)
 
 
-def _field_value(f) -> Any:
-    import gguf
-
-    if not f.types:
-        return None
-    t = f.types[0]
-    if t == gguf.GGUFValueType.STRING:
-        return bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
-    if t == gguf.GGUFValueType.ARRAY:
-        return f"<array of {len(f.data)}>"
-    return f.parts[f.data[0]].tolist()[0]
-
-
 def read_gguf_header(path: str | os.PathLike) -> GGUFInfo:
-    """Validate a GGUF file (magic, completeness, architecture) and list its tensors."""
+    """Validate a GGUF file (magic, completeness, architecture) and list its tensors.
+
+    One bounded pass over the header (:func:`~autobits.gguf_scan.scan_gguf_header`); every
+    tensor's bytes must lie inside the file.  No weights are read.
+    """
     import gguf
 
     path = Path(path)
@@ -76,32 +67,33 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFInfo:
     version = struct.unpack("<I", head[4:8])[0]
     if version not in (2, 3):
         raise ModelLoadError(f"{str(path)!r}: unsupported GGUF version {version}, expected 2 or 3")
-    scan_gguf_header(path)  # bounded: a crafted count fails here, not in gguf-py's loops
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # gguf raises ValueError/IndexError/struct.error on bad bytes
-        raise ModelLoadError(
-            f"{str(path)!r} is a corrupt or truncated GGUF file: its header and tensor table "
-            f"do not parse from the file's {size:,} bytes ({e})"
-        ) from None
+    header = scan_gguf_header(path)
     tensors: dict[str, tuple[tuple[int, ...], str]] = {}
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
+    for t in header.tensors:
+        try:
+            qtype = gguf.GGMLQuantizationType(t.ggml_type)
+            block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise ModelLoadError(f"{str(path)!r} is a corrupt GGUF file: tensor {t.name!r} has "
+                                 f"type id {t.ggml_type}, not a ggml type") from None
+        if t.dims[0] % block:
+            raise ModelLoadError(f"{str(path)!r} is a corrupt GGUF file: tensor {t.name!r} has "
+                                 f"rows of {t.dims[0]} values, not a multiple of {qtype.name}'s "
+                                 f"block of {block}")
+        end = header.data_start + t.offset + int(np.prod(t.dims, dtype=np.int64)) // block * type_bytes
         if end > size:
             raise ModelLoadError(
                 f"{str(path)!r} is truncated: tensor {t.name!r} ends at byte {end}, "
                 f"the file has {size} bytes"
             )
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        tensors[t.name] = (shape, t.tensor_type.name)
-    meta = {k: _field_value(f) for k, f in reader.fields.items()}
-    arch = meta.get("general.architecture")
+        tensors[t.name] = (tuple(reversed(t.dims)), qtype.name)
+    arch = header.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
             f"{str(path)!r}: unsupported architecture {arch!r}; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    return GGUFInfo(path=path, architecture=arch, tensors=tensors, metadata=meta)
+    return GGUFInfo(path=path, architecture=arch, tensors=tensors, metadata=dict(header.metadata))
 
 
 @dataclass

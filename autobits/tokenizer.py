@@ -131,13 +131,14 @@ class SentencePieceTokenizer:
     @classmethod
     def from_gguf(cls, path: str | Path) -> SentencePieceTokenizer:
         """Read the vocabulary of the GGUF at ``path`` (``tokenizer.ggml.*``)."""
-        from gguf import GGUFReader
+        from autobits.gguf_scan import scan_gguf_header
 
-        fields = GGUFReader(str(path)).fields
+        arrays = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+        fields = scan_gguf_header(path, arrays=arrays).metadata
 
         def value(key: str, default: Any = None) -> Any:
-            f = fields.get(key)
-            return default if f is None else f.contents()
+            v = fields.get(key)
+            return default if v is None else v.tolist() if hasattr(v, "tolist") else v
 
         tokens = value("tokenizer.ggml.tokens")
         if not tokens:

@@ -34,6 +34,46 @@ def tiny_gguf(tmp_path_factory):
     return path
 
 
+def _gguf_py_view(path):
+    """What gguf-py reads of a header, in read_gguf_header's terms."""
+    reader = gguf.GGUFReader(path)
+    meta = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        t = f.types[0]
+        if t == gguf.GGUFValueType.STRING:
+            meta[key] = bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
+        elif t == gguf.GGUFValueType.ARRAY:
+            meta[key] = f"<array of {len(f.data)}>"
+        else:
+            meta[key] = f.parts[f.data[0]].tolist()[0]
+    tensors = {t.name: (tuple(int(x) for x in reversed(t.shape.tolist())), t.tensor_type.name)
+               for t in reader.tensors}
+    return meta, tensors, reader
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_header_reads_what_gguf_py_reads(tiny_gguf, smol_path, which):
+    path = tiny_gguf if which == "tiny" else smol_path
+    meta, tensors, reader = _gguf_py_view(path)
+    if which == "tiny":
+        info_meta, info_tensors = scan_gguf_header(path).metadata, None
+    else:
+        info = read_gguf_header(path)
+        info_meta, info_tensors = info.metadata, info.tensors
+        assert info_tensors == tensors and info.architecture == "llama"
+    assert info_meta == meta
+    assert {k: type(v) for k, v in info_meta.items()} == {k: type(v) for k, v in meta.items()}
+    # arrays named are kept whole: strings as str, numbers as NumPy arrays
+    keys = [k for k, f in reader.fields.items() if f.types and f.types[0] == gguf.GGUFValueType.ARRAY]
+    kept = scan_gguf_header(path, arrays=keys).metadata
+    for k in keys:
+        want = reader.fields[k].contents()
+        got = kept[k]
+        assert (got if isinstance(got, list) else got.tolist()) == want, k
+
+
 def _patched(src, dst, key: bytes, offset: int, fmt: str, value: int):
     """``src`` with ``value`` packed at ``offset`` bytes after the end of metadata ``key``."""
     data = bytearray(src.read_bytes())
