@@ -20,6 +20,7 @@ tens of seconds for a 150k vocabulary).
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import struct
@@ -31,7 +32,10 @@ import numpy as np
 
 from autobits.errors import ModelLoadError
 
-__all__ = ["GGUFHeader", "GGUFTensorEntry", "scan_gguf_header", "LIMITS"]
+log = logging.getLogger(__name__)
+
+__all__ = ["GGUFHeader", "GGUFSource", "GGUFTensor", "GGUFTensorEntry", "LIMITS",
+           "scan_gguf_header", "tensor_table"]
 
 _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
@@ -95,6 +99,7 @@ class GGUFHeader:
 class _Scan:
     def __init__(self, buf, path: Path):
         self.buf, self.pos, self.size, self.path = buf, 0, len(buf), path
+        self.item_type = None
 
     def fail(self, field: str, what: str) -> ModelLoadError:
         return ModelLoadError(f"{str(self.path)!r} is a corrupt GGUF file: {field}: {what} "
@@ -128,11 +133,13 @@ class _Scan:
         self.pos += n
         return s
 
-    def value(self, field: str, vtype: int, depth: int = 0, *, keep: bool = False):
+    def value(self, field: str, vtype: int, depth: int = 0, *, keep: bool = False,
+              raw: bool = False):
         """Read one value of ``vtype``: a scalar, a string (decoded, invalid UTF-8
         replaced), or for an array ``"<array of N>"`` (its items checked and skipped); with
         ``keep`` an array of numbers is returned as a NumPy array, an array of strings as a
-        list of str."""
+        list of str.  With ``raw`` strings stay bytes.  An array's item type is left in
+        ``self.item_type``."""
         if vtype in _SCALAR_FMT:
             return self.take(_SCALAR_FMT[vtype], field)
         if vtype == _STRING:
@@ -140,12 +147,12 @@ class _Scan:
                            limit="string_bytes")
             s = bytes(self.buf[self.pos:self.pos + n])
             self.pos += n
-            return s.decode("utf-8", "replace")
+            return s if raw else s.decode("utf-8", "replace")
         if vtype != _ARRAY:
             raise self.fail(field, f"unknown value type {vtype}")
         if depth >= LIMITS["array_depth"]:
             raise self.fail(field, f"arrays nested deeper than {LIMITS['array_depth']}")
-        itype = self.take("<I", f"{field} item type")
+        itype = self.item_type = self.take("<I", f"{field} item type")
         if itype not in _TYPE_NAMES:
             raise self.fail(field, f"unknown array item type {itype}")
         least = _SCALAR_SIZE.get(itype, 8 if itype == _STRING else 12)  # array: type + count
@@ -171,7 +178,8 @@ class _Scan:
                     raise self.fail(f"{field}[{i}]", f"a string of {k:,} bytes, {size - pos:,} "
                                                      f"are left in the file (limit {cap:,})")
                 if kept is not None:
-                    kept.append(str(buf[pos:pos + k], "utf-8", "replace"))
+                    kept.append(bytes(buf[pos:pos + k]) if raw
+                                else str(buf[pos:pos + k], "utf-8", "replace"))
                 pos += k
             self.pos = pos
             if kept is not None:
@@ -179,6 +187,7 @@ class _Scan:
         else:
             for i in range(n):
                 self.value(f"{field}[{i}]", itype, depth + 1)
+            self.item_type = itype  # the nested arrays' own types were left there meanwhile
         return f"<array of {n}>"
 
 
@@ -200,7 +209,10 @@ def scan_gguf_header(path: str | os.PathLike, *, arrays: Iterable[str] = ()) -> 
         raise ModelLoadError(f"cannot read model file {str(path)!r}: {e.strerror or e}") from None
 
 
-def _scan(buf: mmap.mmap, path: Path, arrays: frozenset[str]) -> GGUFHeader:
+def _scan(buf: mmap.mmap, path: Path, arrays: frozenset[str], kv: list | None = None
+          ) -> GGUFHeader:
+    """The scan; ``kv``, when a list, receives every key/value as ``(key, value, type,
+    item type or None)`` with strings as bytes and arrays whole."""
     s = _Scan(buf, path)
     try:
         if bytes(buf[:4]) != _MAGIC:
@@ -216,7 +228,15 @@ def _scan(buf: mmap.mmap, path: Path, arrays: frozenset[str]) -> GGUFHeader:
         for i in range(n_kv):
             key = s.string(f"metadata key {i}").decode("utf-8", "replace")
             vtype = s.take("<I", f"metadata {key!r} type")
-            v = metadata[key] = s.value(f"metadata {key!r}", vtype, keep=key in arrays)
+            keep = kv is not None or key in arrays
+            v = s.value(f"metadata {key!r}", vtype, keep=keep, raw=kv is not None)
+            if kv is not None:
+                kv.append((key, v, vtype, s.item_type if vtype == _ARRAY else None))
+                if vtype == _STRING:
+                    v = v.decode("utf-8", "replace")
+                elif vtype == _ARRAY and key not in arrays:
+                    v = f"<array of {len(v)}>" if isinstance(v, (list, np.ndarray)) else v
+            metadata[key] = v
             if key == "general.architecture" and vtype == _STRING:
                 architecture = v
             if key == "general.alignment":
@@ -249,3 +269,134 @@ def _scan(buf: mmap.mmap, path: Path, arrays: frozenset[str]) -> GGUFHeader:
     return GGUFHeader(version=version, tensor_count=n_tensors, kv_count=n_kv,
                       header_bytes=s.pos, alignment=alignment, architecture=architecture,
                       tensors=tuple(tensors), metadata=metadata)
+
+
+# ------------------------------------------------------------------ the tensor table
+@dataclass(frozen=True)
+class GGUFTensor:
+    """Where one tensor's bytes lie in the file: ``shape`` in numpy order (rows last axis),
+    ``start`` the absolute offset, ``nbytes`` its size."""
+
+    name: str
+    shape: tuple[int, ...]
+    type_name: str
+    type_id: int
+    start: int
+    nbytes: int
+
+    @property
+    def row_length(self) -> int:
+        return int(self.shape[-1])
+
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.shape[:-1], dtype=np.int64)) if len(self.shape) > 1 else 1
+
+
+def _type_sizes(type_id: int, path: Path, name: str) -> tuple[str, int, int]:
+    """(type name, values per block, bytes per block) of a ggml type id."""
+    import gguf
+
+    try:
+        qtype = gguf.GGMLQuantizationType(type_id)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        raise ModelLoadError(f"{str(path)!r} is a corrupt GGUF file: tensor {name!r} has ggml "
+                             f"type id {type_id}, which gguf-py does not know") from None
+    return qtype.name, int(block), int(size)
+
+
+def tensor_table(path: str | os.PathLike, header: GGUFHeader) -> dict[str, GGUFTensor]:
+    """The tensors of a scanned file, each checked: a known ggml type, rows that are whole
+    blocks, bytes inside the file, a name listed once (else :class:`ModelLoadError`)."""
+    path = Path(path)
+    size = path.stat().st_size
+    tensors: dict[str, GGUFTensor] = {}
+    for e in header.tensors:
+        type_name, block, type_size = _type_sizes(e.ggml_type, path, e.name)
+        if e.dims[0] % block:
+            raise ModelLoadError(f"{str(path)!r}: tensor {e.name!r} has rows of {e.dims[0]} values, "
+                                 f"not a multiple of {type_name}'s blocks of {block}")
+        start = header.data_start + e.offset
+        nbytes = int(np.prod(e.dims, dtype=np.int64)) // block * type_size
+        if start + nbytes > size:
+            raise ModelLoadError(f"{str(path)!r} is truncated: tensor {e.name!r} ends at byte "
+                                 f"{start + nbytes:,}, the file has {size:,} bytes")
+        if e.name in tensors:
+            raise ModelLoadError(f"{str(path)!r} lists tensor {e.name!r} twice")
+        tensors[e.name] = GGUFTensor(name=e.name, shape=tuple(int(d) for d in reversed(e.dims)),
+                                     type_name=type_name, type_id=e.ggml_type, start=start,
+                                     nbytes=nbytes)
+    return tensors
+
+
+#: numpy item type of the unquantized ggml types (the others are shown as bytes)
+_PLAIN_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8,
+                 "I16": np.int16, "I32": np.int32, "I64": np.int64}
+
+
+class SourceTensor:
+    """One tensor of a :class:`GGUFSource`, with the attributes of gguf-py's
+    ``ReaderTensor`` that the copying code reads: ``name``, ``tensor_type``, ``shape``
+    (ggml order), ``n_bytes`` and ``data`` (a read-only view of the mapped file: typed for
+    float and integer types, else ``uint8`` rows of bytes)."""
+
+    def __init__(self, t: GGUFTensor, mapped: np.ndarray) -> None:
+        import gguf
+
+        self.name = t.name
+        self.tensor_type = gguf.GGMLQuantizationType(t.type_id)
+        self.shape = np.array(list(reversed(t.shape)), dtype=np.uint64)
+        self.n_bytes = t.nbytes
+        raw = mapped[t.start:t.start + t.nbytes]
+        dtype = _PLAIN_DTYPES.get(t.type_name)
+        if dtype is not None:
+            self.data = raw.view(dtype).reshape(t.shape)
+        else:
+            self.data = raw.reshape(*t.shape[:-1], t.nbytes // max(1, t.n_rows))
+
+
+class GGUFSource:
+    """A GGUF file opened to be copied from (a stand-in's or an export's source): every
+    key/value as ``(key, value, type, item type or None)`` with strings as bytes and arrays
+    whole (:attr:`kv`), the architecture, and the tensors in file order, memory-mapped
+    read-only (:attr:`tensors`).  One bounded scan; gguf-py's reader is not used."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.kv: list[tuple[str, object, int, int | None]] = []
+        try:
+            with self.path.open("rb") as fh:
+                if os.fstat(fh.fileno()).st_size == 0:
+                    raise ModelLoadError(f"{str(self.path)!r} is empty, expected a GGUF file")
+                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                    self.header = _scan(mm, self.path, frozenset(), self.kv)
+        except OSError as e:
+            raise ModelLoadError(f"cannot read model file {str(self.path)!r}: "
+                                 f"{e.strerror or e}") from None
+        self.architecture = self.header.architecture
+        table = tensor_table(self.path, self.header)
+        mapped = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self.tensors = [SourceTensor(t, mapped) for t in table.values()]
+
+    def copy_kv(self, writer, *, skip: frozenset[str] | set[str] = frozenset()) -> int:
+        """Add every key/value of the source to a ``gguf.GGUFWriter`` but those in ``skip``,
+        with its own type (strings as the bytes in the file); returns how many.  An empty
+        array (which GGUFWriter cannot write) is left out with a warning; a nested array is
+        a :class:`ModelLoadError`."""
+        n = 0
+        for key, value, vtype, sub in self.kv:
+            if key in skip:
+                continue
+            if vtype == _ARRAY:
+                if sub == _ARRAY:
+                    raise ModelLoadError(f"{str(self.path)!r}: metadata {key!r} is a nested "
+                                         f"array, which autobits does not copy")
+                if len(value) == 0:
+                    log.warning("%s: metadata %r is an empty array; GGUFWriter cannot write it",
+                                self.path.name, key)
+                    continue
+                value = value if isinstance(value, list) else value.tolist()
+            writer.add_key_value(key, value, vtype, sub_type=sub)
+            n += 1
+        return n

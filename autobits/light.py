@@ -70,14 +70,14 @@ import numpy as np
 from autobits.candidates import Candidate, CandidateTable
 from autobits.errors import AllocationError, AutobitsError, ModelLoadError
 from autobits.formats import FORMAT_TABLE, get_format
-from autobits.gguf_scan import scan_gguf_header
+from autobits.gguf_scan import GGUFTensor, scan_gguf_header, tensor_table
 from autobits.names import SUPPORTED_ARCHITECTURES
 from autobits.specs import (
     DEFAULT_CANDIDATES, QUANTIZABLE_ROLES, TensorSpec, block_of, order_specs, role_of,
 )
 
 __all__ = [
-    "GAINS_SOURCE", "ROLE_GAINS", "WEIGHTED_SCALE", "GGUFTensor", "GGUFWeights", "LightConfig",
+    "GAINS_SOURCE", "ROLE_GAINS", "WEIGHTED_SCALE", "GGUFWeights", "LightConfig",
     "crest_factor", "light_candidates", "open_gguf", "relative_errors", "sample_rows",
     "tensor_gain",
 ]  # fmt: skip
@@ -147,43 +147,6 @@ class LightConfig:
 
 
 # ------------------------------------------------------------------------ the file
-@dataclass(frozen=True)
-class GGUFTensor:
-    """Where one tensor's bytes lie in the file: ``shape`` in numpy order (rows last axis),
-    ``start`` the absolute offset, ``nbytes`` its size."""
-
-    name: str
-    shape: tuple[int, ...]
-    type_name: str
-    type_id: int
-    start: int
-    nbytes: int
-
-    @property
-    def row_length(self) -> int:
-        return int(self.shape[-1])
-
-    @property
-    def n_rows(self) -> int:
-        return int(np.prod(self.shape[:-1], dtype=np.int64)) if len(self.shape) > 1 else 1
-
-
-def _type_sizes(type_id: int, path: Path, name: str) -> tuple[str, int, int]:
-    """(type name, values per block, bytes per block) of a ggml type id."""
-    import gguf
-
-    try:
-        qtype = gguf.GGMLQuantizationType(type_id)
-    except ValueError:
-        raise ModelLoadError(f"{str(path)!r}: tensor {name!r} has ggml type id {type_id}, "
-                             f"which gguf-py does not know") from None
-    spec = FORMAT_TABLE.get(qtype.name)
-    if spec is not None and spec.ggml_type == type_id:
-        return qtype.name, spec.block_size, spec.type_size
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    return qtype.name, int(block), int(size)
-
-
 class GGUFWeights:
     """A GGUF file's tensors: its :class:`TensorSpec` list (the full path's names, roles and
     quantizable set) and the rows of any 2-D tensor on demand, read from the open file.
@@ -262,24 +225,7 @@ def open_gguf(model: str | os.PathLike) -> GGUFWeights:
     if header.architecture not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(f"{str(path)!r}: unsupported architecture {header.architecture!r}; "
                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    size = path.stat().st_size
-    tensors: dict[str, GGUFTensor] = {}
-    for e in header.tensors:
-        type_name, block, type_size = _type_sizes(e.ggml_type, path, e.name)
-        if e.dims[0] % block:
-            raise ModelLoadError(f"{str(path)!r}: tensor {e.name!r} has rows of {e.dims[0]} values, "
-                                 f"not a multiple of {type_name}'s blocks of {block}")
-        numel = int(np.prod(e.dims, dtype=np.int64))
-        start = header.data_start + e.offset
-        nbytes = numel // block * type_size
-        if start + nbytes > size:
-            raise ModelLoadError(f"{str(path)!r} is truncated: tensor {e.name!r} ends at byte "
-                                 f"{start + nbytes:,}, the file has {size:,} bytes")
-        if e.name in tensors:
-            raise ModelLoadError(f"{str(path)!r} lists tensor {e.name!r} twice")
-        tensors[e.name] = GGUFTensor(name=e.name, shape=tuple(int(d) for d in reversed(e.dims)),
-                                     type_name=type_name, type_id=e.ggml_type, start=start,
-                                     nbytes=nbytes)
+    tensors = tensor_table(path, header)  # types, whole blocks, inside the file, once each
     weights = GGUFWeights(path, str(model), header.architecture, tensors)
     if not weights.quantizable:
         raise ModelLoadError(f"{str(path)!r} has no quantizable weight tensor")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from autobits.errors import ModelLoadError
-from autobits.gguf_scan import scan_gguf_header
+from autobits.gguf_scan import scan_gguf_header, tensor_table
 from autobits.names import SUPPORTED_ARCHITECTURES, hf_to_gguf_name
 from autobits.registry import cache_dir, resolve_model_path
 from autobits.specs import QUANTIZABLE_ROLES, TensorSpec, block_of, order_specs, role_of
@@ -52,12 +52,9 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFInfo:
     One bounded pass over the header (:func:`~autobits.gguf_scan.scan_gguf_header`); every
     tensor's bytes must lie inside the file.  No weights are read.
     """
-    import gguf
-
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"model file {str(path)!r} does not exist")
-    size = path.stat().st_size
     with path.open("rb") as fh:
         head = fh.read(8)
     if len(head) < 8 or head[:4] != GGUF_MAGIC:
@@ -68,25 +65,7 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFInfo:
     if version not in (2, 3):
         raise ModelLoadError(f"{str(path)!r}: unsupported GGUF version {version}, expected 2 or 3")
     header = scan_gguf_header(path)
-    tensors: dict[str, tuple[tuple[int, ...], str]] = {}
-    for t in header.tensors:
-        try:
-            qtype = gguf.GGMLQuantizationType(t.ggml_type)
-            block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
-        except (ValueError, KeyError):
-            raise ModelLoadError(f"{str(path)!r} is a corrupt GGUF file: tensor {t.name!r} has "
-                                 f"type id {t.ggml_type}, not a ggml type") from None
-        if t.dims[0] % block:
-            raise ModelLoadError(f"{str(path)!r} is a corrupt GGUF file: tensor {t.name!r} has "
-                                 f"rows of {t.dims[0]} values, not a multiple of {qtype.name}'s "
-                                 f"block of {block}")
-        end = header.data_start + t.offset + int(np.prod(t.dims, dtype=np.int64)) // block * type_bytes
-        if end > size:
-            raise ModelLoadError(
-                f"{str(path)!r} is truncated: tensor {t.name!r} ends at byte {end}, "
-                f"the file has {size} bytes"
-            )
-        tensors[t.name] = (tuple(reversed(t.dims)), qtype.name)
+    tensors = {t.name: (t.shape, t.type_name) for t in tensor_table(path, header).values()}
     arch = header.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(

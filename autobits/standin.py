@@ -48,7 +48,8 @@ from typing import Any
 import numpy as np
 
 from autobits.io import atomic_path
-from autobits.errors import AutobitsError
+from autobits.errors import AutobitsError, ModelLoadError
+from autobits.gguf_scan import GGUFSource
 
 __all__ = [
     "CALIBRATION_BUDGET", "STANDIN_VERSION", "StandinConfig", "StandinError", "build_standin",
@@ -509,12 +510,11 @@ def build_standin(source: str | os.PathLike, out_path: str | os.PathLike, *,
 
     source, out = Path(source), Path(out_path)
     t0 = time.perf_counter()
-    try:  # one reader (parsing a large vocabulary's fields takes seconds)
-        reader = gguf.GGUFReader(source, "r")
-    except Exception as e:  # gguf raises ValueError/IndexError/struct.error on bad bytes
+    try:
+        reader = GGUFSource(source)
+    except ModelLoadError as e:
         raise StandinError(f"{str(source)!r} is not a readable GGUF file ({e})") from None
-    arch_field = reader.fields.get("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else None
+    arch = reader.architecture
     if arch not in SUPPORTED_ARCHITECTURES:
         raise StandinError(f"{str(source)!r}: unsupported architecture {arch!r}")
     if isinstance(calibration_budget, bool) or not isinstance(calibration_budget, int) \
@@ -550,7 +550,7 @@ def build_standin(source: str | os.PathLike, out_path: str | os.PathLike, *,
     with atomic_path(out, suffix=".partial") as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         try:
-            _copy_kv(reader, writer)
+            reader.copy_kv(writer, skip={"general.architecture", "general.file_type"})
             writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
             for k, v in meta.items():
                 _add_meta(writer, k, v)
@@ -702,22 +702,6 @@ def _standin_tensor(t, calib, config: StandinConfig, index: int,
               "feedback" if h is not None and config.feedback else "no feedback",
               time.perf_counter() - t0)
     return np.ascontiguousarray(out.reshape(shape))
-
-
-def _copy_kv(reader, writer) -> None:
-    """Every key/value field of the source except the file type and the writer's own."""
-    import gguf
-
-    for field in reader.fields.values():
-        key = field.name
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type") \
-                or not field.types:
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        if vtype == gguf.GGUFValueType.ARRAY and not field.data:
-            continue
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
 
 
 def _add_meta(writer, key: str, value: Any) -> None:

@@ -44,6 +44,7 @@ from autobits import __version__
 from autobits.allocation import FLOAT_KEPT, Allocation
 from autobits.errors import AllocationError, AutobitsError
 from autobits.formats import get_format
+from autobits.gguf_scan import GGUFSource, scan_gguf_header
 from autobits.io import OutputError, atomic_path, check_output_folder
 
 __all__ = [
@@ -170,35 +171,6 @@ def file_type_for(lm, tensors: Mapping[str, str]) -> int:
 
 
 # ----------------------------------------------------------------------------- metadata
-def _source_kv(reader) -> list[tuple[str, Any, Any, Any]]:
-    """Every key/value field of a GGUF source as ``(key, value, type, sub_type)``."""
-    import gguf
-
-    out = []
-    for field in reader.fields.values():
-        key = field.name
-        if key.startswith("GGUF.") or key in _OWN_KEYS or not field.types:
-            continue
-        vtype = field.types[0]
-        if vtype == gguf.GGUFValueType.STRING:
-            out.append((key, bytes(field.parts[field.data[0]]), vtype, None))
-        elif vtype == gguf.GGUFValueType.ARRAY:
-            if len(field.types) != 2:
-                raise ExportError(f"source metadata {key!r} is a nested array, not supported")
-            sub = field.types[1]
-            if not field.data:
-                log.warning("source metadata %r is an empty array; GGUFWriter cannot write it", key)
-                continue
-            if sub == gguf.GGUFValueType.STRING:
-                value = [bytes(field.parts[i]) for i in field.data]
-            else:
-                value = [field.parts[i].tolist()[0] for i in field.data]
-            out.append((key, value, vtype, sub))
-        else:
-            out.append((key, field.parts[field.data[0]].tolist()[0], vtype, None))
-    return out
-
-
 def _config_value(config: Any, *names: str) -> Any:
     for n in names:
         v = getattr(config, n, None)
@@ -337,11 +309,11 @@ def _check_allocation(lm, allocation: Allocation) -> Allocation:
     return alloc
 
 
-def _plan(lm, alloc: Allocation, importance: Mapping[str, np.ndarray] | None, reader,
-          cache=None) -> list[_Item]:
+def _plan(lm, alloc: Allocation, importance: Mapping[str, np.ndarray] | None,
+          source: GGUFSource | None, cache=None) -> list[_Item]:
     import gguf
 
-    src = {t.name: t for t in reader.tensors} if reader is not None else {}
+    src = {t.name: t for t in source.tensors} if source is not None else {}
     by_name = {s.name: s for s in lm.specs}
     order = list(src) if src else [s.name for s in lm.specs]
     missing = [s.name for s in lm.specs if s.name not in order]
@@ -449,14 +421,17 @@ def export_gguf(
     _check_out_path(out)
     alloc = _check_allocation(lm, allocation)
     t0 = time.perf_counter()
-    reader = gguf.GGUFReader(lm.gguf.path, "r") if lm.gguf is not None else None
-    kv = _source_kv(reader) if reader is not None else _hf_kv(lm)
-    items = _plan(lm, alloc, importance, reader, cache)
+    source = GGUFSource(lm.gguf.path) if lm.gguf is not None else None
+    kv = None if source is not None else _hf_kv(lm)
+    items = _plan(lm, alloc, importance, source, cache)
     with atomic_path(out, suffix=".partial") as tmp:
         writer = gguf.GGUFWriter(tmp, lm.architecture)
         try:
-            for key, value, vtype, sub in kv:
-                writer.add_key_value(key, value, vtype, sub_type=sub)
+            if source is not None:
+                source.copy_kv(writer, skip=_OWN_KEYS)
+            else:
+                for key, value, vtype, sub in kv:
+                    writer.add_key_value(key, value, vtype, sub_type=sub)
             writer.add_file_type(file_type_for(lm, alloc.tensors))
             writer.add_quantization_version(QUANTIZATION_VERSION)
             writer.add_string(AUTOBITS_VERSION_KEY, __version__)
@@ -487,10 +462,5 @@ def export_gguf(
 
 def read_allocation(path: str | os.PathLike) -> dict | None:
     """The ``autobits.allocation`` JSON recorded in a GGUF file (None when absent)."""
-    import gguf
-
-    reader = gguf.GGUFReader(Path(path), "r")
-    field = reader.fields.get(AUTOBITS_ALLOCATION_KEY)
-    if field is None:
-        return None
-    return json.loads(bytes(field.parts[field.data[0]]).decode("utf-8"))
+    raw = scan_gguf_header(Path(path)).metadata.get(AUTOBITS_ALLOCATION_KEY)
+    return None if raw is None else json.loads(raw)

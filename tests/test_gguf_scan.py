@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from autobits.errors import ModelLoadError
-from autobits.gguf_scan import LIMITS, scan_gguf_header
+from autobits.gguf_scan import LIMITS, GGUFSource, scan_gguf_header
 from autobits.model import read_gguf_header
 
 
@@ -72,6 +72,42 @@ def test_header_reads_what_gguf_py_reads(tiny_gguf, smol_path, which):
         want = reader.fields[k].contents()
         got = kept[k]
         assert (got if isinstance(got, list) else got.tolist()) == want, k
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_source_copies_what_gguf_py_reads(tiny_gguf, smol_path, tmp_path, which):
+    """GGUFSource (the copying side of stand-ins and exports): the same key/values, types
+    and tensor views as gguf-py's reader, and a copy of the key/values reads back equal."""
+    path = tiny_gguf if which == "tiny" else smol_path
+    reader = gguf.GGUFReader(path)
+    src = GGUFSource(path)
+    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert [k for k, *_ in src.kv] == list(fields)
+    for key, value, vtype, sub in src.kv:
+        f = fields[key]
+        assert vtype == f.types[0] and sub == (f.types[1] if len(f.types) > 1 else None)
+        want = f.contents()
+        if vtype == gguf.GGUFValueType.STRING:
+            assert value.decode("utf-8") == want
+        elif vtype == gguf.GGUFValueType.ARRAY:
+            got = [v.decode("utf-8") for v in value] if isinstance(value, list) else value.tolist()
+            assert got == want, key
+        else:
+            assert value == want and type(value) is type(want), key
+    assert [t.name for t in src.tensors] == [t.name for t in reader.tensors]
+    for ours, theirs in zip(src.tensors, reader.tensors):
+        assert ours.tensor_type == theirs.tensor_type and ours.n_bytes == theirs.n_bytes
+        assert ours.shape.tolist() == theirs.shape.tolist()
+        assert ours.data.dtype == theirs.data.dtype and ours.data.shape == theirs.data.shape
+        np.testing.assert_array_equal(ours.data, theirs.data)
+    out = tmp_path / "copy.gguf"
+    w = gguf.GGUFWriter(str(out), src.architecture)
+    assert src.copy_kv(w, skip={"general.architecture"}) == len(src.kv) - 1
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    again = {k: f.contents() for k, f in gguf.GGUFReader(out).fields.items() if not k.startswith("GGUF.")}
+    assert again == {k: f.contents() for k, f in fields.items()}
 
 
 def _patched(src, dst, key: bytes, offset: int, fmt: str, value: int):
