@@ -1,7 +1,9 @@
 """Load a real model offline: a GGUF file or a Hugging Face folder -> torch model + specs.
 
 The reference weights are the loaded model's own: for a GGUF source, its tensors
-dequantized by transformers (through gguf-py).  Every tensor of the model file is described
+dequantized by gguf-py straight from the file, laid out as transformers' GGUF loader lays
+them out (transformers reads only the config and tokenizer, cached per vocabulary and
+config).  Every tensor of the model file is described
 by a :class:`~autobits.specs.TensorSpec` under its GGUF name.
 """
 
@@ -11,9 +13,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from autobits.errors import ModelLoadError
-from autobits.gguf_scan import scan_gguf_header, tensor_table
+from autobits.formats import FORMAT_TABLE, get_format
+from autobits.gguf_scan import GGUFSource, scan_gguf_header, tensor_table
+from autobits.io import atomic_dir
 from autobits.names import SUPPORTED_ARCHITECTURES, hf_to_gguf_name
 from autobits.registry import cache_dir, resolve_model_path
 from autobits.specs import QUANTIZABLE_ROLES, TensorSpec, block_of, order_specs, role_of
@@ -221,16 +223,15 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
                 f"{str(path)!r}: unsupported architecture {cfg.get('model_type')!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        kwargs: dict[str, Any] = {"local_files_only": True}
         info = None
-        src_dir = path
     else:
         info = read_gguf_header(path)
         arch = info.architecture
-        src_dir = _converted_folder(path)
-        kwargs = {"local_files_only": True}
     log.debug("loading %s (%s) from %s", name_or_path, arch, path)
-    tokenizer, model = _from_pretrained(src_dir, path, kwargs)
+    if info is None:
+        tokenizer, model = _from_pretrained(path, path, {"local_files_only": True})
+    else:
+        tokenizer, model = _from_gguf(path, info)
     if info is not None:
         tokenizer = match_llama_cpp(tokenizer, path, info.metadata)
     model.eval()
@@ -269,48 +270,148 @@ def _from_pretrained(src_dir: Path, path: Path, kwargs: dict):
     return tokenizer, model
 
 
-def _file_key(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
+# ------------------------------------------------------------------ GGUF files
+#: Metadata that changes neither transformers' config nor its tokenizer of a GGUF file:
+#: a re-quantized or float stand-in copy of a model shares both with its source.
+_CONFIG_NEUTRAL_KEYS = frozenset({"general.file_type", "general.quantization_version"})
+_CONFIG_NEUTRAL_PREFIXES = ("autobits.",)
+
+
+def _config_key(source: GGUFSource) -> str:
+    """What transformers derives a GGUF file's config and tokenizer from: every key/value
+    but :data:`_CONFIG_NEUTRAL_KEYS`, whether the head is tied (no ``output.weight``), and
+    the transformers version."""
+    import transformers
+
+    h = hashlib.sha256(f"transformers {transformers.__version__}\n".encode())
+    h.update(b"tied" if all(t.name != "output.weight" for t in source.tensors) else b"untied")
+    for key, value, vtype, sub in source.kv:
+        if key in _CONFIG_NEUTRAL_KEYS or key.startswith(_CONFIG_NEUTRAL_PREFIXES):
+            continue
+        h.update(f"\0{key}\0{vtype}\0{sub}\0".encode())
+        if isinstance(value, np.ndarray):
+            h.update(value.tobytes())
+        elif isinstance(value, list):
+            for v in value:
+                h.update(len(v).to_bytes(8, "little") + v)
+        else:
+            h.update(value if isinstance(value, bytes) else repr(value).encode())
     return h.hexdigest()[:24]
 
 
-def _converted_folder(path: Path) -> Path:
-    """A Hugging Face folder holding the GGUF's dequantized weights and its tokenizer.
+def _config_folder(path: Path, source: GGUFSource) -> Path:
+    """A folder with transformers' config and tokenizer of the GGUF at ``path``.
 
-    transformers' GGUF path dequantizes in Python and rebuilds the tokenizer from the
-    vocabulary every time (tens of seconds); the result is kept once per file content
-    (sha256) under the autobits cache, written to a temporary folder and renamed.
+    transformers reads them with gguf-py (seconds per file, tens for a large vocabulary),
+    so the result is kept under the autobits cache, once per :func:`_config_key`: a float
+    stand-in finds its source's folder.  The weights are not in it (:func:`_fill_weights`).
     """
-    folder = cache_dir() / "converted" / f"{path.stem}-{_file_key(path)}"
+    import transformers
+
+    folder = cache_dir() / "gguf-config" / f"{source.architecture}-{_config_key(source)}"
     if (folder / "config.json").is_file():
         return folder
+    log.info("reading the config and tokenizer of %s with transformers (once per vocabulary "
+             "and config) into %s", path.name, folder)
+    kwargs = {"gguf_file": path.name, "local_files_only": True}
+    try:
+        config = transformers.AutoConfig.from_pretrained(path.parent, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"transformers could not read {str(path)!r}: {e}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    try:
+        with atomic_dir(folder) as tmp:
+            config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:  # another process wrote it meanwhile
+        if not (folder / "config.json").is_file():
+            raise
+    return folder
+
+
+def _hf_values(arch: str, name: str, values: np.ndarray, metadata: dict) -> np.ndarray:
+    """A GGUF tensor's values in transformers' layout, as its GGUF loader makes them: llama's
+    ``attn_q``/``attn_k`` rows un-permuted (when the file gives both head counts), Gemma's
+    norms minus one."""
+    if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+        heads = metadata.get("llama.attention.head_count")
+        kv_heads = metadata.get("llama.attention.head_count_kv")
+        if heads is None or kv_heads is None:
+            return values
+        n = kv_heads if ".attn_k." in name else heads
+        rows = values.shape[0]
+        return values.reshape(n, rows // n // 2, 2, *values.shape[1:]).swapaxes(2, 1) \
+            .reshape(values.shape)
+    if arch == "gemma3" and "norm.weight" in name:
+        return values - 1
+    return values
+
+
+def _dequantized(t) -> np.ndarray:
+    """A :class:`~autobits.gguf_scan.SourceTensor`'s values in float32, numpy order: by
+    autobits' own formats where it has one (bit-identical to gguf-py's, tested, and faster),
+    else by gguf-py (as transformers' loader does)."""
+    import gguf
+
+    shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+    name = t.tensor_type.name
+    if name in FORMAT_TABLE and name != "F32":
+        rows = int(np.prod(shape[:-1], dtype=np.int64))
+        return get_format(name).dequantize(np.asarray(t.data).reshape(rows, -1),
+                                           (rows, shape[-1])).reshape(shape)
+    return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32) \
+        .reshape(shape)
+
+
+def _fill_weights(model, source: GGUFSource, arch: str, metadata: dict, path: Path) -> None:
+    """Every parameter of ``model`` from its GGUF tensor in float32 (:func:`_dequantized`),
+    in transformers' layout (:func:`_hf_values`)."""
     import torch
 
-    log.info("converting %s to a float32 folder in %s (once per file)", path.name, folder)
-    tokenizer, model = _from_pretrained(
-        path.parent, path, {"gguf_file": path.name, "local_files_only": True}
-    )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tensors = {t.name: t for t in source.tensors}
+    tied = "output.weight" not in tensors
+    for hf_name, param in model.named_parameters(remove_duplicate=False):
+        gname = hf_to_gguf_name(arch, hf_name)
+        if gname is None:
+            raise ModelLoadError(f"parameter {hf_name!r} of a {arch} model has no GGUF name")
+        if gname == "output.weight" and tied:
+            continue  # the same parameter as token_embd's
+        t = tensors.get(gname)
+        if t is None:
+            raise ModelLoadError(f"{str(path)!r} lacks tensor {gname!r} ({hf_name})")
+        values = _hf_values(arch, gname, _dequantized(t), metadata)
+        if tuple(values.shape) != tuple(param.shape):
+            raise ModelLoadError(f"{str(path)!r}: tensor {gname!r} has shape {values.shape}, "
+                                 f"the {arch} config expects {tuple(param.shape)}")
+        if not values.flags.writeable:  # a float32 tensor is the read-only mapped file itself
+            values = values.copy()
+        with torch.no_grad():
+            param.copy_(torch.from_numpy(values))
+    if tied:
+        model.tie_weights()  # from_config under no_init_weights leaves the head its own
+
+
+def _from_gguf(path: Path, info: GGUFInfo):
+    """Tokenizer and float32 model of a GGUF file: the config and tokenizer from
+    :func:`_config_folder`, the weights straight from the file."""
+    import torch
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    source = GGUFSource(path)
+    folder = _config_folder(path, source)
     try:
-        # the weights are plain float32 now; drop transformers' "loaded from GGUF" marker,
-        # which refuses serialisation
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.to(torch.float32).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process converted it meanwhile
-            if not (folder / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        with no_init_weights():
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"transformers could not build the model of {str(path)!r}: {e}") \
+            from None
+    _fill_weights(model, source, info.architecture, info.metadata, path)
+    return tokenizer, model
 
 
 def _safetensors_dtypes(folder: Path) -> dict[str, str]:

@@ -83,3 +83,45 @@ def test_smollm2_specs_match_file(smollm2, smol_path):
     want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(576, 1536)
     got = lm.reference_weight("blk.7.ffn_down.weight").numpy()
     np.testing.assert_array_equal(got, want)
+
+
+def test_gguf_weights_equal_transformers_gguf_loader(smol_path, tmp_path, monkeypatch):
+    """The GGUF loader reads the weights itself (transformers only gives the config and
+    tokenizer): the state dict and the logits are bit-identical to transformers' own GGUF
+    loader on SmolLM2 (Q4_1 with a Q8_0 embedding, tied head, 9 query and 3 KV heads, so
+    llama's q/k row permutation is undone both ways); a float copy of the file that differs
+    only in ``general.file_type`` finds the same cached config folder."""
+    import gguf
+    import torch
+    import transformers
+
+    monkeypatch.setenv("AUTOBITS_CACHE", str(tmp_path / "cache"))
+    lm = load_model(smol_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        smol_path.parent, gguf_file=smol_path.name, dtype=torch.float32, local_files_only=True)
+    ours, theirs = lm.model.state_dict(), ref.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    ids = torch.arange(3, 67).reshape(1, -1)
+    assert torch.equal(lm.model(ids).logits, ref(ids).logits)
+    assert lm.model.lm_head.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()
+    folders = list((tmp_path / "cache" / "gguf-config").iterdir())
+    assert len(folders) == 1 and (folders[0] / "config.json").is_file()
+    # a float copy's header (other file type, an autobits key): the same config key
+    from autobits.gguf_scan import GGUFSource
+    from autobits.model import _config_key
+
+    src = GGUFSource(smol_path)
+    copy = tmp_path / "copy.gguf"
+    w = gguf.GGUFWriter(str(copy), "llama")
+    src.copy_kv(w, skip={"general.architecture", "general.file_type"})
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    w.add_string("autobits.note", "a stand-in's own key")
+    for t in src.tensors:
+        w.add_tensor(t.name, np.zeros(1, np.float32))  # the key reads names, not data
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert _config_key(GGUFSource(copy)) == _config_key(src)
