@@ -119,7 +119,13 @@ def _client(address: str):
         return JobSubmissionClient(url, headers=_token_header())
     except AuthenticationError as e:
         raise _auth_error(url, e) from None
-    except (ConnectionError, RuntimeError, ValueError) as e:
+    except RuntimeError as e:
+        if "ray[default]" in str(e):
+            raise AutobitsError(
+                "Ray's job client is not installed here (it comes with ray[default]): "
+                "pip install 'autobits[cluster]'") from None
+        raise AutobitsError(f"no Ray job server at {url}: {e}") from None
+    except (ConnectionError, ValueError) as e:
         raise AutobitsError(f"no Ray job server at {url}: {e}") from None
 
 

@@ -61,6 +61,22 @@ def test_nothing_outside_the_test_fixtures_turns_ray_authentication_off():
         assert "RAY_AUTH_MODE=disabled" not in text and '"RAY_AUTH_MODE"' not in text, path
 
 
+def test_job_client_without_ray_default_names_the_extra(monkeypatch):
+    """Core ray has no job client (ray[default] does): the error says which extra to add."""
+    import ray.job_submission
+
+    from autobits.cluster import jobs
+    from autobits.errors import AutobitsError
+
+    def core_ray_client(*_a, **_k):  # what ray's SDK raises without ray[default]
+        raise RuntimeError("The Ray jobs CLI & SDK require the ray[default] installation: "
+                           "`pip install 'ray[default]'`")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", core_ray_client)
+    with pytest.raises(AutobitsError, match=r"pip install 'autobits\[cluster\]'"):
+        jobs._client("127.0.0.1:8265")
+
+
 def test_submit_passes_no_loopback_or_auth_setting_to_the_job(monkeypatch):
     from autobits.cluster import jobs
 
