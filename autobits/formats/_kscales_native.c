@@ -160,76 +160,83 @@ LANE_CLONES static void qkx_lanes(int k, int nmax, const float *x, const float *
     }
 }
 
-/* make_qx_quants' error weight of value i: the importance, or one chosen by rmse_type */
-static inline float qx_weight(const float *qw, const float *x, int i, int rmse_type) {
-    return qw ? qw[i]
-              : rmse_type == 1 ? x[i] * x[i]
-              : rmse_type == 2 ? 1
-              : rmse_type == 3 ? fabsf(x[i])
-                               : sqrtf(fabsf(x[i]));
+/* make_qx_quants' error weight of a value x: the importance, or one chosen by rmse_type */
+static inline float qx_weight(float x, int rmse_type) {
+    return rmse_type == 1 ? x * x
+         : rmse_type == 2 ? 1
+         : rmse_type == 3 ? fabsf(x)
+                          : sqrtf(fabsf(x));
 }
 
-/* make_qx_quants; L is offset by +nmax.  qw NULL: weights from rmse_type as in ggml. */
-static float qx_one(int n, int nmax, const float *x, int32_t *L, int rmse_type,
-                    const float *qw) {
-    float max = 0;
-    float amax = 0;
-    for (int i = 0; i < n; ++i) {
-        float ax = fabsf(x[i]);
-        if (ax > amax) {
-            amax = ax;
-            max = x[i];
+/* sumlx, suml2 of ggml's make_qx_quants for the levels of iscale, lane by lane */
+LANE_CLONES static void qx_sums(int k, int nmax, const float *x, const float *w,
+                                const float *isc, float *sumlx, float *suml2) {
+    for (int r = 0; r < LANES; ++r) sumlx[r] = suml2[r] = 0;
+    for (int i = 0; i < k; ++i) {
+        const float *xi = x + i * LANES, *wi = w + i * LANES;
+        for (int r = 0; r < LANES; ++r) {
+            float l = (float)clampi(nearest_int(isc[r] * xi[r]), -nmax, nmax - 1);
+            sumlx[r] += wi[r] * xi[r] * l;
+            suml2[r] += wi[r] * l * l;
         }
     }
-    if (amax < GROUP_MAX_EPS) {
-        for (int i = 0; i < n; ++i) L[i] = 0;
-        return 0.f;
+}
+
+/* make_qx_quants on LANES sub-blocks side by side (layout as qkx_lanes); the levels are
+ * offset by +nmax.  w holds the error weights (ignored for rmse_type 0).  As in qkx_lanes
+ * the winning step's iscale is kept and the levels recomputed from it at the end. */
+LANE_CLONES static void qx_lanes(int k, int nmax, const float *x, const float *w, int32_t *L,
+                                 float *scale_out, int rmse_type) {
+    float mx[LANES], amax[LANES], isc[LANES], use_isc[LANES], scale[LANES], best[LANES];
+    float slx[LANES], sl2[LANES], tisc[LANES];
+    int zero[LANES];
+    for (int r = 0; r < LANES; ++r) mx[r] = amax[r] = 0;
+    for (int i = 0; i < k; ++i) {
+        const float *xi = x + i * LANES;
+        for (int r = 0; r < LANES; ++r) {
+            float ax = fabsf(xi[r]);
+            int up = ax > amax[r]; /* the first value of the largest magnitude, as ggml */
+            amax[r] = up ? ax : amax[r];
+            mx[r] = up ? xi[r] : mx[r];
+        }
     }
-    float iscale = -nmax / max;
+    for (int r = 0; r < LANES; ++r) {
+        zero[r] = amax[r] < GROUP_MAX_EPS;
+        isc[r] = -nmax / mx[r];
+        use_isc[r] = isc[r];
+    }
     if (rmse_type == 0) {
-        for (int i = 0; i < n; ++i) {
-            int l = nearest_int(iscale * x[i]);
-            L[i] = nmax + clampi(l, -nmax, nmax - 1);
+        for (int r = 0; r < LANES; ++r) scale[r] = 1 / isc[r];
+    } else {
+        int early = rmse_type < 0;
+        qx_sums(k, nmax, x, w, isc, slx, sl2);
+        for (int r = 0; r < LANES; ++r) {
+            scale[r] = sl2[r] ? slx[r] / sl2[r] : 0.0f;
+            if (early) scale[r] = sl2[r] > 0 ? 0.5f * (scale[r] + 1 / isc[r]) : 1 / isc[r];
+            best[r] = scale[r] * slx[r];
         }
-        return 1 / iscale;
-    }
-    int return_early = 0;
-    if (rmse_type < 0) {
-        rmse_type = -rmse_type;
-        return_early = 1;
-    }
-    float sumlx = 0;
-    float suml2 = 0;
-    for (int i = 0; i < n; ++i) {
-        int l = clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1);
-        L[i] = l + nmax;
-        float w = qx_weight(qw, x, i, rmse_type);
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
-    }
-    float scale = suml2 ? sumlx / suml2 : 0.0f;
-    if (return_early) return suml2 > 0 ? 0.5f * (scale + 1 / iscale) : 1 / iscale;
-    float best = scale * sumlx;
-    for (int is = -9; is <= 9; ++is) {
-        if (is == 0) continue;
-        iscale = -(nmax + 0.1f * is) / max;
-        sumlx = suml2 = 0;
-        for (int i = 0; i < n; ++i) {
-            int l = clampi(nearest_int(iscale * x[i]), -nmax, nmax - 1);
-            float w = qx_weight(qw, x, i, rmse_type);
-            sumlx += w * x[i] * l;
-            suml2 += w * l * l;
-        }
-        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            for (int i = 0; i < n; ++i) {
-                int l = nearest_int(iscale * x[i]);
-                L[i] = nmax + clampi(l, -nmax, nmax - 1);
+        for (int is = -9; !early && is <= 9; ++is) {
+            if (is == 0) continue;
+            for (int r = 0; r < LANES; ++r) tisc[r] = -(nmax + 0.1f * is) / mx[r];
+            qx_sums(k, nmax, x, w, tisc, slx, sl2);
+            for (int r = 0; r < LANES; ++r) {
+                if (sl2[r] > 0 && slx[r] * slx[r] > best[r] * sl2[r]) {
+                    use_isc[r] = tisc[r];
+                    scale[r] = slx[r] / sl2[r];
+                    best[r] = scale[r] * slx[r];
+                }
             }
-            scale = sumlx / suml2;
-            best = scale * sumlx;
         }
     }
-    return scale;
+    for (int i = 0; i < k; ++i) {
+        const float *xi = x + i * LANES;
+        int32_t *Li = L + i * LANES;
+        for (int r = 0; r < LANES; ++r) {
+            int l = nmax + clampi(nearest_int(use_isc[r] * xi[r]), -nmax, nmax - 1);
+            Li[r] = zero[r] ? 0 : l;
+        }
+    }
+    for (int r = 0; r < LANES; ++r) scale_out[r] = zero[r] ? 0.f : scale[r];
 }
 
 /* ------------------------------------------------------------------ argument handling */
@@ -291,20 +298,48 @@ fail:
     return -1;
 }
 
-static inline void gather(const float *src, float *dst, Py_ssize_t r, const Args *a) {
-    if (!a->transposed) {
-        memcpy(dst, src + r * a->k, (size_t)a->k * sizeof(float));
-    } else {
-        for (int i = 0; i < a->k; ++i) dst[i] = src[(Py_ssize_t)i * a->n + r];
+/* Copy lanes r0 .. r0+m-1 of src (x's layout) into dst (k, LANES); lanes past m are 0. */
+static void gather_lanes(const Args *a, const float *src, Py_ssize_t r0, int m, float *dst) {
+    for (int i = 0; i < a->k; ++i) {
+        for (int r = 0; r < LANES; ++r) {
+            Py_ssize_t at = a->transposed ? (Py_ssize_t)i * a->n + r0 + r : (r0 + r) * a->k + i;
+            dst[i * LANES + r] = r < m ? src[at] : 0.f; /* padding lanes are all-zero, dropped */
+        }
     }
 }
 
-static inline void scatter(const int32_t *src, int32_t *dst, Py_ssize_t r, const Args *a) {
-    if (!a->transposed) {
-        memcpy(dst + r * a->k, src, (size_t)a->k * sizeof(int32_t));
-    } else {
-        for (int i = 0; i < a->k; ++i) dst[(Py_ssize_t)i * a->n + r] = src[i];
+/* Copy the first m lanes of src (k, LANES) back into dst (x's layout). */
+static void scatter_lanes(const Args *a, const int32_t *src, Py_ssize_t r0, int m, int32_t *dst) {
+    for (int i = 0; i < a->k; ++i) {
+        for (int r = 0; r < m; ++r) {
+            Py_ssize_t at = a->transposed ? (Py_ssize_t)i * a->n + r0 + r : (r0 + r) * a->k + i;
+            dst[at] = src[i * LANES + r];
+        }
     }
+}
+
+/* Scratch for one call: x, w (k, LANES) and the levels. */
+typedef struct {
+    float *x, *w;
+    int32_t *L;
+} Lanes;
+
+static int lanes_alloc(Lanes *b, int k) {
+    b->x = malloc(sizeof(float) * (size_t)k * LANES * 2);
+    b->L = malloc(sizeof(int32_t) * (size_t)k * LANES);
+    b->w = b->x == NULL ? NULL : b->x + (size_t)k * LANES;
+    if (b->x == NULL || b->L == NULL) {
+        free(b->x);
+        free(b->L);
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void lanes_free(Lanes *b) {
+    free(b->x);
+    free(b->L);
 }
 
 PyDoc_STRVAR(qkx_doc,
@@ -325,47 +360,35 @@ static PyObject *py_qkx(PyObject *self, PyObject *args) {
         return NULL;
     }
     Args a;
+    Lanes b;
     if (take(&a, x, w, scale, min, L, k, transposed) < 0) return NULL;
+    if (lanes_alloc(&b, k) < 0) {
+        release(&a);
+        return NULL;
+    }
     const float *xs = (const float *)a.x.buf;
     const float *ws = a.has_w ? (const float *)a.w.buf : NULL;
     float *sc = (float *)a.scale.buf, *mn = (float *)a.min.buf;
     int32_t *Ls = (int32_t *)a.L.buf;
-    float *xb = malloc(sizeof(float) * (size_t)k * LANES * 2);
-    int32_t *lb = malloc(sizeof(int32_t) * (size_t)k * LANES);
-    if (xb == NULL || lb == NULL) {
-        free(xb);
-        free(lb);
-        release(&a);
-        return PyErr_NoMemory();
-    }
-    float *wb = xb + (size_t)k * LANES;
     Py_BEGIN_ALLOW_THREADS
     float s_out[LANES], m_out[LANES];
     for (Py_ssize_t r0 = 0; r0 < a.n; r0 += LANES) {
         int m = a.n - r0 < LANES ? (int)(a.n - r0) : LANES;
-        for (int i = 0; i < k; ++i) {
-            for (int r = 0; r < LANES; ++r) {
-                Py_ssize_t src = a.transposed ? (Py_ssize_t)i * a.n + r0 + r : (r0 + r) * k + i;
-                float v = r < m ? xs[src] : 0.f; /* padding lanes are flat, then dropped */
-                xb[i * LANES + r] = v;
-                wb[i * LANES + r] = r < m ? (ws ? ws[src] : v * v) : 0.f;
-            }
+        gather_lanes(&a, xs, r0, m, b.x);
+        if (ws) {
+            gather_lanes(&a, ws, r0, m, b.w);
+        } else {
+            for (int j = 0; j < k * LANES; ++j) b.w[j] = b.x[j] * b.x[j]; /* qkx3's default */
         }
-        qkx_lanes(k, nmax, xb, wb, lb, s_out, m_out, rmin, rdelta, nstep, use_mad);
+        qkx_lanes(k, nmax, b.x, b.w, b.L, s_out, m_out, rmin, rdelta, nstep, use_mad);
         for (int r = 0; r < m; ++r) {
             sc[r0 + r] = s_out[r];
             mn[r0 + r] = m_out[r];
         }
-        for (int i = 0; i < k; ++i) {
-            for (int r = 0; r < m; ++r) {
-                Py_ssize_t dst = a.transposed ? (Py_ssize_t)i * a.n + r0 + r : (r0 + r) * k + i;
-                Ls[dst] = lb[i * LANES + r];
-            }
-        }
+        scatter_lanes(&a, b.L, r0, m, Ls);
     }
     Py_END_ALLOW_THREADS
-    free(xb);
-    free(lb);
+    lanes_free(&b);
     release(&a);
     Py_RETURN_NONE;
 }
@@ -382,21 +405,33 @@ static PyObject *py_qx(PyObject *self, PyObject *args) {
                           &rmse_type))
         return NULL;
     Args a;
+    Lanes b;
     if (take(&a, x, w, scale, Py_None, L, k, transposed) < 0) return NULL;
+    if (lanes_alloc(&b, k) < 0) {
+        release(&a);
+        return NULL;
+    }
     const float *xs = (const float *)a.x.buf;
     const float *ws = a.has_w ? (const float *)a.w.buf : NULL;
     float *sc = (float *)a.scale.buf;
     int32_t *Ls = (int32_t *)a.L.buf;
+    int rtype = rmse_type < 0 ? -rmse_type : rmse_type;
     Py_BEGIN_ALLOW_THREADS
-    float xb[MAX_K], wb[MAX_K];
-    int32_t lb[MAX_K];
-    for (Py_ssize_t r = 0; r < a.n; ++r) {
-        gather(xs, xb, r, &a);
-        if (ws) gather(ws, wb, r, &a);
-        sc[r] = qx_one(k, nmax, xb, lb, rmse_type, ws ? wb : NULL);
-        scatter(lb, Ls, r, &a);
+    float s_out[LANES];
+    for (Py_ssize_t r0 = 0; r0 < a.n; r0 += LANES) {
+        int m = a.n - r0 < LANES ? (int)(a.n - r0) : LANES;
+        gather_lanes(&a, xs, r0, m, b.x);
+        if (ws) {
+            gather_lanes(&a, ws, r0, m, b.w);
+        } else if (rtype != 0) {
+            for (int j = 0; j < k * LANES; ++j) b.w[j] = qx_weight(b.x[j], rtype);
+        }
+        qx_lanes(k, nmax, b.x, b.w, b.L, s_out, rmse_type);
+        for (int r = 0; r < m; ++r) sc[r0 + r] = s_out[r];
+        scatter_lanes(&a, b.L, r0, m, Ls);
     }
     Py_END_ALLOW_THREADS
+    lanes_free(&b);
     release(&a);
     Py_RETURN_NONE;
 }
