@@ -4,14 +4,14 @@
  * and Q4_0/Q5_0 with an imatrix).
  *
  * They are ports of autobits.formats.kscales (itself a port of the static helpers in
- * llama.cpp's ggml/src/ggml-quants.c), one sub-block at a time, so the arithmetic is
+ * llama.cpp's ggml/src/ggml-quants.c), each sub-block on its own lane, so the arithmetic is
  * ggml's scalar code again: float32 throughout, the same association order, sequential
  * sums.  Build with -ffp-contract=off (pyproject.toml): a fused multiply-add would change
  * the last bit of the sums and with it the chosen scale.
  *
  * Data layout: n sub-blocks of k values, either one per row ((n, k), C order) or, with
  * transposed=1, one per column ((k, n), C order: value i of sub-block r at x[i*n + r]).
- * Every sub-block is copied into a small contiguous buffer before its search.  The levels
+ * 16 sub-blocks at a time are copied side by side into a (k, 16) buffer.  The levels
  * are written as int32 in the input's layout.  The GIL is released during the search.
  */
 #define PY_SSIZE_T_CLEAN
@@ -22,7 +22,7 @@
 #include <string.h>
 
 #define GROUP_MAX_EPS 1e-15f
-#define MAX_K 4096
+#define MAX_K 4096 /* the longest sub-block accepted (ggml's are 16 or 32 values) */
 
 static inline int nearest_int(float fval) {
     /* ggml's rounding: exact round-half-even for |fval| < 2**22, ggml's garbage beyond */

@@ -39,8 +39,9 @@ the bytes never depend on it.  Where ``nearest_int``'s argument is provably insi
 out-of-range garbage is reproduced too.
 
 make_qx and make_qkx2/qkx3 also exist in C (``_kscales_native.c``, built at install as an
-optional extension): when it is importable, those searches run there, one sub-block at a
-time with the GIL released, 10-40x faster than the NumPy loops and bit-identical to them
+optional extension): when it is importable, those searches run there, 16 sub-blocks side by
+side with the GIL released, 2-4x faster than the NumPy loops (measured on 5,000 sub-blocks
+of 32) and bit-identical to them
 (tested against this NumPy code and, with the ``judge`` extra, against llama.cpp's own
 quantizer).  :func:`native_available` says whether it is in use;
 ``AUTOBITS_NATIVE_QUANT=0`` turns it off (benchmarks compare both).
@@ -76,7 +77,7 @@ try:
 except ImportError:  # no C compiler at install time: the NumPy searches below run
     _native = None
 
-#: the C extension's limit on the sub-block length (its per-sub-block stack buffers)
+#: the C extension's limit on the sub-block length (its MAX_K)
 _NATIVE_MAX_K = 4096
 
 
