@@ -229,7 +229,7 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
         arch = info.architecture
     log.debug("loading %s (%s) from %s", name_or_path, arch, path)
     if info is None:
-        tokenizer, model = _from_pretrained(path, path, {"local_files_only": True})
+        tokenizer, model = _from_pretrained(path)
     else:
         tokenizer, model = _from_gguf(path, info)
     if info is not None:
@@ -256,17 +256,18 @@ def load_model(name_or_path: str | os.PathLike) -> LoadedModel:
     )
 
 
-def _from_pretrained(src_dir: Path, path: Path, kwargs: dict):
+def _from_pretrained(folder: Path):
+    """Tokenizer and float32 model of a Hugging Face folder."""
     import torch
     import transformers
 
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(src_dir, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            src_dir, dtype=torch.float32, **kwargs
+            folder, dtype=torch.float32, local_files_only=True
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelLoadError(f"transformers could not load {str(path)!r}: {e}") from None
+        raise ModelLoadError(f"transformers could not load {str(folder)!r}: {e}") from None
     return tokenizer, model
 
 
