@@ -15,6 +15,10 @@ imatrix):
   ``(itry - 127) / max`` for ``itry`` in ``-7..7`` and keep the best weighted fit;
 * finally re-pick every code with the chosen (float32, not fp16-rounded) scale.
 
+The same search runs in C (``_kscales_native.c``, on 16 blocks side by side, the GIL
+released) when the extension is built; it is tested bit for bit against this NumPy code,
+which stays the reference (``AUTOBITS_NATIVE_QUANT=0``).
+
 (ggml's ``quantize_row_iq4_nl_ref`` uses ``ntry=-1`` and is *not* what llama.cpp writes;
 gguf-py has no IQ4_NL quantizer.)
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from autobits.formats.base import Format
+from autobits.formats.kscales import native_extension
 from autobits.formats.ggml import (
     F32,
     GROUP_MAX_EPS,
@@ -40,6 +45,7 @@ __all__ = ["IQ4_NL", "KVALUES_IQ4NL", "best_index_iq4nl"]
 
 NTRY = 7
 CHUNK = 4096  # blocks quantized together
+_NATIVE_CHUNK = 16384  # blocks per call of the C search
 
 #: ggml's ``kvalues_iq4nl``.
 KVALUES_IQ4NL = np.array(
@@ -187,6 +193,18 @@ class IQ4_NL(Format):
 
     def _quantize_blocks(self, blocks, importance, *, row_length):
         out = np.empty((blocks.shape[0], self.type_size), dtype=np.uint8)
+        native = native_extension()
+        if native is not None:
+            # chunks bound the int32 codes and the contiguous importance copy
+            for s in range(0, blocks.shape[0], _NATIVE_CHUNK):
+                x = np.ascontiguousarray(blocks[s : s + _NATIVE_CHUNK], dtype=F32)
+                imp = None if importance is None else np.ascontiguousarray(
+                    importance[s : s + _NATIVE_CHUNK], dtype=F32)
+                d, codes = np.empty(x.shape[0], dtype=F32), np.empty(x.shape, dtype=np.int32)
+                native.iq4nl(x, imp, d, codes, 0)
+                out[s : s + _NATIVE_CHUNK, 0:2] = fp16_bytes(d)
+                out[s : s + _NATIVE_CHUNK, 2:] = pack_nibbles(codes)
+            return out
         # chunks keep the (32, chunk) temporaries cache-sized and the memory bounded
         buffers = _FitBuffers(min(CHUNK, blocks.shape[0]), self.block_size)
         for s in range(0, blocks.shape[0], CHUNK):

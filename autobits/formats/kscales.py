@@ -39,7 +39,7 @@ the bytes never depend on it.  Where ``nearest_int``'s argument is provably insi
 out-of-range garbage is reproduced too.
 
 make_qx and make_qkx2/qkx3 also exist in C (``_kscales_native.c``, built at install as an
-optional extension): when it is importable, those searches run there, 16 sub-blocks side by
+optional extension, which also holds IQ4_NL's search, see :mod:`autobits.formats.iq4nl`): when it is importable, those searches run there, 16 sub-blocks side by
 side with the GIL released, 2-4x faster than the NumPy loops (measured on 5,000 sub-blocks
 of 32) and bit-identical to them
 (tested against this NumPy code and, with the ``judge`` extra, against llama.cpp's own
@@ -61,6 +61,7 @@ from autobits.formats.ggml import F32, GROUP_MAX_EPS, SAFE_ABS, nearest_int, rin
 
 __all__ = [
     "native_available",
+    "native_extension",
     "make_qx_quants",
     "make_qx_quants_t",
     "make_qkx2_quants",
@@ -84,6 +85,12 @@ _NATIVE_MAX_K = 4096
 def native_available() -> bool:
     """True if the C searches are built and not turned off by ``AUTOBITS_NATIVE_QUANT=0``."""
     return _native is not None and os.environ.get("AUTOBITS_NATIVE_QUANT", "1") != "0"
+
+
+def native_extension():
+    """The C extension module when :func:`native_available`, else None (for the other
+    formats whose searches it holds: IQ4_NL)."""
+    return _native if native_available() else None
 
 
 def _use_native(x: np.ndarray, rows: bool) -> bool:

@@ -96,7 +96,7 @@ def test_qx_native_equals_numpy(monkeypatch, layout, nmax, rmse_type, weighted, 
 
 
 @pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1",
-                                  "Q5_0", "Q5_1"])
+                                  "Q5_0", "Q5_1", "IQ4_NL"])
 @pytest.mark.parametrize("with_importance", [False, True])
 def test_format_bytes_do_not_depend_on_the_native_searches(monkeypatch, name, with_importance):
     x = _awkward(24, 512, 5)
@@ -104,6 +104,27 @@ def test_format_bytes_do_not_depend_on_the_native_searches(monkeypatch, name, wi
     fmt = get_format(name)
     native, numpy = _both(monkeypatch, lambda: fmt.quantize(x, importance=imp))
     np.testing.assert_array_equal(np.asarray(native), np.asarray(numpy))
+
+
+@pytest.mark.parametrize("with_importance", [False, True])
+def test_iq4nl_native_equals_numpy(monkeypatch, with_importance):
+    """IQ4_NL's search in C against the NumPy port: scales and codes bit for bit on awkward
+    blocks, all-zero ones (both signs), blocks with zero importance (where ggml divides
+    0 by 0 and both ports start from d = 0) and a block count that is no multiple of 16."""
+    from autobits.formats.iq4nl import quantize_iq4_nl_blocks
+
+    x = _subblocks(32, 7)[:-5]
+    imp = None
+    if with_importance:
+        imp = np.resize(_importance(512, 8), x.size).reshape(x.shape).astype(np.float32)
+        imp[3:6] = 0.0
+    native = np.empty(x.shape[0], np.float32), np.empty(x.shape, np.int32)
+    from autobits.formats import _kscales_native as ext
+
+    ext.iq4nl(x, imp, native[0], native[1], 0)
+    d, codes = quantize_iq4_nl_blocks(x, imp)
+    np.testing.assert_array_equal(_bits(native[0]), _bits(d))
+    np.testing.assert_array_equal(native[1], codes)
 
 
 def test_bad_buffers_are_refused_with_both_sizes():
@@ -118,3 +139,5 @@ def test_bad_buffers_are_refused_with_both_sizes():
         native.qx(x, None, scale, np.empty((4, 32), np.int32), 0, 0, 8, 1)
     with pytest.raises(ValueError, match=r"weights holds 64 bytes, expected 512"):
         native.qx(x, np.zeros(16, np.float32), scale, np.empty((4, 32), np.int32), 32, 0, 8, 1)
+    with pytest.raises(ValueError, match=r"scale holds 8 bytes, expected 16"):
+        native.iq4nl(x, None, np.empty(2, np.float32), np.empty((4, 32), np.int32), 0)
