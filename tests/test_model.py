@@ -106,6 +106,13 @@ def test_gguf_weights_equal_transformers_gguf_loader(smol_path, tmp_path, monkey
     ids = torch.arange(3, 67).reshape(1, -1)
     assert torch.equal(lm.model(ids).logits, ref(ids).logits)
     assert lm.model.lm_head.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()
+    # the config, read from the metadata without the vocabulary arrays, is transformers' own
+    # (less the quantization record of its GGUF loader, which autobits drops)
+    ours_cfg, theirs_cfg = lm.model.config.to_dict(), ref.config.to_dict()
+    for d in (ours_cfg, theirs_cfg):
+        d.pop("_name_or_path", None)
+        d.pop("quantization_config", None)
+    assert ours_cfg == theirs_cfg
     folders = list((tmp_path / "cache" / "gguf-config").iterdir())
     assert len(folders) == 1 and (folders[0] / "config.json").is_file()
     # a float copy's header (other file type, an autobits key): the same config key
@@ -125,3 +132,27 @@ def test_gguf_weights_equal_transformers_gguf_loader(smol_path, tmp_path, monkey
     w.write_tensors_to_file()
     w.close()
     assert _config_key(GGUFSource(copy)) == _config_key(src)
+
+
+def test_config_without_vocabulary_arrays_keeps_head_and_vocabulary(smol_path, tmp_path):
+    """transformers' config is read from the metadata without the vocabulary arrays: the
+    vocabulary size comes from their length, an ``output.weight`` unties the head."""
+    import gguf
+
+    from autobits.gguf_scan import GGUFSource
+    from autobits.model import _transformers_config
+
+    src = GGUFSource(smol_path)
+    untied = tmp_path / "untied.gguf"
+    w = gguf.GGUFWriter(str(untied), "llama")
+    src.copy_kv(w, skip={"general.architecture"})
+    for name in ("token_embd.weight", "output.weight"):
+        w.add_tensor(name, np.zeros(1, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tied, not_tied = _transformers_config(smol_path, src), _transformers_config(
+        untied, GGUFSource(untied))
+    assert tied.tie_word_embeddings and not not_tied.tie_word_embeddings
+    assert tied.vocab_size == not_tied.vocab_size == 49152
