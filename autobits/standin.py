@@ -51,6 +51,11 @@ from autobits.io import atomic_path
 from autobits.errors import AutobitsError, ModelLoadError
 from autobits.gguf_scan import GGUFSource
 
+try:
+    from autobits import _standin_native as _native
+except ImportError:  # no C compiler at install time: the NumPy batch runs (same bits)
+    _native = None
+
 __all__ = [
     "CALIBRATION_BUDGET", "STANDIN_VERSION", "StandinConfig", "StandinError", "build_standin",
     "calibration_bytes", "calibration_name", "grid_of", "inverse_factor", "off_grid",
@@ -238,30 +243,43 @@ def perturb_tensor(
 
 def _feedback_loop(wt, at, st, signs_t, u, dist: float, block: int) -> None:
     """GPTQ's lazy-batch loop over the columns of ``W`` (``wt`` = ``W^T``, in place), with
-    off-grid targets instead of grid points."""
+    off-grid targets instead of grid points.  Each batch runs in C when the extension is
+    built (:mod:`autobits._standin_native`, the same bits, the GIL released), else in
+    :func:`_feedback_batch`."""
     cols, rows = wt.shape
     zero_t = st == 0  # the step's guards of :func:`off_grid`, for every column at once
     safe_t = np.where(zero_t, np.float32(1), st)
     min_dist = np.float32(dist)
-    upd = np.empty((min(block, cols), rows), dtype=wt.dtype)  # a column's update of the rest
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1 = wt[i1:i2]  # a view: updated in place
-        err = np.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for j in range(i2 - i1):
-            c = i1 + j
-            col = w1[j]
-            t = _off_grid(col, at[c], safe_t[c], zero_t[c], min_dist, signs_t[c])
-            e = (col - t) / u1[j, j]
-            w1[j] = t
-            rest = w1[j + 1 :]
-            tmp = upd[: len(rest)]
-            np.multiply(u1[j, j + 1 :, None], e[None, :], out=tmp)
-            rest -= tmp
-            err[j] = e
+        err = np.empty_like(w1)
+        u1 = np.ascontiguousarray(u[i1:i2, i1:i2])
+        if _native is not None:
+            _native.feedback_batch(w1, at[i1:i2], safe_t[i1:i2], zero_t[i1:i2].view(np.uint8),
+                                   signs_t[i1:i2], u1, err, i2 - i1, rows, float(min_dist))
+        else:
+            _feedback_batch(w1, at[i1:i2], safe_t[i1:i2], zero_t[i1:i2], signs_t[i1:i2], u1,
+                            err, min_dist)
         if i2 < cols:
             wt[i2:] -= u[i1:i2, i2:].T @ err
+
+
+def _feedback_batch(w1, a1, safe1, zero1, signs1, u1, err, min_dist) -> None:
+    """One batch of :func:`_feedback_loop` in NumPy: the columns ``w1`` (rows of the
+    batch, in place) moved one by one, each error written to ``err`` and fed back into the
+    batch's later columns through ``u1`` (the batch's block of the inverse factor)."""
+    upd = np.empty_like(w1)  # a column's update of the rest
+    for j in range(w1.shape[0]):
+        col = w1[j]
+        t = _off_grid(col, a1[j], safe1[j], zero1[j], min_dist, signs1[j])
+        e = (col - t) / u1[j, j]
+        w1[j] = t
+        rest = w1[j + 1 :]
+        tmp = upd[: len(rest)]
+        np.multiply(u1[j, j + 1 :, None], e[None, :], out=tmp)
+        rest -= tmp
+        err[j] = e
 
 
 def inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:

