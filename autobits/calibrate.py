@@ -481,10 +481,6 @@ def accumulator_bytes(d: int) -> int:
 
 #: Memory the per-worker H accumulators may take before calibration uses fewer threads.
 PARALLEL_BYTES = 4 << 30
-#: Fisher windows run at once by default (0: no bound); see :func:`calibrate`.  One: a
-#: Fisher window of SmolLM2 (512 tokens) holds about 1.1 GB until its backward pass ends,
-#: two at once were a third of the main job's peak; the plain windows still run in parallel.
-FISHER_THREADS = 1
 
 
 def _check_windows(lm, windows) -> np.ndarray:
@@ -709,8 +705,9 @@ def calibrate(
     (``4 d_in^2`` bytes of float32 each).
     ``fisher_threads`` bounds how many Fisher windows (a forward pass that keeps every
     block's activations for the backward one, the largest buffers of the pass) one process
-    runs at once (default :data:`FISHER_THREADS`; None: as many as workers); the others'
-    threads wait, so the results do not change, only the time.
+    runs at once (default: as many as :data:`~autobits.memory.FISHER_PARALLEL_BYTES` allows,
+    :func:`~autobits.memory.fisher_concurrency`); the others' threads wait, so the results
+    do not change, only the time and the memory.
     Deterministic for a given ``seed`` and shard count (one local shard: and torch thread
     count).
 
@@ -766,7 +763,15 @@ def calibrate(
     plan = _assign(w.shape[0], n_fisher, n_workers)
     runner = runner if runner is not None else LocalRunner(len(plan))
     gen = torch.Generator().manual_seed(int(seed))
-    gate_n = FISHER_THREADS if fisher_threads is None else int(fisher_threads)
+    if fisher_threads is None:
+        from autobits.memory import fisher_concurrency, fisher_window_bytes
+
+        window = fisher_window_bytes(vocab=int(emb.weight.shape[0]),
+                                     hidden=int(emb.weight.shape[1]),
+                                     n_blocks=len(_decoder_layers(model)), ctx=w.shape[1])
+        gate_n = fisher_concurrency(window, len(plan))
+    else:
+        gate_n = int(fisher_threads)
     bar = tqdm(total=w.shape[0], desc="calibration", unit="window", disable=not progress)
     local = runner.shares_memory
     context = _PassContext(

@@ -33,7 +33,8 @@ from autobits.errors import MemoryBudgetError
 
 __all__ = [
     "MemoryEstimate", "available_bytes", "check_memory", "configure_allocator",
-    "estimate_peak_bytes", "format_bytes", "log_memory", "peak_rss_bytes", "release_free_memory",
+    "estimate_peak_bytes", "fisher_concurrency", "fisher_window_bytes", "format_bytes",
+    "log_memory", "peak_rss_bytes", "release_free_memory",
     "rss_bytes", "site_sizes",
 ]  # fmt: skip
 
@@ -235,6 +236,26 @@ _FISHER_VOCAB_BUFFERS = 5
 _FISHER_BLOCK_BUFFERS = 12
 #: float32 (scored tokens x vocab) buffers an evaluation window holds at once.
 _EVAL_VOCAB_BUFFERS = 4
+#: Memory that Fisher windows run side by side may hold beyond the first one: calibration
+#: runs as many at once as fit (:func:`fisher_concurrency`).  1.5 GiB: SmolLM2's windows
+#: (0.9 GB by :func:`fisher_window_bytes`) run two at once on two cores, 39 s -> 31 s of
+#: calibration for 0.46 GB more peak; Gemma-3-270M's (3.0 GB: its 262,144-token
+#: vocabulary) one at a time, two at once would add 2.4 GB.
+FISHER_PARALLEL_BYTES = 3 << 29
+
+
+def fisher_window_bytes(*, vocab: int, hidden: int, n_blocks: int, ctx: int) -> int:
+    """Bytes one Fisher window (a forward pass kept for its backward one) holds at its peak:
+    the ``ctx x vocab`` buffers of the head and the ``ctx x hidden`` activations per block
+    (:data:`_FISHER_VOCAB_BUFFERS`, :data:`_FISHER_BLOCK_BUFFERS`)."""
+    return 4 * int(ctx) * (_FISHER_VOCAB_BUFFERS * int(vocab)
+                           + int(n_blocks) * _FISHER_BLOCK_BUFFERS * int(hidden))
+
+
+def fisher_concurrency(window_bytes: int, workers: int) -> int:
+    """How many Fisher windows of ``window_bytes`` a calibration with ``workers`` threads runs
+    at once: one, plus as many more as :data:`FISHER_PARALLEL_BYTES` holds."""
+    return max(1, min(int(workers), 1 + FISHER_PARALLEL_BYTES // max(1, int(window_bytes))))
 
 
 def estimate_peak_bytes(
@@ -251,7 +272,8 @@ def estimate_peak_bytes(
     (:class:`~autobits.evaluate.WeightCache`); ``vocab``: the vocabulary (default: the
     embedding's rows); ``ctx`` / ``eval_windows``: the held-out windows whose reference
     distributions are kept; ``calib_workers``: calibration threads (each has its own
-    accumulators), ``fisher_threads`` of which run a Fisher window at once (default all);
+    accumulators), ``fisher_threads`` of which run a Fisher window at once (default as
+    calibration does, :func:`fisher_concurrency`);
     ``eval_threads``: windows evaluated at once.
     """
     from autobits.formats import get_format
@@ -279,8 +301,8 @@ def estimate_peak_bytes(
     accumulators = calib_workers * sum(accumulator_bytes(x) for x in d)
     statistics = sum(4 * x * x for x in d)
     n_blocks = len({n.split(".")[1] for n in shapes if n.startswith("blk.")})
-    fisher = min(calib_workers, fisher_threads or calib_workers)
-    per_window = 4 * ctx * (_FISHER_VOCAB_BUFFERS * vocab + n_blocks * _FISHER_BLOCK_BUFFERS * hidden)
+    per_window = fisher_window_bytes(vocab=vocab, hidden=hidden, n_blocks=n_blocks, ctx=ctx)
+    fisher = min(calib_workers, fisher_threads or fisher_concurrency(per_window, calib_workers))
     activations = fisher * per_window
     scored = max(1, ctx - ctx // 2 - 1)
     references = 4 * eval_windows * scored * vocab

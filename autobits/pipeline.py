@@ -218,7 +218,7 @@ def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: boo
       :class:`~autobits.stages.StageRunner`, e.g. ``autobits.cluster.stages.RayStageRunner``;
       default: threads of this process); the same shards give bit-identical results.
     """
-    from autobits.calibrate import FISHER_THREADS, calibrate
+    from autobits.calibrate import calibrate
     from autobits.features import build_candidates, extract_features
     from autobits.memory import check_memory, estimate_peak_bytes, log_memory, release_free_memory
     from autobits.model import load_model
@@ -239,7 +239,7 @@ def prepare(config: PrepareConfig, *, lm=None, calibration=None, candidates: boo
             shapes={s.name: s.shape for s in lm.specs}, formats=config.formats,
             cache_bytes=DEFAULT_CACHE_BYTES if config.cache_bytes is None else config.cache_bytes,
             ctx=config.ctx, eval_windows=config.eval_windows, calib_workers=os.cpu_count() or 1,
-            fisher_threads=FISHER_THREADS, eval_threads=os.cpu_count() or 1,
+            eval_threads=os.cpu_count() or 1,
         ), what=f"preparing {lm.name}", lower_by="--cache-gb 0, fewer --windows or fewer "
            "candidate formats")
     file_importance = None

@@ -55,8 +55,9 @@ for the measured models, memory per node and time per stage on N nodes of
 * parallel stages divide over ``N x 8`` cores, one item per core (a window in calibration
   and held-out evaluation, the tensors reading one input site in candidates, as
   :mod:`autobits.stages` runs them, an evaluation in the search: makespan
-  of the longest-first schedule, so a stage never goes faster than its largest item); one
-  Fisher window per node at once (:data:`autobits.calibrate.FISHER_THREADS`); the
+  of the longest-first schedule, so a stage never goes faster than its largest item); as
+  many Fisher windows per node at once as :func:`autobits.memory.fisher_concurrency`
+  allows (:func:`fisher_per_node`: one for every model modelled here); the
   300-evaluation search runs in rounds of one evaluation per core (evaluator workers).
 
 Per-core rates are fitted from the measurements, not typed in: the forward and evaluation
@@ -603,7 +604,7 @@ def single_process_estimate(shape: ModelShape, *, cores: int = CORES_PER_NODE,
     :param formats: candidate formats, a tuple (default
         :data:`autobits.specs.DEFAULT_CANDIDATES`)
     """
-    from autobits.calibrate import FISHER_THREADS, PARALLEL_BYTES, accumulator_bytes
+    from autobits.calibrate import PARALLEL_BYTES, accumulator_bytes
     from autobits.evaluate import DEFAULT_CACHE_BYTES
     from autobits.memory import estimate_peak_bytes
     from autobits.specs import DEFAULT_CANDIDATES
@@ -612,7 +613,16 @@ def single_process_estimate(shape: ModelShape, *, cores: int = CORES_PER_NODE,
         shapes=shape.tensor_shapes(), formats=formats or DEFAULT_CANDIDATES,
         cache_bytes=DEFAULT_CACHE_BYTES, ctx=CTX, eval_windows=HELDOUT_WINDOWS,
         calib_workers=calibration_workers(shape, cores, PARALLEL_BYTES, accumulator_bytes),
-        fisher_threads=FISHER_THREADS, eval_threads=cores)
+        eval_threads=cores)
+
+
+def fisher_per_node(shape: ModelShape, cores: int) -> int:
+    """Fisher windows one node of ``cores`` runs at once, as calibration decides
+    (:func:`autobits.memory.fisher_concurrency` of its window's bytes)."""
+    from autobits.memory import fisher_concurrency, fisher_window_bytes
+
+    return fisher_concurrency(fisher_window_bytes(vocab=shape.vocab, hidden=shape.hidden,
+                                                  n_blocks=shape.layers, ctx=CTX), cores)
 
 
 def calibration_workers(shape: ModelShape, cores: int, parallel_bytes: int,
@@ -682,7 +692,8 @@ def time_rows(shapes: Sequence[ModelShape], rates: Rates,
     rows = []
     for sh in shapes:
         for n in nodes:
-            t = predict_times(sh, rates, cores=n * CORES_PER_NODE, fisher_parallel=n)
+            t = predict_times(sh, rates, cores=n * CORES_PER_NODE,
+                              fisher_parallel=n * fisher_per_node(sh, CORES_PER_NODE))
             rows.append([sh.name, n, n * CORES_PER_NODE, fmt_seconds(t.calibration),
                          fmt_seconds(t.candidates), fmt_seconds(t.evaluation),
                          fmt_seconds(t.search), fmt_seconds(t.heldout), fmt_seconds(t.total)])
@@ -756,6 +767,7 @@ def whole_check_rows(models: Mapping[str, Mapping], rates: Rates) -> list[list[s
         cores = int(run["cores"])
         from autobits.calibrate import PARALLEL_BYTES, accumulator_bytes
 
+        # the recorded runs were measured with one Fisher window at a time
         t = predict_times(sh, rates, cores=cores, fisher_parallel=1,
                           calib_workers=calibration_workers(sh, cores, PARALLEL_BYTES,
                                                             accumulator_bytes))
@@ -771,8 +783,9 @@ def whole_check_rows(models: Mapping[str, Mapping], rates: Rates) -> list[list[s
 CAVEATS = (
     "Rates are per core of the 2-core VM the measures ran on, shared with other jobs (load in "
     "the JSON); an 8-core node with AVX-512 and its own memory bandwidth may differ 2x either way.",
-    "Calibration has 8 windows: more cores than windows do not help; only one Fisher window per "
-    "node at a time (FISHER_THREADS), so N nodes run N of the 4 at once; a window never splits.",
+    "Calibration has 8 windows: more cores than windows do not help; one Fisher window per node "
+    "at a time for these models (fisher_concurrency: a window's buffers exceed "
+    "FISHER_PARALLEL_BYTES), so N nodes run N of the 4 at once; a window never splits.",
     "Calibration windows and candidate sites spread over N nodes as autobits.stages' runners "
     "spread them; sharding the H sums by input site ('acc by site') is not implemented.",
     "The search: one evaluation per core per round, no prefix reuse (set_incumbent), no agent "

@@ -228,6 +228,27 @@ def test_one_fisher_window_at_a_time_same_statistics(tiny_lm, smol_tokenizer):
         calibrate(tiny_lm, w, fisher_windows=2, progress=False, fisher_threads=0)
 
 
+def test_fisher_windows_run_side_by_side_within_the_budget():
+    """Calibration runs as many Fisher windows at once as FISHER_PARALLEL_BYTES holds beyond
+    the first: two of SmolLM2's on two workers, one of Gemma-3-270M's (its vocabulary's
+    buffers), never more than the workers; the peak estimate counts the same number."""
+    from autobits.memory import (FISHER_PARALLEL_BYTES, fisher_concurrency,
+                                 fisher_window_bytes)
+
+    smol = fisher_window_bytes(vocab=49152, hidden=576, n_blocks=30, ctx=512)
+    gemma = fisher_window_bytes(vocab=262144, hidden=640, n_blocks=18, ctx=512)
+    assert smol < FISHER_PARALLEL_BYTES < gemma
+    assert fisher_concurrency(smol, 2) == 2 and fisher_concurrency(smol, 1) == 1
+    assert fisher_concurrency(gemma, 2) == 1
+    assert fisher_concurrency(FISHER_PARALLEL_BYTES // 3, 8) == 4
+    shapes = {"token_embd.weight": (49152, 576), "blk.0.attn_q.weight": (576, 576)}
+    one = estimate_peak_bytes(shapes=shapes, formats=["Q8_0"], cache_bytes=0, calib_workers=2,
+                              fisher_threads=1)
+    default = estimate_peak_bytes(shapes=shapes, formats=["Q8_0"], cache_bytes=0,
+                                  calib_workers=2)
+    assert default.activations == 2 * one.activations
+
+
 def test_allocator_settings_are_harmless():
     from autobits.memory import configure_allocator, release_free_memory
 
