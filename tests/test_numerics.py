@@ -73,6 +73,43 @@ def test_activation_quantizer_covers_the_tied_head(tiny_lm):
         act.remove()
 
 
+def test_shared_inputs_are_rounded_once(tiny_lm, monkeypatch):
+    """q/k/v (and gate/up) read one input: with one rounding rule it is rounded once per
+    block, and the logits are those of rounding it for every projection."""
+    import autobits.numerics as numerics
+
+    class Forgetful:  # a memo that never remembers: every projection rounds its own input
+        item = None
+
+        def __setattr__(self, key, value):
+            pass
+
+    tensors = {s.name: "F16" if s.role == "attn_v" else "Q4_0" for s in tiny_lm.quantizable}
+    calls = []
+    real = numerics.fake_quantize_q8
+    monkeypatch.setattr(numerics, "fake_quantize_q8",
+                        lambda x, block, fp16: calls.append(block) or real(x, block, fp16))
+    ids = torch.arange(5, 69).reshape(1, -1)
+    act = ActivationQuantizer(tiny_lm)
+    try:
+        act.set(tensors)
+        with torch.inference_mode():
+            once = tiny_lm.model(ids).logits
+        n_once = len(calls)
+        act.set(tensors)
+        act._last = Forgetful()
+        calls.clear()
+        with torch.inference_mode():
+            every = tiny_lm.model(ids).logits
+    finally:
+        act.remove()
+    assert torch.equal(once, every)
+    n_blocks = len(tiny_lm.model.model.layers)
+    # per block: q and k (Q8_0 rounding) once (v: F16, another rule), o, gate and up
+    # once, down; and the head
+    assert (len(calls), n_once) == (n_blocks * 6 + 1, n_blocks * 4 + 1)
+
+
 def test_heldout_numerics_follow_the_prepare_config(tiny_lm):
     """Held-out metrics use llama.cpp's numerics by default; the reward slice stays float;
     ``numerics="float"`` is plain torch; an unknown name fails at construction."""
